@@ -42,7 +42,7 @@ class StopChecker:
             raise RuntimeError(f"request already finished ({self.finish_reason}); cannot append tokens")
         self.token_ids.append(token_id)
         if self._is_stop_token(token_id):
-            self._finish("stop", None if token_id in self.eos_token_ids else token_id)
+            self._finish("stop", token_id if token_id in self.params.stop_token_ids else None)
         elif token_id not in self.eos_token_ids:  # eos text never reaches the output
             self._add_text(self._detokenize(token_id))
         if not self.finished and len(self.token_ids) >= self.params.max_tokens:
