@@ -14,10 +14,10 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        # Only the prompt's tail is kept: the window never reaches further back.
+        # The window of tokens decoded each step: already-emitted context, then the pending tokens.
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
-        self._prefix_offset = 0            # window start: decoded text before read_offset is known
-        self._read_offset = len(self._ids)  # tokens before this have been emitted
+        self._read_offset = len(self._ids)  # text of tokens before this has been emitted
+        self._partial = 0                   # chars after read_offset emitted ahead of a split character
         self._pieces: list[str] = []
 
     @property
@@ -28,29 +28,39 @@ class IncrementalDetokenizer:
         return self._pieces[0] if self._pieces else ""
 
     def step(self, token_ids: Sequence[int]) -> str:
-        """Add output tokens; returns the text they complete (may be empty while a character is split)."""
+        """Add output tokens; returns the newly completed text (trailing partial characters held back)."""
         self._ids.extend(token_ids)
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
-        new_text = self._decode(self._prefix_offset, len(self._ids))
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_INCOMPLETE):
-            return ""
-        return self._advance(new_text[len(prefix_text):])
+        pending = self._pending()
+        if not pending.endswith(_INCOMPLETE):
+            return self._advance(pending)
+        # Emit the complete characters now; the partial one stays until its bytes arrive.
+        complete = pending.rstrip(_INCOMPLETE)
+        delta = complete[self._partial:]
+        self._partial = max(self._partial, len(complete))
+        return self._emit(delta)
 
     def flush(self) -> str:
         """Emit whatever is held back (incomplete characters become U+FFFD); for a finished request."""
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
-        new_text = self._decode(self._prefix_offset, len(self._ids))
-        if len(new_text) <= len(prefix_text):
-            return ""
-        return self._advance(new_text[len(prefix_text):])
+        return self._advance(self._pending())
 
-    def _advance(self, delta: str) -> str:
-        # Tokens before the new window are never decoded again, so drop them.
+    def _pending(self) -> str:
+        """Text of the tokens after read_offset, decoded after the context tokens before it."""
+        context_text = self._decode(self._ids[:self._read_offset])
+        return self._decode(self._ids)[len(context_text):]
+
+    def _advance(self, pending: str) -> str:
+        if not pending:
+            return ""  # e.g. only skipped special tokens so far: keep the window as it is
+        delta = pending[self._partial:]
+        # The emitted tokens become the next window's context; older ones are never decoded again.
         del self._ids[:self._read_offset]
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
-        self._pieces.append(delta)
+        self._read_offset, self._partial = len(self._ids), 0
+        return self._emit(delta)
+
+    def _emit(self, delta: str) -> str:
+        if delta:
+            self._pieces.append(delta)
         return delta
 
-    def _decode(self, start: int, end: int) -> str:
-        return self.tokenizer.decode(self._ids[start:end], skip_special_tokens=self.skip_special_tokens)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
