@@ -1,0 +1,1 @@
+"""Model building blocks; the parallel ones own their sharding and their collectives."""

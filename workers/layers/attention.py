@@ -1,0 +1,126 @@
+"""Attention over a paged KV cache: writes new K/V into their slots, then attends (torch reference paths)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each new token's K/V goes and what each sequence attends to; built once per forward."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] flat slot of every new token
+    query_lens: list[int]  # new tokens per sequence (tokens are packed sequence after sequence)
+    context_lens: list[int]  # tokens each sequence attends to, new ones included
+    block_tables: torch.Tensor | None  # [num_seqs, max_blocks], padded with 0
+    context_lens_t: torch.Tensor | None = None  # context_lens on the device, for the batched decode path
+
+    @property
+    def is_fresh_prefill(self) -> bool:
+        """No sequence has cached tokens: attention needs only this forward's K/V."""
+        return self.query_lens == self.context_lens
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.query_lens) and self.block_tables is not None
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """True where a query may see a key: causal, and within the sliding window if there is one."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+
+    def forward(self, q, k, v, kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [N, H, d], k/v: [N, Hkv, d]; kv_cache: [2, blocks, block_size, Hkv, d] or None. Returns [N, H*d]."""
+        if kv_cache is not None:
+            self._store(k, v, kv_cache, meta.slot_mapping)
+        if meta.is_fresh_prefill or kv_cache is None:
+            out = self._prefill(q, k, v, meta)
+        elif meta.is_decode:
+            out = self._decode(q, kv_cache, meta)
+        else:
+            out = self._chunked(q, kv_cache, meta)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    @staticmethod
+    def _store(k, v, kv_cache, slots):
+        kv_cache[0].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+        kv_cache[1].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+    def _attend(self, q, k, v, mask):
+        """One sequence: q [L, H, d], k/v [T, Hkv, d]; mask [L, T] bool or None for plain causal."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+    def _prefill(self, q, k, v, meta):
+        outs, start = [], 0
+        for n in meta.query_lens:
+            end = start + n
+            mask = None
+            if self.sliding_window is not None and n > self.sliding_window:
+                pos = torch.arange(n, device=q.device)
+                mask = _window_mask(pos, pos, self.sliding_window)
+            outs.append(self._attend(q[start:end], k[start:end], v[start:end], mask))
+            start = end
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _gather(self, kv_cache, block_table, length):
+        block_size = kv_cache.shape[2]
+        blocks = block_table[: -(-length // block_size)]
+        k = kv_cache[0][blocks].flatten(0, 1)[:length]
+        v = kv_cache[1][blocks].flatten(0, 1)[:length]
+        return k, v
+
+    def _chunked(self, q, kv_cache, meta):
+        """Queries that continue a cached prefix: gather each sequence's context from its blocks."""
+        outs, start = [], 0
+        for i, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
+            k, v = self._gather(kv_cache, meta.block_tables[i], ctx)
+            q_pos = torch.arange(ctx - n, ctx, device=q.device)
+            mask = _window_mask(q_pos, torch.arange(ctx, device=q.device), self.sliding_window)
+            outs.append(self._attend(q[start : start + n], k, v, mask))
+            start += n
+        return torch.cat(outs)
+
+    def _decode(self, q, kv_cache, meta):
+        """One new token per sequence: gather all contexts at once and attend in one batched call."""
+        bt = meta.block_tables
+        batch, max_blocks = bt.shape
+        block_size = kv_cache.shape[2]
+        k = kv_cache[0][bt].view(batch, max_blocks * block_size, self.num_kv_heads, self.head_dim)
+        v = kv_cache[1][bt].view(batch, max_blocks * block_size, self.num_kv_heads, self.head_dim)
+        key_pos = torch.arange(max_blocks * block_size, device=q.device)
+        lens = meta.context_lens_t[:, None]
+        mask = key_pos[None, :] < lens
+        if self.sliding_window is not None:
+            mask &= key_pos[None, :] >= lens - self.sliding_window
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, H, 1, d]
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.squeeze(2)

@@ -1,0 +1,148 @@
+"""In-process colocated serving: one model, one KV cache, a prefill and a decode engine sharing it.
+This is the single-instance baseline and the quickest way to generate text."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import torch
+
+from splitserve.comm.tensor_parallel import SINGLE, TPGroup
+from splitserve.workers.block_manager import BlockManager
+from splitserve.workers.decode_engine import DecodeEngine
+from splitserve.workers.detokenizer import IncrementalDetokenizer
+from splitserve.workers.kv_cache import allocate_kv_cache, cuda_budget, num_blocks_for_budget
+from splitserve.workers.loader import load_model, resolve_dtype
+from splitserve.workers.model_runner import ModelRunner
+from splitserve.workers.prefill_engine import EngineOutput, PrefillEngine
+from splitserve.workers.presets import resolve_model
+from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.sequence import Sequence
+from splitserve.workers.stop import StopChecker
+from splitserve.workers.tokenizer import load_tokenizer
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None
+    ttft_s: float
+    e2e_s: float
+    num_preemptions: int
+
+    @property
+    def tpot_s(self) -> float:
+        n = len(self.token_ids)
+        return (self.e2e_s - self.ttft_s) / (n - 1) if n > 1 else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device: must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    return value
+
+
+class LLM:
+    def __init__(self, model: str = "tiny", dtype: str = "float32", device: str = "auto", tp: TPGroup = SINGLE,
+                 block_size: int = 16, kv_cache_bytes: int = 256 << 20, gpu_memory_fraction: float = 0.9,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None):
+        self.model_dir = resolve_model(model)
+        self.device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype)
+        self.model = load_model(self.model_dir, torch_dtype, self.device, tp)
+        cfg = self.model.cfg
+        self.tokenizer = load_tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
+        self.max_model_len = _positive("max_model_len", max_model_len or cfg.max_position_embeddings)
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({cfg.max_position_embeddings})")
+        _positive("block_size", block_size)
+        budget = cuda_budget(gpu_memory_fraction, self.device) if self.device.type == "cuda" else kv_cache_bytes
+        kv_heads = self.model.num_kv_heads
+        num_blocks = num_blocks_for_budget(budget, cfg.num_layers, block_size, kv_heads, cfg.head_dim, torch_dtype)
+        self.blocks = BlockManager(num_blocks, block_size)
+        caches = allocate_kv_cache(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, torch_dtype, self.device)
+        self.eos_token_ids = cfg.eos_token_ids
+        runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
+        self.prefill = PrefillEngine(runner, self.blocks, _positive("max_num_batched_tokens", max_num_batched_tokens),
+                                     _positive("max_num_seqs", max_num_seqs), self.max_model_len)
+        self.decode = DecodeEngine(runner, self.blocks, max_num_seqs, self.max_model_len)
+        self._ids = itertools.count()
+
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this checkpoint has no tokenizer.json; pass token ids")
+            return self.tokenizer.encode(prompt).ids
+        ids = list(prompt)
+        vocab = self.model.cfg.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids: {t!r} is not a token id in [0, {vocab})")
+        return ids
+
+    def make_sequence(self, prompt: str | Seq[int], params: SamplingParams) -> Sequence:
+        ids = self.encode(prompt)
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        seq_id = str(next(self._ids))
+        return Sequence(seq_id, ids, params, StopChecker(params, self.eos_token_ids, detok))
+
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"params: {len(plist)} sampling params for {len(prompts)} prompts")
+        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, plist)]
+        for seq in seqs:  # validate every prompt before any runs
+            if seq.num_tokens >= self.max_model_len:
+                raise ValueError(f"prompt: {seq.num_tokens} tokens leave no room to generate within "
+                                 f"max_model_len={self.max_model_len}")
+        for seq in seqs:
+            self.prefill.add(seq)
+        self.run_until_done()
+        return [self.output(s) for s in seqs]
+
+    def step(self) -> list[EngineOutput]:
+        """One scheduling round: a prompt batch if any can be admitted, then one decode step."""
+        outputs = self.prefill.step(reserve_blocks=self.decode.num_running)
+        for out in outputs:
+            if not out.result.finished:
+                self.decode.add(out.seq)
+        decode = self.decode.step()
+        for seq in decode.preempted:
+            self.prefill.add(seq, front=True)
+        return outputs + decode.outputs
+
+    def has_unfinished(self) -> bool:
+        return self.prefill.num_waiting > 0 or self.decode.num_unfinished > 0
+
+    def run_until_done(self) -> None:
+        while self.has_unfinished():
+            self.step()
+
+    @staticmethod
+    def output(seq: Sequence) -> RequestOutput:
+        t = seq.timing
+        return RequestOutput(
+            request_id=seq.seq_id, prompt_token_ids=seq.prompt_token_ids, text=seq.stop.text,
+            token_ids=seq.output_token_ids, finish_reason=seq.stop.finish_reason, stop_reason=seq.stop.stop_reason,
+            ttft_s=t.first_token - t.arrival, e2e_s=t.finished - t.arrival, num_preemptions=seq.num_preemptions,
+        )

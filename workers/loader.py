@@ -1,0 +1,68 @@
+"""Loads a Hugging Face checkpoint directory (single or sharded safetensors) into a `CausalLM`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from splitserve.comm.tensor_parallel import SINGLE, TPGroup
+from splitserve.workers.config import load_config
+from splitserve.workers.model import CausalLM
+
+# Checkpoint tensors we knowingly do not use (precomputed by some exporters).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; supported: {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"model: shards listed in {index.name} are missing: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model: no *.safetensors files in {model_dir}")
+    return files
+
+
+def load_weights(model: CausalLM, model_dir: str | Path) -> None:
+    """Cuts each rank's slices straight from the files; refuses missing, unexpected or misshapen tensors."""
+    targets = model.checkpoint_params()
+    seen: set[str] = set()
+    for path in safetensors_files(Path(model_dir)):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.cfg.tie_word_embeddings):
+                    continue
+                if name not in targets:
+                    raise ValueError(f"model: unexpected weight '{name}' in {path.name}")
+                param, loader, shard = targets[name]
+                tensor = f.get_tensor(name).to(device=param.device, dtype=param.dtype)
+                loader(param, tensor, name, shard)
+                seen.add(name)
+    missing = sorted(set(targets) - seen)
+    if missing:
+        raise ValueError(f"model: checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def load_model(model_dir: str | Path, dtype="float32", device="cpu", tp: TPGroup = SINGLE) -> CausalLM:
+    cfg = load_config(model_dir)
+    with torch.device(device):
+        model = CausalLM(cfg, tp, resolve_dtype(dtype), device)
+    load_weights(model, model_dir)
+    return model.eval()

@@ -1,0 +1,113 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) built from tensor-parallel layers; the model only chooses layers."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitserve.comm.tensor_parallel import SINGLE, TPGroup
+from splitserve.workers.config import ModelConfig
+from splitserve.workers.layers.attention import AttentionMetadata, PagedAttention
+from splitserve.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from splitserve.workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from splitserve.workers.layers.norm import RMSNorm
+from splitserve.workers.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rotary: RotaryEmbedding, dtype, device):
+        super().__init__()
+        d = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, tp, dtype, device)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, cfg.o_proj_bias, tp, dtype, device)
+        self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, cfg.sliding_window)
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, meta))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, dtype, device):
+        super().__init__()
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, tp, dtype, device)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, tp, dtype, device)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rotary, dtype, device):
+        super().__init__()
+        self.self_attn = Attention(cfg, tp, rotary, dtype, device)
+        self.mlp = MLP(cfg, tp, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+
+    def forward(self, positions, x, residual, kv_cache, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class CausalLM(nn.Module):
+    """Forward over packed tokens of several sequences; `compute_logits` on the rows that need sampling."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.cfg, self.tp = cfg, tp
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.layers[0].self_attn.num_kv_heads
+
+    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata):
+        x, residual = self.embed_tokens(input_ids), None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(positions, x, residual, None if kv_caches is None else kv_caches[i], meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def checkpoint_params(self) -> dict[str, tuple[nn.Parameter, object, object]]:
+        """Every checkpoint tensor name -> (our parameter, its owner's weight loader, shard id)."""
+        fused = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        out = {}
+        for module_name, module in self.named_modules():
+            loader = getattr(module, "weight_loader", None)
+            if loader is None:
+                continue
+            for pname, param in module.named_parameters(recurse=False):
+                if module is self.lm_head and self.cfg.tie_word_embeddings:
+                    continue
+                ours = f"{module_name}.{pname}"
+                prefix, _, leaf = module_name.rpartition(".")
+                names = [(f"{prefix}.{src}.{pname}", shard) for src, (dst, shard) in fused.items() if dst == leaf]
+                for ckpt, shard in names or [(ours, None)]:
+                    if not ckpt.startswith("lm_head"):
+                        ckpt = "model." + ckpt
+                    out[ckpt] = (param, loader, shard)
+        return out

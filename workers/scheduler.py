@@ -1,0 +1,107 @@
+"""Which sequences run in the next forward: FCFS prompt batching under a token budget, and continuous
+batching of decodes with preemption (recompute) when the cache runs out of blocks. No torch."""
+from __future__ import annotations
+
+from collections import deque
+
+from splitserve.workers.block_manager import BlockManager
+from splitserve.workers.sequence import Sequence, SequenceStatus
+
+
+class PrefillScheduler:
+    def __init__(self, blocks: BlockManager, max_batched_tokens: int, max_seqs: int):
+        self.blocks = blocks
+        self.max_batched_tokens = max_batched_tokens
+        self.max_seqs = max_seqs
+        self.waiting: deque[Sequence] = deque()
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        if self.blocks.blocks_needed(seq.num_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt: {seq.num_tokens} tokens do not fit the KV cache "
+                f"({self.blocks.num_blocks * self.blocks.block_size} token slots)"
+            )
+        seq.status = SequenceStatus.WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    def schedule(self, reserve_blocks: int = 0) -> list[Sequence]:
+        """FCFS; a prompt longer than the budget still runs, alone, so it cannot starve. `reserve_blocks`
+        stay free so that admitting prompts does not force running decodes into preemption."""
+        batch, tokens = [], 0
+        while self.waiting and len(batch) < self.max_seqs:
+            seq = self.waiting[0]
+            if batch and tokens + seq.num_tokens > self.max_batched_tokens:
+                break
+            if self.blocks.blocks_needed(seq.num_tokens) + reserve_blocks > self.blocks.num_free_blocks:
+                break
+            self.blocks.allocate(seq.seq_id, seq.num_tokens)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            batch.append(seq)
+            tokens += seq.num_tokens
+        return batch
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        for seq in self.waiting:
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                return seq
+        return None
+
+
+class DecodeScheduler:
+    def __init__(self, blocks: BlockManager, max_seqs: int):
+        self.blocks = blocks
+        self.max_seqs = max_seqs
+        self.waiting: deque[Sequence] = deque()  # KV present, not yet admitted to the running batch
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        assert self.blocks.has(seq.seq_id), "a decode sequence arrives with its KV blocks"
+        self.waiting.append(seq)
+
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """The batch for one decode step, and the sequences preempted to make room (their blocks are freed)."""
+        while self.waiting and len(self.running) < self.max_seqs:
+            seq = self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        preempted: list[Sequence] = []
+        batch: list[Sequence] = []
+        for seq in list(self.running):
+            if seq in preempted:
+                continue
+            while not self.blocks.can_append(seq.seq_id) and self.running[-1] is not seq:
+                preempted.append(self._preempt(self.running[-1]))
+            if not self.blocks.can_append(seq.seq_id):
+                preempted.append(self._preempt(seq))
+                continue
+            self.blocks.append(seq.seq_id)
+            batch.append(seq)
+        return batch, preempted
+
+    def _preempt(self, seq: Sequence) -> Sequence:
+        # The newest sequence loses its cache and is recomputed from its tokens later.
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        return seq
+
+    def retire(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.seq_id == seq_id:
+                    queue.remove(seq)
+                    self.blocks.free(seq_id)
+                    return seq
+        return None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)

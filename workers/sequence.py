@@ -1,0 +1,75 @@
+"""A request's state inside an engine: its tokens, how many have KV in the cache, its output state. No torch."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.stop import StepResult, StopChecker
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SequenceTiming:
+    arrival: float = field(default_factory=time.perf_counter)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+class Sequence:
+    def __init__(self, seq_id: str, prompt_token_ids: list[int], params: SamplingParams, stop: StopChecker):
+        if not prompt_token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        self.seq_id = seq_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.stop = stop
+        self.num_computed_tokens = 0  # tokens whose K/V sit in the cache
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions = 0
+        self.timing = SequenceTiming()
+        self.generator = None  # per-request RNG, created by the model runner on first use
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> StepResult:
+        now = time.perf_counter()
+        if self.timing.first_token is None:
+            self.timing.first_token = now
+        self.token_ids.append(token_id)
+        result = self.stop.append(token_id)
+        if result.finished:
+            self.finish(now)
+        return result
+
+    def finish_length(self) -> StepResult:
+        """The context limit ends the request even though its stop rules did not."""
+        self.stop.finished, self.stop.finish_reason = True, "length"
+        self.finish()
+        return StepResult("", True, "length", None)
+
+    def finish(self, now: float | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.timing.finished = now if now is not None else time.perf_counter()
