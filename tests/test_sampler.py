@@ -175,12 +175,19 @@ def test_min_tokens_masks_eos_when_sampling():
     assert EOS not in out and set(out) == {0, 1, 2}
 
 
-def test_samples_respect_masks():
-    logits = random_logits(1, 50, seed=4) / 3
-    top3 = set(logits[0].topk(3).indices.tolist())
-    reqs = [req(temperature=1.5, top_k=3, seed=i) for i in range(300)]
-    out = Sampler([EOS])(logits.expand(300, -1), reqs)
-    assert set(out) == top3
+@pytest.mark.parametrize("params,allowed", [
+    ({"top_k": 2}, {1, 3}),
+    ({"top_p": 0.75}, {1, 3}),
+    ({"min_p": 0.5}, {1, 3}),
+    ({"top_k": 3, "top_p": 0.6}, {1, 3}),
+    ({"top_p": 0.9, "min_p": 0.4}, {1, 3}),
+    ({}, {0, 1, 2, 3}),
+])
+def test_samples_respect_masks(params, allowed):
+    n = 400
+    logits = torch.tensor([PROBS]).log().expand(n, -1)
+    reqs = [req(temperature=1.0, seed=i, **params) for i in range(n)]
+    assert set(Sampler([EOS])(logits, reqs)) == allowed
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
