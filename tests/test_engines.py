@@ -1,0 +1,109 @@
+"""Engine behaviour: preemption, context limits, stop rules, seeds, token validation, chunked attention."""
+import pytest
+import torch
+
+from hf_checkpoints import random_prompts, write_checkpoint
+from splitserve.workers.layers.attention import AttentionMetadata
+from splitserve.workers.llm import LLM
+from splitserve.workers.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(write_checkpoint("llama", tmp_path_factory.mktemp("llama"), seed=2))
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return LLM(ckpt, device="cpu", block_size=8)
+
+
+def test_preemption_recomputes_and_keeps_tokens(ckpt, llm):
+    prompts = random_prompts([30, 12, 25, 7, 18, 22], seed=9)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    # 18 blocks of 8 slots: the batch needs ~46 blocks at the end, so decodes must be preempted.
+    per_block = 2 * 2 * 8 * 2 * 16 * 4
+    small = LLM(ckpt, device="cpu", block_size=8, kv_cache_bytes=18 * per_block)
+    assert small.blocks.num_blocks == 18
+    outs = small.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert sum(o.num_preemptions for o in outs) > 0
+    assert small.blocks.num_free_blocks == small.blocks.num_blocks
+
+
+def test_prompt_larger_than_cache_is_refused(ckpt):
+    per_block = 2 * 2 * 8 * 2 * 16 * 4
+    small = LLM(ckpt, device="cpu", block_size=8, kv_cache_bytes=4 * per_block)
+    with pytest.raises(ValueError, match=r"prompt: 40 tokens do not fit the KV cache \(32 token slots\)"):
+        small.generate(random_prompts([40])[0], GREEDY)
+    assert small.blocks.num_free_blocks == 4 and not small.has_unfinished()
+
+
+def test_context_limit_finishes_with_length(ckpt):
+    llm = LLM(ckpt, device="cpu", max_model_len=30)
+    out = llm.generate(random_prompts([20])[0], GREEDY)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 10
+    with pytest.raises(ValueError, match="max_model_len=30"):
+        llm.generate(random_prompts([30])[0], GREEDY)
+
+
+def test_stop_token_id_cuts_output(llm):
+    prompt = random_prompts([15], seed=4)[0]
+    full = llm.generate(prompt, GREEDY)[0].token_ids
+    stop_id = full[6]
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[stop_id]))[0]
+    assert out.token_ids == full[: full.index(stop_id) + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+
+
+def test_stop_string_cuts_text():
+    llm = LLM("tiny", device="cpu")
+    full = llm.generate("Serving the prefill", GREEDY)[0]
+    stop = full.text[10:14]
+    assert len(stop) == 4 and "\ufffd" not in stop
+    out = llm.generate("Serving the prefill", SamplingParams(temperature=0.0, max_tokens=40, stop=[stop]))[0]
+    assert out.text == full.text[: full.text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.token_ids == full.token_ids[: len(out.token_ids)] and len(out.token_ids) < len(full.token_ids)
+
+
+def test_seeded_sampling_is_independent_of_batch(llm):
+    prompts = random_prompts([11, 23, 5], seed=6)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=20, seed=1234, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([prompts[0]], seeded)[0].token_ids
+    together = llm.generate(prompts, [seeded, other, other])[0].token_ids
+    assert alone == together and len(alone) == 20
+    different = llm.generate([prompts[0]], SamplingParams(temperature=0.9, top_p=0.9, max_tokens=20, seed=99,
+                                                         ignore_eos=True))[0].token_ids
+    assert different != alone
+
+
+def test_out_of_vocab_prompt_and_param_count(llm):
+    with pytest.raises(ValueError, match=r"prompt_token_ids: 512 is not a token id in \[0, 512\)"):
+        llm.generate([[3, 512]], GREEDY)
+    with pytest.raises(ValueError, match="params: 2 sampling params for 1 prompts"):
+        llm.generate([[3, 4]], [GREEDY, GREEDY])
+
+
+def test_chunked_prefill_attention_equals_full_prefill(llm):
+    """A prompt computed in two chunks (the second attending to the cached first) gives the same logits."""
+    model, caches = llm.model, llm.prefill.runner.kv_caches
+    ids = torch.tensor(random_prompts([37], seed=8)[0])
+    blocks = llm.blocks
+    table = blocks.allocate("chunk", 37)
+    try:
+        slots = torch.tensor(blocks.slot_mapping("chunk", 0, 37))
+        bt = torch.tensor([table])
+        with torch.inference_mode():
+            full = model.compute_logits(model(ids, torch.arange(37), None,
+                                              AttentionMetadata(slots, [37], [37], None)))
+            model(ids[:20], torch.arange(20), caches, AttentionMetadata(slots[:20], [20], [20], bt))
+            meta = AttentionMetadata(slots[20:], [17], [37], bt, torch.tensor([37]))
+            assert not meta.is_fresh_prefill and not meta.is_decode
+            second = model.compute_logits(model(ids[20:], torch.arange(20, 37), caches, meta))
+        torch.testing.assert_close(second, full[20:], rtol=1e-5, atol=1e-5)
+    finally:
+        blocks.free("chunk")

@@ -1,0 +1,94 @@
+"""Bad checkpoints and bad options fail with errors that name the problem."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_checkpoints import write_checkpoint
+from splitserve.comm.tensor_parallel import TPGroup
+from splitserve.workers.config import load_config
+from splitserve.workers.llm import LLM
+from splitserve.workers.loader import load_model
+from splitserve.workers.model import CausalLM
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    return write_checkpoint("llama", tmp_path, seed=1)
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def _edit_weights(directory, fn):
+    path = directory / "model.safetensors"
+    weights = load_file(path)
+    fn(weights)
+    save_file(weights, path)
+
+
+def test_unknown_architecture_names_supported_ones(ckpt):
+    _edit_config(ckpt, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ValueError, match=r"unsupported architecture.*LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
+        load_config(ckpt)
+
+
+def test_missing_weight_is_named(ckpt):
+    _edit_weights(ckpt, lambda w: w.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing weights.*model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_model(ckpt)
+
+
+def test_wrong_shape_is_named(ckpt):
+    _edit_weights(ckpt, lambda w: w.update({"model.layers.0.self_attn.k_proj.weight": torch.randn(16, 64)}))
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*expected shape \(32, 64\).*\(16, 64\)"):
+        load_model(ckpt)
+
+
+def test_unexpected_weight_is_named(ckpt):
+    _edit_weights(ckpt, lambda w: w.update({"model.layers.0.extra.weight": torch.randn(2)}))
+    with pytest.raises(ValueError, match=r"unexpected weight 'model\.layers\.0\.extra\.weight'"):
+        load_model(ckpt)
+
+
+def test_missing_field_and_missing_config(ckpt, tmp_path):
+    _edit_config(ckpt, hidden_size=None)
+    with pytest.raises(ValueError, match="hidden_size"):
+        load_config(ckpt)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_config(tmp_path / "nowhere")
+
+
+def test_unsupported_rope_scaling_is_named(ckpt):
+    _edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        load_config(ckpt)
+
+
+def test_unknown_dtype_and_device_and_model(ckpt):
+    with pytest.raises(ValueError, match=r"dtype: unknown dtype 'float64'"):
+        load_model(ckpt, dtype="float64")
+    with pytest.raises(ValueError, match="device: must be auto, cpu or cuda"):
+        LLM(str(ckpt), device="tpu")
+    with pytest.raises(ValueError, match=r"model: 'no-such-model' is neither a preset"):
+        LLM("no-such-model")
+
+
+def test_tp_that_does_not_divide_heads(ckpt):
+    cfg = load_config(ckpt)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by the tensor-parallel size \(3\)"):
+        CausalLM(cfg, TPGroup(rank=0, size=3, group=object()))
+
+
+def test_bad_engine_options(ckpt):
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(str(ckpt), device="cpu", max_model_len=10**6)
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        LLM(str(ckpt), device="cpu", kv_cache_bytes=10)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(str(ckpt), device="cpu", max_num_seqs=0)
