@@ -28,14 +28,18 @@ class StopChecker:
         self.finished = False
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
-        self._text = ""        # decoded output, cut once a stop string matched
-        self._emitted = 0      # chars of _text already returned as deltas
+        self._emitted: list[str] = []  # deltas returned so far
+        # Text not yet returned: the held-back suffix plus the newest text. A stop string can only
+        # complete inside it, because any possible start of one is held back.
+        self._pending = ""
         self._longest_stop = max((len(s) for s in params.stop), default=0)
 
     @property
     def text(self) -> str:
         """Output text so far, including any part still held back from the deltas."""
-        return self._text
+        if len(self._emitted) > 1:
+            self._emitted = ["".join(self._emitted)]
+        return "".join(self._emitted) + self._pending
 
     def append(self, token_id: int) -> StepResult:
         if self.finished:
@@ -69,34 +73,33 @@ class StopChecker:
     def _add_text(self, delta: str) -> None:
         if not delta or self.finished:
             return
-        start = max(0, len(self._text) - self._longest_stop + 1)
-        self._text += delta
-        found = self._find_stop(start)
+        self._pending += delta
+        found = self._find_stop()
         if found is not None:
             pos, stop = found
-            self._text = self._text[:pos + (len(stop) if self.params.include_stop_str_in_output else 0)]
+            self._pending = self._pending[:pos + (len(stop) if self.params.include_stop_str_in_output else 0)]
             self.finished, self.finish_reason, self.stop_reason = True, "stop", stop
 
-    def _find_stop(self, start: int) -> tuple[int, str] | None:
+    def _find_stop(self) -> tuple[int, str] | None:
         best = None
         for stop in self.params.stop:
-            pos = self._text.find(stop, start)
+            pos = self._pending.find(stop)
             if pos != -1 and (best is None or pos < best[0]):
                 best = (pos, stop)
         return best
 
     def _take_delta(self) -> str:
-        end = len(self._text) if self.finished else len(self._text) - self._held_back()
-        if end <= self._emitted:
-            return ""
-        delta = self._text[self._emitted:end]
-        self._emitted = end
+        held = 0 if self.finished else self._held_back()
+        delta = self._pending[:len(self._pending) - held]
+        self._pending = self._pending[len(delta):]
+        if delta:
+            self._emitted.append(delta)
         return delta
 
     def _held_back(self) -> int:
-        """Length of the longest suffix of the text that could still grow into a stop string."""
-        for n in range(min(self._longest_stop - 1, len(self._text)), 0, -1):
-            tail = self._text[-n:]
+        """Length of the longest suffix of the pending text that could still grow into a stop string."""
+        for n in range(min(self._longest_stop - 1, len(self._pending)), 0, -1):
+            tail = self._pending[-n:]
             if any(stop.startswith(tail) for stop in self.params.stop):
                 return n
         return 0
