@@ -1,0 +1,44 @@
+"""Least squares by the normal equations, in pure Python (the planner takes no numpy)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def solve(matrix: Sequence[Sequence[float]], rhs: Sequence[float]) -> list[float]:
+    """Solve a small dense square system by Gaussian elimination with partial pivoting."""
+    n = len(matrix)
+    a = [list(map(float, row)) + [float(rhs[i])] for i, row in enumerate(matrix)]
+    assert all(len(row) == n + 1 for row in a), "matrix must be square and match rhs"
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            raise ValueError("samples: the fit is singular (too few distinct measurements for the coefficients)")
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(col + 1, n):
+            factor = a[r][col] / a[col][col]
+            if factor:
+                for c in range(col, n + 1):
+                    a[r][c] -= factor * a[col][c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (a[r][n] - sum(a[r][c] * x[c] for c in range(r + 1, n))) / a[r][r]
+    return x
+
+
+def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+    """Coefficients minimising ||rows·x − targets||². Columns are scaled to unit max first: Σl² reaches 1e7
+    while the intercept column is 1, and unscaled normal equations would lose most of their digits."""
+    if len(rows) != len(targets):
+        raise ValueError(f"samples: {len(rows)} feature rows but {len(targets)} measurements")
+    if not rows:
+        raise ValueError("samples: no measurements to fit")
+    k = len(rows[0])
+    if len(rows) < k:
+        raise ValueError(f"samples: need at least {k} measurements to fit {k} coefficients, got {len(rows)}")
+    scale = [max(abs(row[j]) for row in rows) or 1.0 for j in range(k)]
+    scaled = [[row[j] / scale[j] for j in range(k)] for row in rows]
+    normal = [[sum(r[i] * r[j] for r in scaled) for j in range(k)] for i in range(k)]
+    moment = [sum(r[i] * y for r, y in zip(scaled, targets)) for i in range(k)]
+    x = solve(normal, moment)
+    return [x[j] / scale[j] for j in range(k)]

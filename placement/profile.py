@@ -1,0 +1,178 @@
+"""Fitted latency profiles: DistServe's functional forms fitted by least squares, stored as JSON, used as a
+LatencyModel in place of (or on top of) the analytic defaults.
+
+prefill(ms) = a + b·Σl + c·Σl²     decode step(ms) = a + b·Σctx + c·batch
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from splitserve.placement.latency import LatencyModel
+from splitserve.placement.linalg import least_squares
+from splitserve.placement.parallel import Parallel
+
+FORMAT = "splitserve-profile/1"
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """(a, b, c) in seconds; the JSON file stores milliseconds like DistServe's tables."""
+
+    a: float
+    b: float
+    c: float
+
+    def to_ms(self) -> dict[str, float]:
+        return {"a": self.a * 1e3, "b": self.b * 1e3, "c": self.c * 1e3}
+
+    @classmethod
+    def from_ms(cls, data: Any, field: str) -> "Coefficients":
+        if not isinstance(data, Mapping) or set(data) != {"a", "b", "c"}:
+            raise ValueError(f"{field}: expected {{a, b, c}} in milliseconds, got {data!r}")
+        for key in "abc":
+            if not isinstance(data[key], (int, float)):
+                raise ValueError(f"{field}.{key}: expected a number, got {data[key]!r}")
+        return cls(data["a"] / 1e3, data["b"] / 1e3, data["c"] / 1e3)
+
+
+def _prefill_features(lengths: Sequence[int], prefixes: Sequence[int] | None) -> list[float]:
+    # A chunk after p cached tokens costs like the l² term of a prompt c²+2cp long: the same attention pairs.
+    if prefixes is None:
+        square = sum(l * l for l in lengths)
+    else:
+        square = sum(l * l + 2 * l * p for l, p in zip(lengths, prefixes))
+    return [1.0, float(sum(lengths)), float(square)]
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Coefficients:
+    """samples: (prompt lengths of one batch, measured seconds)."""
+    rows = [_prefill_features(lengths, None) for lengths, _ in samples]
+    return Coefficients(*least_squares(rows, [t for _, t in samples]))
+
+
+def fit_decode(samples: Sequence[tuple[int, int, float]]) -> Coefficients:
+    """samples: (batch size, total context tokens, measured seconds per step)."""
+    rows = [[1.0, float(ctx), float(batch)] for batch, ctx, _ in samples]
+    return Coefficients(*least_squares(rows, [t for _, _, t in samples]))
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    par: Parallel
+    prefill: Coefficients | None
+    decode: Coefficients | None
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: str
+    hardware: str
+    entries: tuple[ProfileEntry, ...]
+
+    def entry(self, par: Parallel) -> ProfileEntry | None:
+        for entry in self.entries:
+            if entry.par == par:
+                return entry
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        def one(e: ProfileEntry) -> dict[str, Any]:
+            out: dict[str, Any] = {"tp": e.par.tp, "pp": e.par.pp, "sp": e.par.sp, "sp_algorithm": e.par.sp_algorithm}
+            if e.prefill:
+                out["prefill"] = e.prefill.to_ms()
+            if e.decode:
+                out["decode"] = e.decode.to_ms()
+            return out
+
+        return {"format": FORMAT, "model": self.model, "hardware": self.hardware, "unit": "ms",
+                "entries": [one(e) for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Profile":
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise ValueError(f"profile: expected a JSON object with format {FORMAT!r}")
+        if data.get("unit", "ms") != "ms":
+            raise ValueError(f"profile.unit: only 'ms' is supported, got {data.get('unit')!r}")
+        entries = []
+        for i, raw in enumerate(data.get("entries") or []):
+            field = f"profile.entries[{i}]"
+            if not isinstance(raw, Mapping):
+                raise ValueError(f"{field}: expected an object")
+            par = Parallel(tp=raw.get("tp", 1), pp=raw.get("pp", 1), sp=raw.get("sp", 1),
+                           sp_algorithm=raw.get("sp_algorithm", "none"))
+            prefill = Coefficients.from_ms(raw["prefill"], f"{field}.prefill") if "prefill" in raw else None
+            decode = Coefficients.from_ms(raw["decode"], f"{field}.decode") if "decode" in raw else None
+            if prefill is None and decode is None:
+                raise ValueError(f"{field}: needs prefill or decode coefficients")
+            entries.append(ProfileEntry(par, prefill, decode))
+        if not entries:
+            raise ValueError("profile.entries: empty")
+        return cls(model=str(data.get("model", "")), hardware=str(data.get("hardware", "")), entries=tuple(entries))
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "Profile":
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except FileNotFoundError as exc:
+            raise ValueError(f"profile: file {path!r} not found") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"profile: {path} is not valid JSON ({exc})") from exc
+
+
+class ProfileLatency:
+    """Fitted times for the layouts the profile covers; `fallback` (usually the analytic model) for the rest
+    and for KV transfer, which a compute profile does not measure."""
+
+    def __init__(self, profile: Profile, fallback: LatencyModel | None = None):
+        self.profile = profile
+        self.fallback = fallback
+
+    def covers(self, par: Parallel, phase: str) -> bool:
+        entry = self.profile.entry(par)
+        return entry is not None and getattr(entry, phase) is not None
+
+    def _coefficients(self, par: Parallel, phase: str) -> Coefficients | None:
+        entry = self.profile.entry(par)
+        coefficients = getattr(entry, phase) if entry else None
+        if coefficients is None and self.fallback is None:
+            raise ValueError(f"profile: no {phase} fit for {par.label()} and no analytic fallback")
+        return coefficients
+
+    def prefill_time(self, lengths: Sequence[int], par: Parallel, prefixes: Sequence[int] | None = None) -> float:
+        k = self._coefficients(par, "prefill")
+        if k is None:
+            return self.fallback.prefill_time(lengths, par, prefixes)
+        _, total, square = _prefill_features(lengths, prefixes)
+        return k.a + k.b * total + k.c * square
+
+    def decode_time(self, batch: int, total_context: int, par: Parallel) -> float:
+        k = self._coefficients(par, "decode")
+        if k is None:
+            return self.fallback.decode_time(batch, total_context, par)
+        return k.a + k.b * total_context + k.c * batch
+
+    def mixed_time(self, lengths: Sequence[int], prefixes: Sequence[int], batch: int, total_context: int,
+                   par: Parallel) -> float:
+        if not lengths:
+            return self.decode_time(batch, total_context, par)
+        prefill = self.prefill_time(lengths, par, prefixes)
+        if batch == 0:
+            return prefill
+        k_p, k_d = self._coefficients(par, "prefill"), self._coefficients(par, "decode")
+        if k_p is None or k_d is None:
+            return self.fallback.mixed_time(lengths, prefixes, batch, total_context, par)
+        # One fused forward pays the fixed per-forward cost once.
+        return prefill + self.decode_time(batch, total_context, par) - min(k_p.a, k_d.a)
+
+    def kv_transfer_time(self, tokens: int, src: Parallel, dst: Parallel, same_node: bool) -> float:
+        if self.fallback is None:
+            return 0.0
+        return self.fallback.kv_transfer_time(tokens, src, dst, same_node)
