@@ -104,21 +104,41 @@ class LLM:
 
     def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
+        seqs = self._admit(*self._pair(prompts, params))
+        self.run_until_done()
+        return [self.output(s) for s in seqs]
+
+    @staticmethod
+    def _pair(prompts, params):
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"params: {len(plist)} sampling params for {len(prompts)} prompts")
+        return prompts, plist
+
+    def _admit(self, prompts, plist) -> list[Sequence]:
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, plist)]
-        for seq in seqs:  # validate every prompt before any runs
+        for seq in seqs:  # validate every prompt before any runs, so a bad one admits nothing
             if seq.num_tokens >= self.max_model_len:
                 raise ValueError(f"prompt: {seq.num_tokens} tokens leave no room to generate within "
                                  f"max_model_len={self.max_model_len}")
+            self.prefill.scheduler.check_fits(seq)
         for seq in seqs:
             self.prefill.add(seq)
-        self.run_until_done()
-        return [self.output(s) for s in seqs]
+        return seqs
+
+    def stream(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None):
+        """Yields (prompt index, text delta, finished output or None) as tokens are produced."""
+        prompts, plist = self._pair(prompts, params)
+        seqs = self._admit(prompts, plist)
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.seq.seq_id in index:
+                    done = self.output(out.seq) if out.result.finished else None
+                    yield index[out.seq.seq_id], out.result.text_delta, done
 
     def step(self) -> list[EngineOutput]:
         """One scheduling round: a prompt batch if any can be admitted, then one decode step."""

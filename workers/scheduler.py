@@ -15,12 +15,15 @@ class PrefillScheduler:
         self.max_seqs = max_seqs
         self.waiting: deque[Sequence] = deque()
 
-    def add(self, seq: Sequence, front: bool = False) -> None:
+    def check_fits(self, seq: Sequence) -> None:
         if self.blocks.blocks_needed(seq.num_tokens + 1) > self.blocks.num_blocks:
             raise ValueError(
                 f"prompt: {seq.num_tokens} tokens do not fit the KV cache "
                 f"({self.blocks.num_blocks * self.blocks.block_size} token slots)"
             )
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        self.check_fits(seq)
         seq.status = SequenceStatus.WAITING
         (self.waiting.appendleft if front else self.waiting.append)(seq)
 

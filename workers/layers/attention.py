@@ -36,6 +36,11 @@ def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     return mask
 
 
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Copies whole blocks (contiguous rows) in one index_select; several times faster than advanced indexing."""
+    return cache.view(cache.shape[0], -1).index_select(0, blocks.reshape(-1))
+
+
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
         super().__init__()
@@ -88,8 +93,7 @@ class PagedAttention(nn.Module):
     def _gather(self, kv_cache, block_table, length):
         block_size = kv_cache.shape[2]
         blocks = block_table[: -(-length // block_size)]
-        k = kv_cache[0][blocks].flatten(0, 1)[:length]
-        v = kv_cache[1][blocks].flatten(0, 1)[:length]
+        k, v = (_gather_blocks(kv_cache[i], blocks).view(-1, self.num_kv_heads, self.head_dim)[:length] for i in (0, 1))
         return k, v
 
     def _chunked(self, q, kv_cache, meta):
@@ -108,8 +112,8 @@ class PagedAttention(nn.Module):
         bt = meta.block_tables
         batch, max_blocks = bt.shape
         block_size = kv_cache.shape[2]
-        k = kv_cache[0][bt].view(batch, max_blocks * block_size, self.num_kv_heads, self.head_dim)
-        v = kv_cache[1][bt].view(batch, max_blocks * block_size, self.num_kv_heads, self.head_dim)
+        k, v = (_gather_blocks(kv_cache[i], bt).view(batch, max_blocks * block_size, self.num_kv_heads, self.head_dim)
+                for i in (0, 1))
         key_pos = torch.arange(max_blocks * block_size, device=q.device)
         lens = meta.context_lens_t[:, None]
         mask = key_pos[None, :] < lens

@@ -1,0 +1,78 @@
+"""The `splitserve` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text in-process from a model (colocated engine)")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    p.add_argument("--model", default="tiny", help="preset name (tiny, small) or a local HF checkpoint directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--stream", action="store_true", help="print text as it is produced (one prompt)")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    from splitserve.workers.llm import LLM
+    from splitserve.workers.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    start = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    print(f"loaded {args.model} on {llm.device} in {time.perf_counter() - start:.2f}s "
+          f"({llm.blocks.num_blocks} KV blocks of {llm.blocks.block_size} tokens)", file=sys.stderr)
+    if args.stream:
+        for prompt in args.prompts:
+            print(f">>> {prompt}")
+            for _, delta, done in llm.stream([prompt], params):
+                print(delta, end="", flush=True)
+                if done is not None:
+                    print()
+                    _print_timing(done)
+        return 0
+    start = time.perf_counter()
+    outputs = llm.generate(list(args.prompts), params)
+    elapsed = time.perf_counter() - start
+    for prompt, out in zip(args.prompts, outputs):
+        print(f">>> {prompt}\n{out.text}")
+        _print_timing(out)
+    tokens = sum(len(o.token_ids) for o in outputs)
+    print(f"{len(outputs)} requests, {tokens} tokens in {elapsed:.3f}s ({tokens / elapsed:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def _print_timing(out) -> None:
+    print(f"    [{len(out.token_ids)} tokens, finish={out.finish_reason}, TTFT {out.ttft_s * 1e3:.1f} ms, "
+          f"TPOT {out.tpot_s * 1e3:.2f} ms, total {out.e2e_s * 1e3:.1f} ms]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"splitserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
