@@ -107,3 +107,19 @@ def test_chunked_prefill_attention_equals_full_prefill(llm):
         torch.testing.assert_close(second, full[20:], rtol=1e-5, atol=1e-5)
     finally:
         blocks.free("chunk")
+
+
+def test_stream_deltas_add_up_to_text_and_context_limit_releases_held_text():
+    llm = LLM("tiny", device="cpu", max_model_len=40)
+    full = llm.generate("Stream the prefill", GREEDY)[0]
+    assert full.finish_reason == "length"
+    # A stop string that never matches but whose first character occurs in the text: held back, then released.
+    stop = full.text[-1] + "\x00never"
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop])
+    deltas, done = [], []
+    for index, delta, out in llm.stream(["Stream the prefill"], params):
+        assert index == 0
+        deltas.append(delta)
+        done += [out] if out is not None else []
+    assert len(done) == 1 and done[0].finish_reason == "length"
+    assert "".join(deltas) == done[0].text == full.text

@@ -45,7 +45,7 @@ def test_greedy_tokens_match_transformers_batched(checkpoints, kind):
     assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
 
 
-def test_preset_matches_transformers_and_stops_on_eos():
+def test_preset_matches_transformers_with_eos_rules():
     llm = LLM("tiny", device="cpu")
     prompts = ["Hello prefill and decode", "The cache", "ring attention is fast because"]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32))

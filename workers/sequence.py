@@ -66,9 +66,9 @@ class Sequence:
 
     def finish_length(self) -> StepResult:
         """The context limit ends the request even though its stop rules did not."""
-        self.stop.finished, self.stop.finish_reason = True, "length"
+        result = self.stop.finish("length")
         self.finish()
-        return StepResult("", True, "length", None)
+        return result
 
     def finish(self, now: float | None = None) -> None:
         self.status = SequenceStatus.FINISHED

@@ -53,6 +53,13 @@ class StopChecker:
             self._finish("length", None)
         return StepResult(self._take_delta(), self.finished, self.finish_reason, self.stop_reason)
 
+    def finish(self, reason: str) -> StepResult:
+        """Ends the request for a reason outside its own rules (the context limit, an abort) and releases
+        any text still held back."""
+        if not self.finished:
+            self._finish(reason, None)
+        return StepResult(self._take_delta(), True, self.finish_reason, self.stop_reason)
+
     def _is_stop_token(self, token_id: int) -> bool:
         if len(self.token_ids) < self.params.min_tokens:
             return False

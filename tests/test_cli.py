@@ -1,0 +1,20 @@
+"""The `splitserve` command line: generation in-process, and errors that name the bad option."""
+from splitserve.cluster.cli import main
+
+
+def test_generate_prints_text_and_timing(capsys):
+    assert main(["generate", "--max-tokens", "6", "--ignore-eos", "Hello", "prefill"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(">>> ") == 2 and out.count("[6 tokens, finish=length, TTFT") == 2
+
+
+def test_generate_stream(capsys):
+    assert main(["generate", "--stream", "--max-tokens", "5", "--ignore-eos", "Stream"]) == 0
+    assert "[5 tokens, finish=length" in capsys.readouterr().out
+
+
+def test_bad_option_is_reported_with_its_field(capsys):
+    assert main(["generate", "--max-tokens", "0", "x"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
+    assert main(["generate", "--model", "nope", "x"]) == 2
+    assert "model: 'nope'" in capsys.readouterr().err
