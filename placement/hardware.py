@@ -139,9 +139,16 @@ def cluster_from_mapping(data: Mapping[str, Any]) -> ClusterSpec:
     for key, value in overrides.items():
         if key not in allowed:
             raise ValueError(f"cluster.overrides.{key}: unknown field; allowed: {sorted(allowed)}")
-        if key != "intra_node_link" and not isinstance(value, (int, float)):
-            raise ValueError(f"cluster.overrides.{key}: expected a number, got {value!r}")
-    hardware = dataclasses.replace(hardware, **overrides)
+    numbers = {}
+    for key, value in overrides.items():
+        if key == "intra_node_link":
+            numbers[key] = str(value)
+            continue
+        try:  # YAML 1.1 reads 3.0e9 (no sign in the exponent) as a string
+            numbers[key] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"cluster.overrides.{key}: expected a number, got {value!r}") from None
+    hardware = dataclasses.replace(hardware, **numbers)
     return ClusterSpec(nodes=data["nodes"], devices_per_node=data["devices_per_node"], hardware=hardware)
 
 

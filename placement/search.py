@@ -338,21 +338,22 @@ def _reasons(what: str, candidates: list[Candidate]) -> str:
     return f"no feasible plan: no {what} layout meets the SLOs ({shown or 'goodput 0 everywhere'})"
 
 
-def brute_force(planner: Planner, rate_grid: float = 1.02) -> tuple[Parallel, Parallel, float]:
-    """Every (prefill, decode) layout pair, each phase's goodput by an upward scan over a geometric rate grid (no
-    bracketing, no bisection, no per-phase selection); returns the pair with the best goodput per device when
-    replicated in the ideal ratio. For tests on small spaces: it is slow."""
+def brute_force(planner: Planner, rate: float, start: float = 0.01, rate_grid: float = 1.02
+                ) -> tuple[int, set[tuple[Parallel, Parallel]]]:
+    """Fewest devices that serve `rate`, and every (prefill, decode) layout pair achieving it, by exhaustion: each
+    phase's goodput by an upward scan over a geometric rate grid from `start` (no bracketing, no bisection), then
+    every pair and every instance count. For tests on small spaces; it is slow."""
     same_node = planner.cluster.nodes == 1
     opts = planner.options.settings
     hw, trace, slo, lat = planner.cluster.hardware, planner.trace, planner.slo, planner.latency
 
-    def prefill_ok(par: Parallel, rate: float) -> float:
-        arrivals = trace.at_rate(rate)
+    def prefill_ok(par: Parallel, r: float) -> float:
+        arrivals = trace.at_rate(r)
         done = simulate_prefill(lat, par, arrivals, trace.prompts, 1, opts.prefill_token_budget)
         return sum(1 for e, a in zip(done, arrivals) if e - a <= slo.ttft) / len(arrivals)
 
-    def decode_ok(par: Parallel, rate: float) -> float:
-        arrivals = trace.at_rate(rate)
+    def decode_ok(par: Parallel, r: float) -> float:
+        arrivals = trace.at_rate(r)
         ready = [a + lat.kv_transfer_time(p, Parallel(), par, same_node) for a, p in zip(arrivals, trace.prompts)]
         finish = simulate_decode(lat, par, ready, trace.prompts, trace.outputs, 1,
                                  kv_capacity_tokens(planner.model, hw, par), opts.max_batch)
@@ -364,20 +365,29 @@ def brute_force(planner: Planner, rate_grid: float = 1.02) -> tuple[Parallel, Pa
         if memory_problem(planner.model, hw, par, need):
             return 0.0
         attainment = prefill_ok if role == "prefill" else decode_ok
-        rate, best = 0.01, 0.0
-        while attainment(par, rate) >= slo.attainment:
-            best, rate = rate, rate * rate_grid
+        r, best = start, 0.0
+        while attainment(par, r) >= slo.attainment:
+            best, r = r, r * rate_grid
+            if r > start * 1e6:
+                raise ValueError("brute force: attainment never drops; the trace is too short to load "
+                                 f"{role} {par.label()} (use more requests than max_batch)")
         return best
 
     prefill_rates = {p: scan("prefill", p) for p in planner.layouts("prefill")}
     decode_rates = {d: scan("decode", d) for d in planner.layouts("decode")}
-    best = None
+    total = planner.cluster.num_devices
+    best, pairs = None, set()
     for p, gp in prefill_rates.items():
         for d, gd in decode_rates.items():
-            if gp > 0 and gd > 0 and p.devices + d.devices <= planner.cluster.num_devices:
-                score = 1.0 / (p.devices / gp + d.devices / gd)
-                if best is None or score > best[2] * (1 + 1e-9):
-                    best = (p, d, score)
+            for n in range(1, total + 1):
+                for m in range(1, total + 1):
+                    used = n * p.devices + m * d.devices
+                    if used > total or n * gp < rate or m * gd < rate:
+                        continue
+                    if best is None or used < best:
+                        best, pairs = used, set()
+                    if used == best:
+                        pairs.add((p, d))
     if best is None:
-        raise NoFeasiblePlan("brute force: no feasible (prefill, decode) pair")
-    return best
+        raise NoFeasiblePlan(f"brute force: rate {rate} cannot be served on {planner.cluster.name}")
+    return best, pairs

@@ -50,7 +50,8 @@ def simulate_prefill(latency: LatencyModel, par: Parallel, arrivals: Sequence[fl
 
     i = 0
     while i < n or free_events:
-        if free_events and (i == n or free_events[0][0] <= arrivals[i]):
+        # Arrivals at the same instant go first, so requests arriving together can share a batch.
+        if free_events and (i == n or free_events[0][0] < arrivals[i]):
             now, k = heapq.heappop(free_events)
             busy[k] = False
             start(k, now)
@@ -60,7 +61,8 @@ def simulate_prefill(latency: LatencyModel, par: Parallel, arrivals: Sequence[fl
         queues[k].append(i)
         pending[k] += prompts[i]
         if not busy[k]:
-            start(k, arrivals[i])
+            busy[k] = True
+            heapq.heappush(free_events, (arrivals[i], k))  # wake now, after this instant's other arrivals
         i += 1
     return done
 
@@ -98,7 +100,7 @@ def simulate_decode(latency: LatencyModel, par: Parallel, ready: Sequence[float]
         if prompts[r] + outputs[r] > kv_capacity // par.pp:
             finish[r] = INF  # can never be admitted: counts as a miss instead of blocking the queue forever
     engines = [_DecodeEngine(kv_capacity // par.pp, max_batch) for _ in range(instances * par.pp)]
-    step_events: list[tuple[float, int]] = []
+    step_events: list[tuple[float, int, bool]] = []  # (time, engine, a step completes (else a wake-up))
 
     def step(k: int, now: float) -> None:
         e = engines[k]
@@ -113,7 +115,7 @@ def simulate_decode(latency: LatencyModel, par: Parallel, ready: Sequence[float]
             e.busy = False
             return
         e.busy = True
-        heapq.heappush(step_events, (now + latency.decode_time(e.batch, e.context, par), k))
+        heapq.heappush(step_events, (now + latency.decode_time(e.batch, e.context, par), k, True))
 
     def finish_step(k: int, now: float) -> None:
         e = engines[k]
@@ -128,9 +130,10 @@ def simulate_decode(latency: LatencyModel, par: Parallel, ready: Sequence[float]
 
     i = 0
     while i < n or step_events:
-        if step_events and (i == n or step_events[0][0] <= ready[order[i]]):
-            now, k = heapq.heappop(step_events)
-            finish_step(k, now)
+        if step_events and (i == n or step_events[0][0] < ready[order[i]]):
+            now, k, completed = heapq.heappop(step_events)
+            if completed:
+                finish_step(k, now)
             step(k, now)
             continue
         r = order[i]
@@ -147,7 +150,8 @@ def simulate_decode(latency: LatencyModel, par: Parallel, ready: Sequence[float]
         engines[k].waiting.append(r)
         engines[k].queued += prompts[r] + outputs[r]
         if not engines[k].busy:
-            step(k, now)
+            engines[k].busy = True
+            heapq.heappush(step_events, (now, k, False))
     return finish
 
 
@@ -169,7 +173,7 @@ def simulate_colocated(latency: LatencyModel, par: Parallel, arrivals: Sequence[
     running = [[] for _ in range(instances)]  # heap of (step at which it finishes, request)
     state = [[0, 0, 0, 0] for _ in range(instances)]  # steps, decode batch, decode context, reserved KV
     busy = [False] * instances
-    events: list[tuple[float, int, tuple]] = []
+    events: list[tuple[float, int, tuple | None]] = []  # work None: a wake-up
     for r in range(n):
         if prompts[r] + outputs[r] > kv_capacity:
             first[r] = finish[r] = INF
@@ -239,9 +243,10 @@ def simulate_colocated(latency: LatencyModel, par: Parallel, arrivals: Sequence[
 
     i = 0
     while i < n or events:
-        if events and (i == n or events[0][0] <= arrivals[i]):
+        if events and (i == n or events[0][0] < arrivals[i]):
             now, k, work = heapq.heappop(events)
-            complete(k, now, work)
+            if work is not None:
+                complete(k, now, work)
             iterate(k, now)
             continue
         r = i
@@ -251,7 +256,8 @@ def simulate_colocated(latency: LatencyModel, par: Parallel, arrivals: Sequence[
         k = min(range(instances), key=lambda j: state[j][3] + len(waiting[j])) if instances > 1 else 0
         waiting[k].append(r)
         if not busy[k]:
-            iterate(k, arrivals[r])
+            busy[k] = True
+            heapq.heappush(events, (arrivals[r], k, None))
     return first, finish
 
 

@@ -1,0 +1,114 @@
+"""Latency model: fits recover known coefficients, profiles round-trip, comm terms behave as their byte counts say."""
+
+import random
+
+import pytest
+
+from splitserve.placement.hardware import load_cluster
+from splitserve.placement.latency import AnalyticLatency, cheaper_sp_algorithm, sp_step_bytes
+from splitserve.placement.linalg import least_squares, solve
+from splitserve.placement.parallel import Parallel
+from splitserve.placement.profile import (Coefficients, Profile, ProfileEntry, ProfileLatency, fit_decode,
+                                          fit_prefill)
+from splitserve.placement.specs import load_model
+
+
+def test_solve_known_system():
+    x = solve([[2, 1, -1], [-3, -1, 2], [-2, 1, 2]], [8, -11, -3])
+    assert x == pytest.approx([2, 3, -1], abs=1e-12)
+    with pytest.raises(ValueError, match="singular"):
+        solve([[1, 2], [2, 4]], [1, 2])
+    with pytest.raises(ValueError, match="at least 3"):
+        least_squares([[1, 2, 3]], [1])
+
+
+def test_prefill_fit_recovers_coefficients():
+    rng = random.Random(1)
+    truth = (18.10e-3, 0.1019e-3, 7.12e-9)  # DistServe's OPT-13B A100 fit, seconds
+    samples = []
+    for _ in range(60):
+        lengths = [rng.randint(16, 2048) for _ in range(rng.randint(1, 6))]
+        t = truth[0] + truth[1] * sum(lengths) + truth[2] * sum(l * l for l in lengths)
+        samples.append((lengths, t))
+    k = fit_prefill(samples)
+    assert (k.a, k.b, k.c) == pytest.approx(truth, rel=1e-6)
+    # With 1% multiplicative noise the fit stays within a few percent on every coefficient.
+    noisy = [(ls, t * (1 + rng.gauss(0, 0.01))) for ls, t in samples * 5]
+    k = fit_prefill(noisy)
+    assert k.a == pytest.approx(truth[0], rel=0.15)
+    assert k.b == pytest.approx(truth[1], rel=0.05)
+    assert k.c == pytest.approx(truth[2], rel=0.1)
+
+
+def test_decode_fit_recovers_coefficients():
+    rng = random.Random(2)
+    truth = (19.93e-3, 6.27e-7, 0.0385e-3)
+    samples = []
+    for _ in range(50):
+        batch = rng.randint(1, 128)
+        ctx = batch * rng.randint(64, 2048)
+        samples.append((batch, ctx, truth[0] + truth[1] * ctx + truth[2] * batch))
+    k = fit_decode(samples)
+    assert (k.a, k.b, k.c) == pytest.approx(truth, rel=1e-6)
+
+
+def test_profile_json_round_trip_and_use(tmp_path):
+    entry = ProfileEntry(Parallel(tp=2), Coefficients(0.01, 1e-4, 1e-8), Coefficients(0.02, 1e-6, 1e-4))
+    profile = Profile("opt-13b", "A100-80GB", (entry,))
+    path = tmp_path / "p.json"
+    profile.save(str(path))
+    loaded = Profile.load(str(path))
+    assert loaded.entries[0].par == Parallel(tp=2)
+    assert loaded.entries[0].prefill.b == pytest.approx(1e-4)
+    lat = ProfileLatency(loaded)
+    assert lat.prefill_time([100, 200], Parallel(tp=2)) == pytest.approx(0.01 + 1e-4 * 300 + 1e-8 * 50000)
+    assert lat.decode_time(4, 1000, Parallel(tp=2)) == pytest.approx(0.02 + 1e-3 + 4e-4)
+    with pytest.raises(ValueError, match="no prefill fit for tp1 pp1"):
+        lat.prefill_time([1], Parallel())
+    fallback = AnalyticLatency(load_model("opt-13b"), load_cluster("1x8xA100-80GB"))
+    assert ProfileLatency(loaded, fallback).prefill_time([512], Parallel()) == fallback.prefill_time([512], Parallel())
+
+
+@pytest.mark.parametrize("bad,field", [({"format": "x"}, "format"),
+                                       ({"format": "splitserve-profile/1", "entries": []}, "entries"),
+                                       ({"format": "splitserve-profile/1", "entries": [{"prefill": {"a": 1}}]},
+                                        "prefill")])
+def test_bad_profiles(bad, field):
+    with pytest.raises(ValueError, match=field):
+        Profile.from_dict(bad)
+
+
+def test_analytic_model_tracks_distserve_opt13b_fit():
+    # Our defaults should land near DistServe's measured A100 fits (within 25%) at 512 tokens and batch 32.
+    lat = AnalyticLatency(load_model("opt-13b"), load_cluster("1x8xA100-80GB"))
+    assert lat.prefill_time([512], Parallel()) == pytest.approx(18.10e-3 + 0.1019e-3 * 512 + 7.12e-9 * 512 ** 2,
+                                                                rel=0.25)
+    assert lat.decode_time(32, 32 * 544, Parallel()) == pytest.approx(
+        19.93e-3 + 6.27e-7 * 32 * 544 + 0.0385e-3 * 32, rel=0.25)
+
+
+def test_tp_speeds_up_prefill_sublinearly():
+    lat = AnalyticLatency(load_model("llama-2-13b"), load_cluster("1x8xA100-80GB"))
+    t1, t2, t4 = (lat.prefill_time([2048], Parallel(tp=tp)) for tp in (1, 2, 4))
+    assert 1.3 < t1 / t2 < 2.0 and 1.3 < t2 / t4 < 2.0
+
+
+def test_sp_bytes_ring_vs_token_ring():
+    mha, gqa = load_model("opt-13b"), load_model("llama-3-8b")  # 40/40 and 32/8 heads
+    ring, token = sp_step_bytes(mha, 1, "ring", 1000), sp_step_bytes(mha, 1, "token_ring", 1000)
+    assert ring == (1000 * 2 * 40 * 128 * 2, 0.0)
+    assert token[0] == 1000 * 40 * 128 * 2 and token[1] == 1000 * 40 * (128 * 2 + 4)
+    assert cheaper_sp_algorithm(mha, 1) == "token_ring"  # MHA: heads·d per direction < 2·kv·d
+    assert cheaper_sp_algorithm(gqa, 1) == "ring"  # GQA 4:1: K/V are 4x smaller than Q
+    lat = AnalyticLatency(gqa, load_cluster("1x8xA100-80GB"))
+    long = [32000]
+    assert lat.prefill_time(long, Parallel(sp=4, sp_algorithm="ring")) < lat.prefill_time(long, Parallel())
+
+
+def test_kv_transfer_inter_node_is_slower():
+    lat = AnalyticLatency(load_model("opt-13b"), load_cluster("2x8xA100-80GB"))
+    intra = lat.kv_transfer_time(1000, Parallel(), Parallel(), True)
+    inter = lat.kv_transfer_time(1000, Parallel(), Parallel(), False)
+    assert inter / intra == pytest.approx(300e9 / 25e9, rel=0.05)
+    assert lat.kv_transfer_time(1000, Parallel(tp=2), Parallel(tp=2), False) == pytest.approx(
+        (inter - 10e-6) / 2 + 10e-6, rel=1e-6)

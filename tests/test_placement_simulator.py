@@ -1,0 +1,103 @@
+"""Simulator behaviour: determinism, KV-capacity limits, batching, and the workload generator's means."""
+
+import json
+
+import pytest
+
+from splitserve.placement.hardware import load_cluster
+from splitserve.placement.latency import AnalyticLatency
+from splitserve.placement.metrics import SLO
+from splitserve.placement.parallel import Parallel
+from splitserve.placement.profile import Coefficients, Profile, ProfileEntry, ProfileLatency
+from splitserve.placement.simulator import (simulate_colocated_trace, simulate_decode, simulate_disaggregated,
+                                            simulate_prefill)
+from splitserve.placement.specs import load_model
+from splitserve.placement.workload import load_workload, make_trace
+
+OPT13B = ProfileLatency(Profile("opt-13b", "A100-80GB", (ProfileEntry(
+    Parallel(), Coefficients(18.10e-3, 0.1019e-3, 7.12e-9), Coefficients(19.93e-3, 6.27e-7, 0.0385e-3)),)))
+
+
+def test_deterministic_under_seed():
+    trace_a = make_trace(load_workload("sharegpt"), 300, seed=7)
+    trace_b = make_trace(load_workload("sharegpt"), 300, seed=7)
+    assert trace_a == trace_b
+    assert trace_a != make_trace(load_workload("sharegpt"), 300, seed=8)
+    runs = [simulate_disaggregated(OPT13B, trace_a, 3.0, Parallel(), Parallel()) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name,prompt,output", [("sharegpt", 755, 200), ("humaneval", 171, 98),
+                                                ("longbench", 1738, 91)])
+def test_synthetic_workload_means(name, prompt, output):
+    trace = make_trace(load_workload(name), 20_000, seed=1)
+    assert sum(trace.prompts) / len(trace) == pytest.approx(prompt, rel=0.05)
+    assert sum(trace.outputs) / len(trace) == pytest.approx(output, rel=0.05)
+
+
+def test_gamma_arrivals_rate_and_burstiness():
+    trace = make_trace(load_workload("fixed:10:10"), 20_000, seed=3, process="gamma", cv=2.0)
+    gaps = [b - a for a, b in zip((0.0,) + trace.unit_arrivals, trace.unit_arrivals)]
+    mean = sum(gaps) / len(gaps)
+    var = sum((g - mean) ** 2 for g in gaps) / len(gaps)
+    assert mean == pytest.approx(1.0, rel=0.05)
+    assert var ** 0.5 / mean == pytest.approx(2.0, rel=0.1)
+
+
+def test_trace_file(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt_len": p, "output_len": 5}) for p in (10, 20, 30)) + "\n")
+    w = load_workload(str(path))
+    assert w.mean_prompt == 20
+    trace = make_trace(w, 50, seed=0)
+    assert set(trace.prompts) <= {10, 20, 30} and set(trace.outputs) == {5}
+    path.write_text('{"prompt": 1}\n')
+    with pytest.raises(ValueError, match="t.jsonl:1"):
+        load_workload(str(path))
+
+
+@pytest.mark.parametrize("spec", ["fixed:0:1", "fixed:12", "nope"])
+def test_bad_workloads(spec):
+    with pytest.raises(ValueError, match="workload"):
+        load_workload(spec)
+
+
+def test_batching_raises_prefill_throughput():
+    trace = make_trace(load_workload("fixed:256:1"), 2000, seed=0)
+    arrivals = trace.at_rate(25.0)  # above the unbatched capacity of ~1/0.0449 s = 22 req/s
+    one = simulate_prefill(OPT13B, Parallel(), arrivals, trace.prompts, 1, token_budget=0)
+    batched = simulate_prefill(OPT13B, Parallel(), arrivals, trace.prompts, 1, token_budget=2048)
+    late_one = one[-1] - arrivals[-1]
+    late_batched = batched[-1] - arrivals[-1]
+    assert late_one > 5.0 and late_batched < 1.0
+
+
+def test_decode_kv_capacity_limits_batch():
+    # 10 identical requests arriving together, capacity for 2 at a time: 5 waves of 9 steps each.
+    step = 0.01
+    lat = ProfileLatency(Profile("m", "h", (ProfileEntry(Parallel(), None, Coefficients(step, 0, 0)),)))
+    finish = simulate_decode(lat, Parallel(), [0.0] * 10, [90] * 10, [10] * 10, kv_capacity=200)
+    assert sorted(finish) == pytest.approx(sorted([step * 9 * (1 + i // 2) for i in range(10)]))
+    # A request larger than the whole cache can never run: reported as missing the SLO, not hanging.
+    assert simulate_decode(lat, Parallel(), [0.0], [500], [10], kv_capacity=200) == [float("inf")]
+
+
+def test_colocated_chunked_vs_prefill_priority():
+    trace = make_trace(load_workload("fixed:512:64"), 600, seed=0)
+    slo = SLO(0.4, 0.04, 0.9)
+    chunked = simulate_colocated_trace(OPT13B, trace, 2.0, Parallel(), token_budget=512, chunked=True)
+    whole = simulate_colocated_trace(OPT13B, trace, 2.0, Parallel(), token_budget=2048, chunked=False)
+    assert min(chunked.tpot) > 0.019 and min(whole.ttft) >= 0.072 - 1e-9
+    # Prefill priority stalls running decodes, so its worst TPOT is worse than SplitFuse's.
+    assert max(whole.tpot) > max(chunked.tpot)
+    assert 0.0 <= chunked.attainment(slo) <= 1.0
+
+
+def test_pp_pipelines_prefill():
+    lat = AnalyticLatency(load_model("llama-2-13b"), load_cluster("1x8xA100-80GB"))
+    trace = make_trace(load_workload("fixed:1024:1"), 3000, seed=0)
+    capacity = 1 / lat.prefill_time([1024], Parallel())
+    arrivals = trace.at_rate(1.5 * capacity)  # overloads pp=1, not pp=2
+    pp1 = simulate_prefill(lat, Parallel(), arrivals, trace.prompts, 1, token_budget=0)
+    pp2 = simulate_prefill(lat, Parallel(pp=2), arrivals, trace.prompts, 1, token_budget=0)
+    assert pp1[-1] - arrivals[-1] > 10 * (pp2[-1] - arrivals[-1])
