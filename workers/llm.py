@@ -10,12 +10,12 @@ import torch
 
 from splitserve.comm.tensor_parallel import SINGLE, TPGroup
 from splitserve.workers.block_manager import BlockManager
-from splitserve.workers.decode_engine import DecodeEngine
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.kv_cache import allocate_kv_cache, cuda_budget, num_blocks_for_budget
 from splitserve.workers.loader import load_model, resolve_dtype
 from splitserve.workers.model_runner import ModelRunner
-from splitserve.workers.prefill_engine import EngineOutput, PrefillEngine
+from splitserve.workers.engine_core import EngineCore
+from splitserve.workers.prefill_engine import EngineOutput
 from splitserve.workers.presets import resolve_model
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.sequence import Sequence
@@ -60,11 +60,13 @@ def _positive(name: str, value) -> int:
 class LLM:
     def __init__(self, model: str = "tiny", dtype: str = "float32", device: str = "auto", tp: TPGroup = SINGLE,
                  block_size: int = 16, kv_cache_bytes: int = 256 << 20, gpu_memory_fraction: float = 0.9,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None):
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
+                 tp_norm_method: str = "reference", overlap_min_tokens: int | None = None):
         self.model_dir = resolve_model(model)
         self.device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
         self.model = load_model(self.model_dir, torch_dtype, self.device, tp)
+        self.model.configure_tp(tp_norm_method, overlap_min_tokens)
         cfg = self.model.cfg
         self.tokenizer = load_tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
         self.max_model_len = _positive("max_model_len", max_model_len or cfg.max_position_embeddings)
@@ -79,9 +81,9 @@ class LLM:
         caches = allocate_kv_cache(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, torch_dtype, self.device)
         self.eos_token_ids = cfg.eos_token_ids
         runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
-        self.prefill = PrefillEngine(runner, self.blocks, _positive("max_num_batched_tokens", max_num_batched_tokens),
-                                     _positive("max_num_seqs", max_num_seqs), self.max_model_len)
-        self.decode = DecodeEngine(runner, self.blocks, max_num_seqs, self.max_model_len)
+        self.core = EngineCore(runner, self.blocks, _positive("max_num_seqs", max_num_seqs),
+                               _positive("max_num_batched_tokens", max_num_batched_tokens), self.max_model_len)
+        self.prefill, self.decode = self.core.prefill, self.core.decode
         self._ids = itertools.count()
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -141,18 +143,10 @@ class LLM:
                     yield index[out.seq.seq_id], out.result.text_delta, done
 
     def step(self) -> list[EngineOutput]:
-        """One scheduling round: a prompt batch if any can be admitted, then one decode step."""
-        outputs = self.prefill.step(reserve_blocks=self.decode.num_running)
-        for out in outputs:
-            if not out.result.finished:
-                self.decode.add(out.seq)
-        decode = self.decode.step()
-        for seq in decode.preempted:
-            self.prefill.add(seq, front=True)
-        return outputs + decode.outputs
+        return self.core.step()
 
     def has_unfinished(self) -> bool:
-        return self.prefill.num_waiting > 0 or self.decode.num_unfinished > 0
+        return self.core.has_unfinished()
 
     def run_until_done(self) -> None:
         while self.has_unfinished():

@@ -35,12 +35,16 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def forward_logits(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward_logits(self, batch: ForwardBatch, on_kv_written=None) -> torch.Tensor:
         """Float32 logits [len(sample_rows), vocab] after writing the batch's K/V into the cache."""
-        hidden = self.model(
-            self._tensor(batch.input_ids), self._tensor(batch.positions), self.kv_caches, self._metadata(batch)
-        )
+        meta = self._metadata(batch)
+        meta.on_kv_written = on_kv_written
+        hidden = self.model(self._tensor(batch.input_ids), self._tensor(batch.positions), self.kv_caches, meta)
         return self.model.compute_logits(hidden[self._tensor(batch.sample_rows)])
+
+    def execute(self, batch: ForwardBatch, seqs: list[Sequence]) -> torch.Tensor:
+        """The forward of one step; an instance leader overrides this to drive its followers too."""
+        return self.forward_logits(batch)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         for seq in seqs:
@@ -50,4 +54,4 @@ class ModelRunner:
         return self.sampler(logits, requests)
 
     def run(self, batch: ForwardBatch, seqs: list[Sequence]) -> list[int]:
-        return self.sample(self.forward_logits(batch), seqs)
+        return self.sample(self.execute(batch, seqs), seqs)

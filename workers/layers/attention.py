@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ class AttentionMetadata:
     context_lens: list[int]  # tokens each sequence attends to, new ones included
     block_tables: torch.Tensor | None  # [num_seqs, max_blocks], padded with 0
     context_lens_t: torch.Tensor | None = None  # context_lens on the device, for the batched decode path
+    on_kv_written: Callable[[torch.Tensor], None] | None = None  # called with each layer's cache once written
 
     @property
     def is_fresh_prefill(self) -> bool:
@@ -52,6 +54,8 @@ class PagedAttention(nn.Module):
         """q: [N, H, d], k/v: [N, Hkv, d]; kv_cache: [2, blocks, block_size, Hkv, d] or None. Returns [N, H*d]."""
         if kv_cache is not None:
             self._store(k, v, kv_cache, meta.slot_mapping)
+            if meta.on_kv_written is not None:
+                meta.on_kv_written(kv_cache)
         if meta.is_fresh_prefill or kv_cache is None:
             out = self._prefill(q, k, v, meta)
         elif meta.is_decode:

@@ -1,0 +1,210 @@
+"""The cluster configuration: a frozen dataclass tree built from YAML (or a dict), validated once, unknown keys
+rejected with the offending key's full path."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+TRANSPORTS = ("p2p", "shm")
+TRANSFER_MODES = ("layerwise", "after_prefill")
+SP_ALGORITHMS = ("ring", "token_ring")
+
+
+def _positive_int(path: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config: '{path}' must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(path: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"config: '{path}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _choice(path: str, value, options) -> str:
+    if value not in options:
+        raise ValueError(f"config: '{path}' must be one of {list(options)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    instances: int = 1
+    tp: int = 1
+    sp: int = 1
+    sp_algorithm: str = "ring"
+
+    def validate(self, path: str) -> None:
+        _positive_int(f"{path}.instances", self.instances, 0)
+        _positive_int(f"{path}.tp", self.tp)
+        _positive_int(f"{path}.sp", self.sp)
+        _choice(f"{path}.sp_algorithm", self.sp_algorithm, SP_ALGORITHMS)
+        if self.sp != 1:
+            raise ValueError(f"config: '{path}.sp' > 1 (sequence-parallel prefill) is not available yet")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.sp
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    instances: int = 1
+    tp: int = 1
+
+    def validate(self, path: str) -> None:
+        _positive_int(f"{path}.instances", self.instances, 0)
+        _positive_int(f"{path}.tp", self.tp)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp
+
+
+@dataclass(frozen=True)
+class ColocatedConfig(DecodeConfig):
+    instances: int = 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 64 << 20  # per rank, on CPU
+    gpu_memory_fraction: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+
+    def validate(self, path: str) -> None:
+        _positive_int(f"{path}.block_size", self.block_size)
+        _positive_int(f"{path}.kv_cache_bytes", self.kv_cache_bytes)
+        _positive_float(f"{path}.gpu_memory_fraction", self.gpu_memory_fraction)
+        if self.gpu_memory_fraction > 1:
+            raise ValueError(f"config: '{path}.gpu_memory_fraction' must be <= 1, got {self.gpu_memory_fraction}")
+        _positive_int(f"{path}.max_num_seqs", self.max_num_seqs)
+        _positive_int(f"{path}.max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_model_len is not None:
+            _positive_int(f"{path}.max_model_len", self.max_model_len)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    transport: str = "p2p"  # p2p: gloo/NCCL send/recv over links; shm: same-host shared memory
+    mode: str = "layerwise"  # layerwise: push layer l while layer l+1 computes; after_prefill: push at the end
+    timeout_s: float = 30.0
+    retries: int = 1
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.transport", self.transport, TRANSPORTS)
+        _choice(f"{path}.mode", self.mode, TRANSFER_MODES)
+        _positive_float(f"{path}.timeout_s", self.timeout_s)
+        _positive_int(f"{path}.retries", self.retries, 0)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: start a local Ray on 127.0.0.1
+    num_cpus: int | None = None  # local Ray only
+    num_gpus: int | None = None  # local Ray only; on CPU these are logical GPUs, one per rank
+    placement_timeout_s: float = 60.0
+
+    def validate(self, path: str) -> None:
+        if self.num_cpus is not None:
+            _positive_int(f"{path}.num_cpus", self.num_cpus)
+        if self.num_gpus is not None:
+            _positive_int(f"{path}.num_gpus", self.num_gpus, 0)
+        _positive_float(f"{path}.placement_timeout_s", self.placement_timeout_s)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str = "tiny"
+    dtype: str = "float32"
+    device: str = "auto"
+    prefill: PrefillConfig = field(default_factory=PrefillConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    colocated: ColocatedConfig = field(default_factory=ColocatedConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    kv_transfer: TransferConfig = field(default_factory=TransferConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    max_queued_requests: int = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"config: 'model' must be a preset name or a directory, got {self.model!r}")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray"):
+            getattr(self, f).validate(f)
+        _positive_int("max_queued_requests", self.max_queued_requests)
+        disaggregated = self.prefill.instances > 0 or self.decode.instances > 0
+        if disaggregated and (self.prefill.instances == 0 or self.decode.instances == 0):
+            raise ValueError("config: 'prefill.instances' and 'decode.instances' must both be > 0 "
+                             "(or both 0 with 'colocated.instances' > 0)")
+        if not disaggregated and self.colocated.instances == 0:
+            raise ValueError("config: no instances: set 'prefill'/'decode' instances or 'colocated.instances'")
+
+    @property
+    def num_devices(self) -> int:
+        """Devices (GPUs, or logical GPUs on CPU) the layout needs: one per rank."""
+        return (self.prefill.instances * self.prefill.world_size + self.decode.instances * self.decode.world_size
+                + self.colocated.instances * self.colocated.world_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, path: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"config: '{path or 'top level'}' must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ValueError(f"config: unknown key '{where}{unknown[0]}' (known: {sorted(known)})")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _SECTIONS.get(name) if cls is ClusterConfig else None
+        kwargs[name] = _build(sub, value, f"{path}.{name}" if path else name) if sub else value
+    return cls(**kwargs)
+
+
+_SECTIONS = {"prefill": PrefillConfig, "decode": DecodeConfig, "colocated": ColocatedConfig, "engine": EngineConfig,
+             "kv_transfer": TransferConfig, "ray": RayConfig}
+
+DEFAULT_YAML = """\
+model: tiny              # preset name, or a local Hugging Face checkpoint directory
+dtype: float32           # float32 | bfloat16 | float16
+device: auto             # auto | cpu | cuda
+prefill: {instances: 1, tp: 1, sp: 1}
+decode: {instances: 1, tp: 1}
+colocated: {instances: 0, tp: 1}
+"""
+
+
+def config_from_dict(data: dict | None) -> ClusterConfig:
+    return _build(ClusterConfig, data or {}, "")
+
+
+def load_config(source: str | Path | None = None) -> ClusterConfig:
+    """From a YAML file path; None gives the embedded default (local Ray, tiny, 1 prefill + 1 decode, CPU)."""
+    if source is None:
+        return config_from_dict(yaml.safe_load(DEFAULT_YAML))
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config: {path} is not valid YAML: {e}") from None
+    return config_from_dict(data)

@@ -1,0 +1,60 @@
+"""Which slice of KV heads goes from which prefill rank to which decode rank, for any pair of TP degrees
+(KV heads split or replicated on either side). Pure Python."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def local_kv_heads(num_kv_heads: int, tp: int, rank: int) -> tuple[int, int]:
+    """(first global KV head, count) held by `rank`: split when kv heads >= TP, else one replicated head."""
+    if num_kv_heads >= tp:
+        if num_kv_heads % tp:
+            raise ValueError(f"tp: {num_kv_heads} KV heads do not split over {tp} ranks")
+        per = num_kv_heads // tp
+        return rank * per, per
+    if tp % num_kv_heads:
+        raise ValueError(f"tp: {tp} ranks cannot replicate {num_kv_heads} KV heads evenly")
+    return rank // (tp // num_kv_heads), 1
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """Heads [src_head, src_head + num_heads) of the prefill rank's local heads land at
+    [dst_head, dst_head + num_heads) of the decode rank's local heads."""
+
+    src_rank: int
+    dst_rank: int
+    src_head: int
+    dst_head: int
+    num_heads: int
+
+
+def plan_heads(num_kv_heads: int, src_tp: int, dst_tp: int) -> list[HeadSlice]:
+    """Every decode rank gets each of its heads from exactly one prefill rank; replicas share the load."""
+    slices: list[HeadSlice] = []
+    for dst in range(dst_tp):
+        d_start, d_count = local_kv_heads(num_kv_heads, dst_tp, dst)
+        for head in range(d_start, d_start + d_count):
+            owners = [p for p in range(src_tp) if _holds(num_kv_heads, src_tp, p, head)]
+            src = owners[dst % len(owners)]
+            s_start, _ = local_kv_heads(num_kv_heads, src_tp, src)
+            last = slices[-1] if slices else None
+            if (last and last.src_rank == src and last.dst_rank == dst and last.src_head + last.num_heads == head - s_start
+                    and last.dst_head + last.num_heads == head - d_start):
+                slices[-1] = HeadSlice(src, dst, last.src_head, last.dst_head, last.num_heads + 1)
+            else:
+                slices.append(HeadSlice(src, dst, head - s_start, head - d_start, 1))
+    return slices
+
+
+def _holds(num_kv_heads: int, tp: int, rank: int, head: int) -> bool:
+    start, count = local_kv_heads(num_kv_heads, tp, rank)
+    return start <= head < start + count
+
+
+def links_needed(num_kv_heads: int, src_tp: int, dst_tp: int) -> set[tuple[int, int]]:
+    return {(s.src_rank, s.dst_rank) for s in plan_heads(num_kv_heads, src_tp, dst_tp)}
+
+
+def slot_mapping(block_table: list[int], block_size: int, num_tokens: int) -> list[int]:
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(num_tokens)]

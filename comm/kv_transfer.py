@@ -1,0 +1,266 @@
+"""Moves one request's KV from prefill ranks into blocks the decode side reserved, layer by layer.
+
+Per transfer on a link: header (+ decode slots) -> the decode side answers go/skip (skip when the reservation
+was cancelled, so nothing is ever written into freed blocks) -> per layer, K/V of the planned heads (p2p: one
+message per layer; shm: written straight into the decode rank's cache, mapped from shared memory) -> done.
+Completion and failure are published in the decode instance's store under `transfer_key`."""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from splitserve.comm.kv_plan import HeadSlice
+from splitserve.comm.links import Link, LinkBroken, LinkId, LinkTimeout
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x5353_4B56
+HEADER_TAG, ACK_TAG = 1, 2
+_TAG_STRIDE = 1024  # per-transfer tag space: one tag per layer, then slots and done
+
+
+def _tag(tid: int, offset: int) -> int:
+    return 16 + (tid % 1_000_000) * _TAG_STRIDE + offset
+
+
+def transfer_key(tid: int, dst_rank: int, src_rank: int) -> str:
+    return f"kv/{tid}/{dst_rank}/{src_rank}"
+
+
+@dataclass
+class TransferOrder:
+    """One request's KV from one prefill rank to one decode rank (metadata only)."""
+
+    tid: int
+    link: LinkId
+    src_slots: list[int]
+    dst_slots: list[int]
+    slices: list[HeadSlice]
+
+
+@dataclass
+class SendResult:
+    tid: int
+    ok: bool
+    error: str | None = None
+
+
+def _heads_index(slices: list[HeadSlice], attr: str) -> list[tuple[int, int, int]]:
+    """(offset in the packed message, first local head, count) per slice."""
+    out, offset = [], 0
+    for s in slices:
+        out.append((offset, getattr(s, attr), s.num_heads))
+        offset += s.num_heads
+    return out
+
+
+def _packed_heads(slices) -> int:
+    return sum(s.num_heads for s in slices)
+
+
+# ----------------------------------------------------------------------------------------------- shared memory
+
+def shm_path(cluster_id: str, instance: str, rank: int) -> str:
+    return f"/dev/shm/splitserve-{cluster_id}-{instance}-{rank}.kv"
+
+
+def map_shared_cache(path: str, num_layers: int, shape_per_layer: tuple, dtype: torch.dtype, create: bool):
+    """The decode rank's cache as one shared file; peers on the host map the same pages."""
+    numel = num_layers
+    for d in shape_per_layer:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if create:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+    flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    return list(flat.view(num_layers, *shape_per_layer).unbind(0))
+
+
+# ----------------------------------------------------------------------------------------------------- sender
+
+class KVSender:
+    """Prefill side of one rank: a background thread that pushes the KV of one forward's orders."""
+
+    def __init__(self, caches: list[torch.Tensor], links: dict[LinkId, Link], transport: str, timeout_s: float,
+                 shm_caches=None):
+        self.caches = caches
+        self.links = links
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self.shm_caches = shm_caches  # callable LinkId -> the decode rank's mapped cache layers
+        self.faults = 0  # transfers still to stall on purpose (tests of the failure path)
+        self._jobs: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="kv-sender", daemon=True).start()
+
+    # Called from the forward thread.
+    def begin(self, orders: list[TransferOrder]) -> None:
+        self._jobs.put(("begin", orders))
+
+    def layer_done(self, layer: int) -> None:
+        self._jobs.put(("layer", layer))
+
+    def end(self) -> list[SendResult]:
+        self._jobs.put(("end", None))
+        return self._results.get()
+
+    def _run(self) -> None:
+        active: list[dict] = []
+        while True:
+            kind, arg = self._jobs.get()
+            if kind == "begin":
+                deadline = time.monotonic() + self.timeout_s
+                active = [self._start(order, deadline) for order in arg]
+            elif kind == "layer":
+                for job in active:
+                    self._guard(job, self._send_layer, job, arg)
+            else:
+                for job in active:
+                    self._guard(job, self._finish, job)
+                self._results.put([SendResult(j["order"].tid, j["error"] is None, j["error"]) for j in active])
+                active = []
+
+    @staticmethod
+    def _guard(job, fn, *args):
+        if job["error"] is None and job["go"]:
+            try:
+                fn(*args)
+            except (LinkTimeout, LinkBroken, RuntimeError) as e:
+                job["error"] = str(e)
+
+    def _start(self, order: TransferOrder, deadline: float) -> dict:
+        job = {"order": order, "deadline": deadline, "go": False, "error": None, "works": [], "stall": False}
+        link = self.links[order.link]
+        n = len(order.dst_slots)
+        try:
+            header = torch.tensor([MAGIC, order.tid, n, len(self.caches), len(order.slices), 0, 0, 0])
+            meta = torch.tensor(order.dst_slots + [v for s in order.slices for v in (s.dst_head, s.num_heads)])
+            link.send(header, HEADER_TAG, deadline)
+            link.send(meta, _tag(order.tid, _TAG_STRIDE - 2), deadline)
+            ack = link.recv(torch.zeros(1, dtype=torch.long), ACK_TAG, deadline)
+            job["go"] = bool(ack.item())
+            if not job["go"]:
+                job["error"] = "cancelled by the decode side"
+        except (LinkTimeout, LinkBroken) as e:
+            job["error"] = str(e)
+        if self.faults > 0 and job["go"]:
+            self.faults -= 1
+            job["stall"] = True  # handshake done, data never sent: the decode side must time out
+        return job
+
+    def _gather(self, layer: int, order: TransferOrder) -> torch.Tensor:
+        cache = self.caches[layer]  # [2, blocks, block_size, kv_heads, d]
+        flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
+        rows = flat[:, torch.tensor(order.src_slots, device=cache.device)]
+        return torch.cat([rows[:, :, s.src_head : s.src_head + s.num_heads] for s in order.slices], dim=2).contiguous()
+
+    def _send_layer(self, job: dict, layer: int) -> None:
+        if job["stall"]:
+            return
+        order = job["order"]
+        data = self._gather(layer, order)
+        if self.transport == "shm":
+            write_layer(self.shm_caches(order.link)[layer], data, order.dst_slots, _heads_index(order.slices, "dst_head"))
+        else:
+            link = self.links[order.link]
+            job["works"].append((link.isend(data, _tag(order.tid, layer)), data))
+
+    def _finish(self, job: dict) -> None:
+        if job["stall"]:
+            job["error"] = "transfer stalled (fault injection)"
+            return
+        link = self.links[job["order"].link]
+        for _ in link.completions(job["works"], job["deadline"]):
+            pass
+        link.send(torch.tensor([len(self.caches)]), _tag(job["order"].tid, _TAG_STRIDE - 1), job["deadline"])
+
+
+def write_layer(layer_cache: torch.Tensor, data: torch.Tensor, dst_slots: list[int], heads) -> None:
+    """Scatters packed [2, tokens, heads, d] into a cache layer at the decode slots and local heads."""
+    flat = layer_cache.view(2, -1, layer_cache.shape[-2], layer_cache.shape[-1])
+    slots = torch.tensor(dst_slots, device=layer_cache.device)
+    for offset, head, count in heads:
+        for i in (0, 1):
+            flat[i, :, head : head + count].index_copy_(0, slots, data[i, :, offset : offset + count])
+
+
+# --------------------------------------------------------------------------------------------------- receiver
+
+class KVReceiver:
+    """Decode side of one link: a thread that accepts transfers into reserved blocks and reports in the store."""
+
+    def __init__(self, link: Link, caches: list[torch.Tensor], store: dist.Store, transport: str, timeout_s: float):
+        self.link = link
+        self.caches = caches
+        self.store = store
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self.broken: str | None = None
+        threading.Thread(target=self._run, name=f"kv-recv-{link.id.prefill_rank}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                header = self.link.recv(torch.zeros(8, dtype=torch.long), HEADER_TAG, None)
+            except LinkBroken as e:
+                self.broken = str(e)
+                log.warning("link closed: %s", e)
+                return
+            self._receive(*header.tolist()[:5])
+
+    def _receive(self, magic: int, tid: int, n: int, num_layers: int, num_slices: int) -> None:
+        """Handshake here; the data of an accepted transfer arrives in its own thread, so the next header (the
+        sender handshakes every order of a forward before pushing layers) is taken at once."""
+        assert magic == MAGIC and num_layers == len(self.caches), "peer speaks another protocol or model"
+        deadline = time.monotonic() + self.timeout_s
+        key = transfer_key(tid, self.link.id.decode_rank, self.link.id.prefill_rank)
+        try:
+            meta = self.link.recv(torch.zeros(n + 2 * num_slices, dtype=torch.long), _tag(tid, _TAG_STRIDE - 2), deadline)
+            go = self.store.compare_set(key, "pending", "receiving") == b"receiving"
+            self.link.send(torch.tensor([int(go)]), ACK_TAG, deadline)
+        except (LinkTimeout, LinkBroken) as e:
+            self._failed(key, e)
+            return
+        if go:
+            threading.Thread(target=self._receive_data, args=(tid, key, meta, n, deadline), daemon=True).start()
+
+    def _receive_data(self, tid: int, key: str, meta: torch.Tensor, n: int, deadline: float) -> None:
+        slots = meta[:n].tolist()
+        heads, offset = [], 0
+        for head, count in meta[n:].view(-1, 2).tolist():
+            heads.append((offset, head, count))
+            offset += count
+        try:
+            if self.transport == "p2p":
+                self._receive_layers(tid, slots, heads, offset, deadline)
+            self.link.recv(torch.zeros(1, dtype=torch.long), _tag(tid, _TAG_STRIDE - 1), deadline)
+            self.store.set(key, "done")
+        except (LinkTimeout, LinkBroken) as e:
+            self._failed(key, e)
+
+    def _failed(self, key: str, error: Exception) -> None:
+        self.store.set(key, f"failed: {error}")
+        if isinstance(error, LinkBroken):
+            self.broken = str(error)
+
+    def _receive_layers(self, tid, slots, heads, num_heads, deadline) -> None:
+        shape = (2, len(slots), num_heads, self.caches[0].shape[-1])
+        bufs = [torch.empty(shape, dtype=self.caches[0].dtype, device=self.caches[0].device) for _ in self.caches]
+        items = [(self.link.irecv(buf, _tag(tid, layer)), buf) for layer, buf in enumerate(bufs)]
+        for layer in self.link.completions(items, deadline):
+            write_layer(self.caches[layer], bufs[layer], slots, heads)
+
+
+def remove_shared_cache(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

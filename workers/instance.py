@@ -1,0 +1,201 @@
+"""One rank of an instance: its model shard, KV cache and process group; followers execute what rank 0 (the
+leader) broadcasts, and every rank pushes (prefill) or accepts (decode) its share of each request's KV."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from splitserve.comm.kv_transfer import KVReceiver, KVSender, TransferOrder, map_shared_cache, remove_shared_cache, shm_path
+from splitserve.comm.links import RECEIVER, SENDER, Link, LinkId
+from splitserve.comm.tensor_parallel import TPGroup
+from splitserve.workers.batch import ForwardBatch
+from splitserve.workers.kv_cache import allocate_kv_cache, cuda_budget, num_blocks_for_budget
+from splitserve.workers.llm import resolve_device
+from splitserve.workers.loader import load_model, resolve_dtype
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What every rank of an instance needs to build itself (picklable, sent once at start-up)."""
+
+    cluster_id: str
+    name: str
+    role: str
+    tp: int
+    model_dir: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    engine: dict = field(default_factory=dict)  # EngineConfig fields
+    transfer: dict = field(default_factory=dict)  # TransferConfig fields
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role: must be one of {ROLES}, got {self.role!r}")
+
+
+class RankWorker:
+    def __init__(self, spec: InstanceSpec, rank: int):
+        self.spec, self.rank = spec, rank
+        self.device = resolve_device(spec.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # ranks share the host's cores
+        self.store: dist.Store | None = None
+        self.sender: KVSender | None = None
+        self.receivers: list[KVReceiver] = []
+        self.links: dict[LinkId, Link] = {}
+        self._peer_caches: dict[LinkId, list[torch.Tensor]] = {}
+        self.leader = None
+        self._shm_file: str | None = None
+
+    # ------------------------------------------------------------------------------------------- start-up
+    def create_store(self, host: str) -> int:
+        """Rank 0 hosts the instance's store: its process group and control flags live there."""
+        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+        return self.store.port
+
+    def init(self, host: str, port: int) -> dict:
+        spec = self.spec
+        if self.store is None:
+            self.store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.PrefixStore("pg", self.store), rank=self.rank,
+                                world_size=spec.tp, timeout=timedelta(days=7))  # idle followers wait in broadcast
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.tp = TPGroup.from_group()
+        self.dtype = resolve_dtype(spec.dtype)
+        self.model = load_model(spec.model_dir, self.dtype, self.device, self.tp)
+        self._allocate_cache()
+        return {"num_blocks": self.num_blocks, "kv_heads": self.model.num_kv_heads}
+
+    def _allocate_cache(self) -> None:
+        cfg, eng = self.model.cfg, self.spec.engine
+        block_size = eng.get("block_size", 16)
+        kv_heads = self.model.num_kv_heads
+        budget = (cuda_budget(eng.get("gpu_memory_fraction", 0.9), self.device) if self.device.type == "cuda"
+                  else eng.get("kv_cache_bytes", 64 << 20))
+        blocks = num_blocks_for_budget(budget, cfg.num_layers, block_size, kv_heads, cfg.head_dim, self.dtype)
+        # All ranks of an instance must agree on the block count: the leader's block manager governs them all.
+        count = torch.tensor([blocks], dtype=torch.long, device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        self.num_blocks = int(count.item())
+        shape = (2, self.num_blocks, block_size, kv_heads, cfg.head_dim)
+        if self.spec.role == "decode" and self.spec.transfer.get("transport") == "shm" and self.device.type == "cpu":
+            self._shm_file = shm_path(self.spec.cluster_id, self.spec.name, self.rank)
+            self.caches = map_shared_cache(self._shm_file, cfg.num_layers, shape, self.dtype, create=True)
+        else:
+            self.caches = allocate_kv_cache(cfg.num_layers, self.num_blocks, block_size, kv_heads, cfg.head_dim,
+                                            self.dtype, self.device)
+        self._layer_of = {id(c): i for i, c in enumerate(self.caches)}
+
+    def connect_links(self, host: str, port: int, link_ids: list[LinkId]) -> int:
+        """Builds every link of this rank at once (each blocks until its peer joins), then starts the KV threads."""
+        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
+        side = SENDER if self.spec.role == "prefill" else RECEIVER
+        errors: list[BaseException] = []
+
+        def connect(link_id):
+            try:
+                self.links[link_id] = Link(link_id, side, store, self.device)
+            except BaseException as e:  # reported below, never lost in a thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=connect, args=(lid,)) for lid in link_ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        transfer = self.spec.transfer
+        if side == SENDER:
+            self.sender = KVSender(self.caches, self.links, transfer.get("transport", "p2p"),
+                                   transfer.get("timeout_s", 30.0), self._peer_cache)
+        else:
+            self.receivers = [KVReceiver(link, self.caches, self.store, transfer.get("transport", "p2p"),
+                                         transfer.get("timeout_s", 30.0)) for link in self.links.values()]
+        return len(self.links)
+
+    def _peer_cache(self, link_id: LinkId) -> list[torch.Tensor]:
+        """The decode rank's cache, mapped from shared memory (same host only)."""
+        if link_id not in self._peer_caches:
+            ref = self.caches[0]
+            path = shm_path(self.spec.cluster_id, link_id.decode_instance, link_id.decode_rank)
+            self._peer_caches[link_id] = map_shared_cache(path, len(self.caches), self.peer_cache_shapes[link_id],
+                                                          ref.dtype, create=False)
+        return self._peer_caches[link_id]
+
+    def set_peer_cache_shapes(self, shapes: dict) -> None:
+        self.peer_cache_shapes = shapes
+
+    def cache_shape(self) -> tuple:
+        return tuple(self.caches[0].shape)
+
+    def start(self) -> None:
+        if self.rank == 0:
+            from splitserve.workers.instance_leader import InstanceLeader
+
+            self.leader = InstanceLeader(self)
+            self.leader.start()
+        else:
+            threading.Thread(target=self._follow, name="follower", daemon=True).start()
+
+    # --------------------------------------------------------------------------------------- every step
+    def broadcast(self, message) -> None:
+        if self.spec.tp > 1:
+            dist.broadcast_object_list([message], src=0)
+
+    def _follow(self) -> None:
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            kind, batch, orders = box[0]
+            if kind == "stop":
+                return
+            self.forward(batch, orders)
+
+    def forward(self, batch: ForwardBatch, orders: list[TransferOrder]) -> torch.Tensor:
+        """One forward of this rank's shard; pushes this rank's share of the KV of `orders`."""
+        mine = [o for o in orders if o.link.prefill_rank == self.rank]
+        if not mine or self.sender is None:
+            return self.leader_runner_forward(batch)
+        layerwise = self.spec.transfer.get("mode", "layerwise") == "layerwise"
+        if layerwise:
+            self.sender.begin(mine)
+            logits = self.leader_runner_forward(batch, lambda cache: self.sender.layer_done(self._layer_of[id(cache)]))
+        else:
+            logits = self.leader_runner_forward(batch)
+            self.sender.begin(mine)
+            for layer in range(len(self.caches)):
+                self.sender.layer_done(layer)
+        self.last_send_results = self.sender.end()
+        return logits
+
+    def leader_runner_forward(self, batch: ForwardBatch, hook=None) -> torch.Tensor:
+        return self.runner.forward_logits(batch, hook)
+
+    @property
+    def runner(self):
+        if not hasattr(self, "_runner"):
+            from splitserve.workers.model_runner import ModelRunner
+
+            self._runner = ModelRunner(self.model, self.caches, self.model.cfg.eos_token_ids, self.device)
+        return self._runner
+
+    # ------------------------------------------------------------------------------------------ control
+    def inject_transfer_faults(self, count: int) -> None:
+        """Test hook: the next `count` transfers from this rank stall after the handshake."""
+        if self.sender is not None:
+            self.sender.faults = count
+
+    def stop(self) -> None:
+        if self.leader is not None:
+            self.leader.stop()
+        if self._shm_file:
+            remove_shared_cache(self._shm_file)

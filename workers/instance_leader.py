@@ -1,0 +1,289 @@
+"""Rank 0 of an instance: runs its scheduler in a loop thread, drives the followers, and talks to the frontend
+through commands (submit, reserve, start_decode, abort) and batched events (one message per step)."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.comm.kv_plan import links_needed, plan_heads, slot_mapping
+from splitserve.comm.kv_transfer import TransferOrder, transfer_key
+from splitserve.comm.links import LinkId
+from splitserve.workers.block_manager import BlockManager
+from splitserve.workers.engine_core import EngineCore
+from splitserve.workers.model_runner import ModelRunner
+from splitserve.workers.prefill_engine import EngineOutput, PrefillEngine
+from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.sequence import Sequence
+from splitserve.workers.stop import StopChecker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeTarget:
+    """Where a prefilled request's KV goes: the decode instance, its layout and the blocks it reserved."""
+
+    instance: str
+    tp: int
+    block_table: list[int]
+    block_size: int
+
+
+@dataclass
+class Reservation:
+    prompt_ids: list[int]
+    params: SamplingParams
+    keys: list[str]
+    first_token: int | None = None
+
+
+class LeaderRunner(ModelRunner):
+    """Broadcasts each step (metadata and transfer orders, never tensors) before running its own shard."""
+
+    def __init__(self, rank, orders_for=None):
+        super().__init__(rank.model, rank.caches, rank.model.cfg.eos_token_ids, rank.device)
+        self.rank, self.orders_for = rank, orders_for
+
+    def execute(self, batch, seqs):
+        orders = self.orders_for(seqs) if self.orders_for else []
+        self.rank.broadcast(("step", batch, orders))
+        return self.rank.forward(batch, orders)
+
+
+class InstanceLeader:
+    def __init__(self, rank):
+        self.rank, self.spec = rank, rank.spec
+        eng = self.spec.engine
+        cfg = rank.model.cfg
+        self.block_size = eng.get("block_size", 16)
+        self.blocks = BlockManager(rank.num_blocks, self.block_size)
+        self.max_model_len = eng.get("max_model_len") or cfg.max_position_embeddings
+        self.eos = cfg.eos_token_ids
+        self.num_kv_heads = cfg.num_kv_heads
+        self.runner = LeaderRunner(rank, self._orders if self.spec.role == "prefill" else None)
+        rank._runner = self.runner
+        seqs, tokens = eng.get("max_num_seqs", 64), eng.get("max_num_batched_tokens", 4096)
+        if self.spec.role == "prefill":
+            self.prefill = PrefillEngine(self.runner, self.blocks, tokens, seqs, self.max_model_len)
+            self.core = None
+        else:
+            self.core = EngineCore(self.runner, self.blocks, seqs, tokens, self.max_model_len)
+            self.prefill = self.core.prefill
+        self.targets: dict[int, DecodeTarget] = {}
+        self.pending: dict[int, Reservation] = {}
+        self.draining: dict[int, list[str]] = {}
+        self.commands: queue.Queue = queue.Queue()
+        self.cond = threading.Condition()
+        self.events: list[tuple] = []
+        self.running = True
+        self.paused = False  # test hook: commands are still taken, but no step runs
+        self.error: str | None = None
+        self.step_times: list[float] = []
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name=f"leader-{self.spec.name}", daemon=True).start()
+
+    def pause(self, flag: bool) -> None:
+        self.paused = flag
+
+    def stop(self) -> None:
+        self.running = False
+        self.commands.put(None)
+
+    # ---------------------------------------------------------------------------- commands (any thread)
+    def _call(self, fn, *args, wait: bool = False):
+        future: Future = Future()
+        self.commands.put((fn, args, future))
+        return future.result(timeout=60) if wait else None
+
+    def submit(self, tid: int, prompt_ids: list[int], params: SamplingParams, target: DecodeTarget | None = None):
+        self._call(self._submit, tid, prompt_ids, params, target)
+
+    def reserve(self, tid: int, prompt_ids: list[int], params: SamplingParams, prefill_tp: int):
+        """Blocks for a request's KV before its prefill starts; None when they are not free now."""
+        return self._call(self._reserve, tid, prompt_ids, params, prefill_tp, wait=True)
+
+    def start_decode(self, tid: int, first_token: int) -> None:
+        self._call(self._start_decode, tid, first_token)
+
+    def abort(self, tid: int) -> None:
+        self._call(self._abort, tid)
+
+    def poll(self, timeout: float) -> dict:
+        with self.cond:
+            self.cond.wait_for(lambda: self.events or not self.running, timeout)
+            events, self.events = self.events, []
+        return {"events": events, "stats": self.stats()}
+
+    def stats(self) -> dict:
+        return {"free_blocks": self.blocks.num_free_blocks, "num_blocks": self.blocks.num_blocks,
+                "usage": self.blocks.usage, "waiting": self.prefill.num_waiting,
+                "running": self.core.decode.num_running if self.core else 0,
+                "pending_transfers": len(self.pending), "error": self.error}
+
+    def step_time_stats(self) -> list[float]:
+        times, self.step_times = self.step_times, []
+        return times
+
+    # ------------------------------------------------------------------------------ loop thread only
+    def _emit(self, *events) -> None:
+        if events:
+            with self.cond:
+                self.events.extend(events)
+                self.cond.notify_all()
+
+    def _sequence(self, tid, prompt_ids, params) -> Sequence:
+        return Sequence(str(tid), prompt_ids, params, StopChecker(params, self.eos, None))
+
+    def _submit(self, tid, prompt_ids, params, target):
+        seq = self._sequence(tid, prompt_ids, params)
+        try:
+            self.prefill.add(seq)
+        except ValueError as e:
+            self._emit(("failed", tid, str(e)))
+            return
+        if target is not None:
+            self.targets[tid] = target
+
+    def _reserve(self, tid, prompt_ids, params, prefill_tp):
+        n = len(prompt_ids)
+        if self.blocks.blocks_needed(n + 1) > self.blocks.num_blocks:
+            raise ValueError(f"prompt: {n} tokens do not fit the decode instance's KV cache "
+                             f"({self.blocks.num_blocks * self.block_size} token slots)")
+        if not self.blocks.can_allocate(n + 1):
+            return None
+        table = self.blocks.allocate(str(tid), n)
+        keys = [transfer_key(tid, q, p) for p, q in sorted(links_needed(self.num_kv_heads, prefill_tp, self.spec.tp))]
+        self.rank.store.multi_set(keys, ["pending"] * len(keys))
+        self.pending[tid] = Reservation(list(prompt_ids), params, keys)
+        return table
+
+    def _start_decode(self, tid, first_token):
+        if tid in self.pending:
+            self.pending[tid].first_token = first_token
+
+    def _abort(self, tid):
+        if tid in self.pending:
+            keys = self.pending.pop(tid).keys
+            for key in keys:
+                self.rank.store.compare_set(key, "pending", "cancelled")
+            self.draining[tid] = keys  # freed once no rank is still writing into the blocks
+        elif self.core is not None:
+            self.core.abort(str(tid))
+        else:
+            self.prefill.abort(str(tid))
+            self.targets.pop(tid, None)
+
+    def _check_transfers(self) -> None:
+        store = self.rank.store
+        for tid, keys in list(self.draining.items()):
+            if b"receiving" not in store.multi_get(keys):
+                self._release(tid, keys)
+                del self.draining[tid]
+        for tid, res in list(self.pending.items()):
+            values = store.multi_get(res.keys)
+            if b"receiving" in values or b"pending" in values:
+                continue
+            failures = [v.decode() for v in values if v != b"done"]
+            if failures:
+                del self.pending[tid]
+                self._release(tid, res.keys)
+                self._emit(("failed", tid, f"KV transfer failed: {failures[0]}"))
+            elif res.first_token is not None:
+                del self.pending[tid]
+                for key in res.keys:
+                    store.delete_key(key)
+                self._admit(tid, res)
+
+    def _release(self, tid, keys) -> None:
+        self.blocks.free(str(tid))
+        for key in keys:
+            self.rank.store.delete_key(key)
+
+    def _admit(self, tid: int, res: Reservation) -> None:
+        seq = self._sequence(tid, res.prompt_ids, res.params)
+        seq.num_computed_tokens = len(res.prompt_ids)
+        seq.append_token(res.first_token)
+        self.core.decode.add(seq)
+        self._emit(("kv_ready", tid))
+
+    def _orders(self, seqs: list[Sequence]) -> list[TransferOrder]:
+        orders = []
+        for seq in seqs:
+            target = self.targets.get(int(seq.seq_id))
+            if target is None:
+                continue
+            n = seq.num_tokens
+            src = self.blocks.slot_mapping(seq.seq_id, 0, n)
+            dst = slot_mapping(target.block_table, target.block_size, n)
+            plan = plan_heads(self.num_kv_heads, self.spec.tp, target.tp)
+            for p, q in sorted({(s.src_rank, s.dst_rank) for s in plan}):
+                link = LinkId(self.spec.name, p, target.instance, q)
+                slices = [s for s in plan if (s.src_rank, s.dst_rank) == (p, q)]
+                orders.append(TransferOrder(int(seq.seq_id), link, src, dst, slices))
+        return orders
+
+    def _step(self) -> list[EngineOutput]:
+        if self.core is not None:
+            return self.core.step() if self.core.has_unfinished() else []
+        outputs = self.prefill.step()
+        for out in outputs:  # every rank has pushed its share by now: the prefill side keeps nothing
+            self.blocks.free(out.seq.seq_id)
+            self.targets.pop(int(out.seq.seq_id), None)
+        return outputs
+
+    def _report(self, outputs: list[EngineOutput]) -> None:
+        kind = "prefilled" if self.spec.role == "prefill" else "tokens"
+        items = [(int(o.seq.seq_id), o.token_id, o.result.finished, o.result.finish_reason) for o in outputs]
+        if items:
+            self._emit((kind, items))
+
+    def _drain_commands(self, timeout: float) -> None:
+        try:
+            item = self.commands.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, args, future = item
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:  # the caller gets it
+                future.set_exception(e)
+            try:
+                item = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _busy(self) -> bool:
+        if self.core is not None:
+            return self.core.has_unfinished()
+        return self.prefill.num_waiting > 0
+
+    def _loop(self) -> None:
+        while self.running:
+            waiting_on_transfers = bool(self.pending or self.draining)
+            busy = self._busy() and not self.paused
+            self._drain_commands(0 if busy else (0.002 if waiting_on_transfers else 0.05))
+            try:
+                if waiting_on_transfers:
+                    self._check_transfers()
+                start = time.perf_counter()
+                outputs = [] if self.paused else self._step()
+                if outputs:
+                    self.step_times.append(time.perf_counter() - start)
+                    self._report(outputs)
+            except Exception as e:  # a broken instance reports, it does not hang its requests
+                log.exception("instance %s failed", self.spec.name)
+                self.error = f"{type(e).__name__}: {e}"
+                self._emit(("instance_failed", self.error))
+                self.running = False
+        if self.spec.tp > 1:
+            self.rank.broadcast(("stop", None, None))
+        with self.cond:
+            self.cond.notify_all()
