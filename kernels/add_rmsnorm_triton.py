@@ -9,6 +9,20 @@ from splitserve.kernels.add_rmsnorm import check_rows
 from splitserve.kernels.backend import interpreting
 
 INTERPRETED = interpreting()
+# The interpreter truncates float32 -> bfloat16 where GPUs round to nearest even; rounding with integer ops
+# there keeps interpreted results comparable bit for bit with torch.
+_ROUND_BY_BITS = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """float32 -> `dtype`, rounding to nearest even on every backend."""
+    if _ROUND_BY_BITS and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -18,8 +32,8 @@ def rmsnorm_rows(h, w, n_cols, eps):
     hf = h.to(tl.float32)
     var = tl.sum(hf * hf, axis=1) / n_cols
     inv = tl.div_rn(1.0, tl.sqrt_rn(var + eps))  # correctly rounded, like torch's rsqrt on CPU
-    y = (hf * inv[:, None]).to(h.dtype)
-    return (w.to(tl.float32)[None, :] * y.to(tl.float32)).to(h.dtype)
+    y = cast_rne(hf * inv[:, None], h.dtype)
+    return cast_rne(w.to(tl.float32)[None, :] * y.to(tl.float32), h.dtype)
 
 
 @triton.jit
@@ -30,7 +44,7 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, n_rows, n_cols, s
     mask = (rows < n_rows) & (cols < n_cols)
     x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0)
     r = tl.load(r_ptr + rows * stride_r + cols, mask=mask, other=0.0)
-    h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    h = cast_rne(x.to(tl.float32) + r.to(tl.float32), x.dtype)
     tl.store(sum_ptr + rows * stride_s + cols, h, mask=mask)
     w = tl.load(w_ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < n_cols, other=0.0)
     tl.store(out_ptr + rows * stride_o + cols, rmsnorm_rows(h, w, n_cols, eps), mask=mask)

@@ -87,50 +87,57 @@ def signal_barrier_torch(pads: list[torch.Tensor], rank: int, slot: int = 0) -> 
 
 
 def _reduce_rows(buffers: list[torch.Tensor], rows: slice, dtype) -> torch.Tensor:
-    acc = buffers[0][rows].float()
+    acc = buffers[0][rows].to(torch.float32, copy=True)  # never accumulate into a peer's buffer
     for b in buffers[1:]:  # fixed rank order: identical bits on every rank
         acc += b[rows].float()
     return acc.to(dtype)
 
 
-def oneshot_torch(peers: SymmetricTensors, num_rows: int, residual, weight, eps: float, max_programs: int | None = None):
+def oneshot_torch(peers: SymmetricTensors, num_rows: int, residual, weight, eps: float,
+                  max_programs: int | None = None, sync: bool = True):
     check_call(peers, num_rows, residual, weight)
-    signal_barrier_torch(peers.pads, peers.rank)
+    if sync:
+        signal_barrier_torch(peers.pads, peers.rank)
     x = _reduce_rows(peers.partial, slice(0, num_rows), residual.dtype)
-    signal_barrier_torch(peers.pads, peers.rank)  # peers are done reading our partial
+    if sync:
+        signal_barrier_torch(peers.pads, peers.rank)  # peers are done reading our partial
     return add_rmsnorm_torch(x, residual, weight, eps)
 
 
 def reduce_scatter_torch(peers: SymmetricTensors, num_rows: int, residual, weight, eps: float,
-                         max_programs: int | None = None):
+                         max_programs: int | None = None, sync: bool = True):
     check_call(peers, num_rows, residual, weight)
     per_rank = -(-num_rows // peers.world)
     start = min(num_rows, peers.rank * per_rank)
     mine = slice(start, min(num_rows, start + per_rank))
-    signal_barrier_torch(peers.pads, peers.rank)
+    if sync:
+        signal_barrier_torch(peers.pads, peers.rank)
     normed, summed = add_rmsnorm_torch(_reduce_rows(peers.partial, mine, residual.dtype), residual[mine], weight, eps)
     for peer in range(peers.world):
         peers.normed[peer][mine] = normed
         peers.summed[peer][mine] = summed
-    signal_barrier_torch(peers.pads, peers.rank)  # every peer's rows are in our buffers
+    if sync:
+        signal_barrier_torch(peers.pads, peers.rank)  # every peer's rows are in our buffers
     return peers.normed[peers.rank][:num_rows].clone(), peers.summed[peers.rank][:num_rows].clone()
 
 
 # --- dispatch ----------------------------------------------------------------------------------------
 
 def oneshot_allreduce_add_rmsnorm(peers: SymmetricTensors, num_rows: int, residual, weight, eps: float,
-                                  max_programs: int | None = None):
-    """Every rank reduces all `num_rows` rows of the peers' `partial` buffers; returns (normed, summed)."""
+                                  max_programs: int | None = None, sync: bool = True):
+    """Every rank reduces all `num_rows` rows of the peers' `partial` buffers; returns (normed, summed).
+    `sync=False` skips the barriers: only for buffers that are ready and stay unchanged (single-process
+    measurements and tests with simulated peers)."""
     if use_triton(residual):
         return triton_module("allreduce_rmsnorm_triton").oneshot_triton(peers, num_rows, residual, weight, eps,
-                                                                        max_programs)
-    return oneshot_torch(peers, num_rows, residual, weight, eps, max_programs)
+                                                                        max_programs, sync)
+    return oneshot_torch(peers, num_rows, residual, weight, eps, max_programs, sync)
 
 
 def reduce_scatter_allreduce_add_rmsnorm(peers: SymmetricTensors, num_rows: int, residual, weight, eps: float,
-                                         max_programs: int | None = None):
+                                         max_programs: int | None = None, sync: bool = True):
     """Each rank reduces its ceil(num_rows / W) rows and stores them to every peer; returns (normed, summed)."""
     if use_triton(residual):
         return triton_module("allreduce_rmsnorm_triton").reduce_scatter_triton(peers, num_rows, residual, weight,
-                                                                               eps, max_programs)
-    return reduce_scatter_torch(peers, num_rows, residual, weight, eps, max_programs)
+                                                                               eps, max_programs, sync)
+    return reduce_scatter_torch(peers, num_rows, residual, weight, eps, max_programs, sync)

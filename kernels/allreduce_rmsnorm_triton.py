@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitserve.kernels.add_rmsnorm_triton import launch_shape, rmsnorm_rows
+from splitserve.kernels.add_rmsnorm_triton import cast_rne, launch_shape, rmsnorm_rows
 from splitserve.kernels.allreduce_rmsnorm import SymmetricTensors, check_call, default_max_programs, num_programs
 from splitserve.kernels.backend import interpreting
 
@@ -42,35 +42,40 @@ def _reduce_add_norm(partial_table, r_ptr, w_ptr, rows, n_rows, n_cols, eps, WOR
         buf = tl.load(partial_table + peer).to(tl.pointer_type(dtype))
         acc += tl.load(buf + offsets, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offsets, mask=mask, other=0.0)
-    h = (acc.to(dtype).to(tl.float32) + r.to(tl.float32)).to(dtype)  # the all-reduce result is in dtype
+    h = cast_rne(cast_rne(acc, dtype).to(tl.float32) + r.to(tl.float32), dtype)  # the all-reduce result is in dtype
     w = tl.load(w_ptr + tl.arange(0, BLOCK), mask=tl.arange(0, BLOCK) < n_cols, other=0.0)
     return rmsnorm_rows(h, w, n_cols, eps), h, offsets, mask
 
 
 @triton.jit
 def _oneshot_kernel(partial_table, pad_table, r_ptr, w_ptr, out_ptr, sum_ptr, n_rows, n_cols, eps, rank,
-                    WORLD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                    WORLD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                    SYNC: tl.constexpr):
     pid = tl.program_id(0)
     step = tl.num_programs(0) * ROWS
-    _signal_barrier(pad_table, pid, rank, WORLD)  # every peer's partial is written
+    if SYNC:
+        _signal_barrier(pad_table, pid, rank, WORLD)  # every peer's partial is written
     for start in range(pid * ROWS, n_rows, step):
         rows = start + tl.arange(0, ROWS)
         normed, h, offsets, mask = _reduce_add_norm(partial_table, r_ptr, w_ptr, rows, n_rows, n_cols, eps,
                                                     WORLD, BLOCK)
         tl.store(sum_ptr + offsets, h, mask=mask)
         tl.store(out_ptr + offsets, normed, mask=mask)
-    _signal_barrier(pad_table, pid, rank, WORLD)  # every peer is done reading our partial
+    if SYNC:
+        _signal_barrier(pad_table, pid, rank, WORLD)  # every peer is done reading our partial
 
 
 @triton.jit
 def _reduce_scatter_kernel(partial_table, normed_table, summed_table, pad_table, r_ptr, w_ptr, n_rows, n_cols,
-                           per_rank, eps, rank, WORLD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                           per_rank, eps, rank, WORLD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                    SYNC: tl.constexpr):
     pid = tl.program_id(0)
     step = tl.num_programs(0) * ROWS
     first = rank * per_rank
     end = tl.minimum(first + per_rank, n_rows)
     dtype = r_ptr.dtype.element_ty
-    _signal_barrier(pad_table, pid, rank, WORLD)
+    if SYNC:
+        _signal_barrier(pad_table, pid, rank, WORLD)
     for start in range(first + pid * ROWS, end, step):
         rows = start + tl.arange(0, ROWS)
         normed, h, offsets, mask = _reduce_add_norm(partial_table, r_ptr, w_ptr, rows, end, n_cols, eps,
@@ -78,7 +83,8 @@ def _reduce_scatter_kernel(partial_table, normed_table, summed_table, pad_table,
         for peer in tl.static_range(WORLD):  # the all-gather: our rows into every peer's outputs
             tl.store(tl.load(normed_table + peer).to(tl.pointer_type(dtype)) + offsets, normed, mask=mask)
             tl.store(tl.load(summed_table + peer).to(tl.pointer_type(dtype)) + offsets, h, mask=mask)
-    _signal_barrier(pad_table, pid, rank, WORLD)  # every peer's rows have landed in our outputs
+    if SYNC:
+        _signal_barrier(pad_table, pid, rank, WORLD)  # every peer's rows have landed in our outputs
 
 
 def _launch_shape(peers: SymmetricTensors, rows: int, max_programs: int | None):
@@ -88,19 +94,19 @@ def _launch_shape(peers: SymmetricTensors, rows: int, max_programs: int | None):
 
 
 def oneshot_triton(peers: SymmetricTensors, num_rows: int, residual, weight, eps: float,
-                   max_programs: int | None = None):
+                   max_programs: int | None = None, sync: bool = True):
     check_call(peers, num_rows, residual, weight)
     residual = residual.contiguous()
     out, summed = torch.empty_like(residual), torch.empty_like(residual)
     grid, rows, block, warps = _launch_shape(peers, num_rows, max_programs)
     _oneshot_kernel[(grid,)](peers.table("partial"), peers.table("pads"), residual, weight.contiguous(), out,
                              summed, num_rows, residual.shape[1], eps, peers.rank, WORLD=peers.world, ROWS=rows,
-                             BLOCK=block, num_warps=warps)
+                             BLOCK=block, SYNC=sync, num_warps=warps)
     return out, summed
 
 
 def reduce_scatter_triton(peers: SymmetricTensors, num_rows: int, residual, weight, eps: float,
-                          max_programs: int | None = None):
+                          max_programs: int | None = None, sync: bool = True):
     check_call(peers, num_rows, residual, weight)
     residual = residual.contiguous()
     per_rank = -(-num_rows // peers.world)
@@ -108,6 +114,6 @@ def reduce_scatter_triton(peers: SymmetricTensors, num_rows: int, residual, weig
     _reduce_scatter_kernel[(grid,)](
         peers.table("partial"), peers.table("normed"), peers.table("summed"), peers.table("pads"), residual,
         weight.contiguous(), num_rows, residual.shape[1], per_rank, eps, peers.rank, WORLD=peers.world, ROWS=rows,
-        BLOCK=block, num_warps=warps)
+        BLOCK=block, SYNC=sync, num_warps=warps)
     me = peers.rank
     return peers.normed[me][:num_rows].clone(), peers.summed[me][:num_rows].clone()

@@ -2,33 +2,40 @@
 Triton's interpreter (`TRITON_INTERPRET=1`); the twin whenever Triton cannot be imported."""
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 
 import torch
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # Triton is an optional extra
-    HAS_TRITON = False
+# Triton is imported only when a kernel first needs it: the interpreter works only if TRITON_INTERPRET is
+# set before the first `import triton` in the process.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    if not HAS_TRITON:
+@functools.cache
+def _importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # an optional extra; a broken install falls back to the twins too
         return False
-    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    if not HAS_TRITON or not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
+        return False
+    return _importable()
 
 
 def triton_module(name: str) -> ModuleType:
-    """Imports a kernel module on first use, so `TRITON_INTERPRET` is read when a kernel is first needed
-    rather than when the package is imported; refuses to mix modes within one process."""
+    """Imports a kernel module on first use and refuses to mix interpreted and compiled kernels in one process."""
     module = importlib.import_module(f"splitserve.kernels.{name}")
     if module.INTERPRETED != interpreting():
         raise RuntimeError(f"kernels.{name} was built with TRITON_INTERPRET={int(module.INTERPRETED)}; "

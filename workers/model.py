@@ -1,10 +1,14 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) built from tensor-parallel layers; the model only chooses layers."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.comm.fused_norm import check_method
+from splitserve.comm.overlap import Stage, plan_parts, run_stages
 from splitserve.comm.tensor_parallel import SINGLE, TPGroup
 from splitserve.workers.config import ModelConfig
 from splitserve.workers.layers.attention import AttentionMetadata, PagedAttention
@@ -24,13 +28,13 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, cfg.sliding_window)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, reduce: bool = True):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, meta))
+        return self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, meta), reduce)
 
 
 class MLP(nn.Module):
@@ -40,9 +44,9 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, tp, dtype, device)
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, tp, dtype, device)
 
-    def forward(self, x):
+    def forward(self, x, reduce: bool = True):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up, reduce)
 
 
 class DecoderLayer(nn.Module):
@@ -62,6 +66,13 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def attention_partial(self, x, part, kv_cache):
+        """This rank's un-reduced attention output for the rows of `part` (already input-normed)."""
+        return self.self_attn(part.positions, x, kv_cache, part.meta, reduce=False)
+
+    def mlp_partial(self, x, part):
+        return self.mlp(x, reduce=False)
+
 
 class CausalLM(nn.Module):
     """Forward over packed tokens of several sequences; `compute_logits` on the rows that need sampling."""
@@ -76,17 +87,45 @@ class CausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.configure_tp()
+
+    def configure_tp(self, norm_method: str = "reference", overlap_min_tokens: int | None = None) -> None:
+        """With TP > 1: how each all-reduce + following RMSNorm runs (`comm.fused_norm` methods), and from how
+        many tokens a forward splits its batch in two to overlap communication with compute (None: never)."""
+        if overlap_min_tokens is not None and (isinstance(overlap_min_tokens, bool)
+                                               or not isinstance(overlap_min_tokens, int) or overlap_min_tokens < 2):
+            raise ValueError(f"overlap_min_tokens: must be an integer >= 2 or None, got {overlap_min_tokens!r}")
+        self.tp_norm_method = check_method(norm_method)
+        self.overlap_min_tokens = overlap_min_tokens
 
     @property
     def num_kv_heads(self) -> int:
         return self.layers[0].self_attn.num_kv_heads
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata):
+        if self.tp.size > 1:
+            return self._forward_tp(input_ids, positions, kv_caches, meta)
         x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual, None if kv_caches is None else kv_caches[i], meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def _forward_tp(self, input_ids, positions, kv_caches, meta):
+        """Each row-parallel output is reduced together with the residual add + RMSNorm that follows it
+        (the next layer's input norm, or the final norm), optionally overlapped across two token parts."""
+        residual = self.embed_tokens(input_ids)
+        hidden = self.layers[0].input_layernorm(residual)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        stages = []
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+            cache = None if kv_caches is None else kv_caches[i]
+            post = layer.post_attention_layernorm
+            stages.append(Stage(partial(layer.attention_partial, kv_cache=cache), post.weight, post.eps))
+            stages.append(Stage(layer.mlp_partial, next_norm.weight, next_norm.eps))
+        block_size = None if kv_caches is None else kv_caches[0].shape[2]
+        parts = plan_parts(positions, meta, self.overlap_min_tokens, block_size)
+        return run_stages(stages, hidden, residual, parts, self.tp, self.tp_norm_method)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -103,7 +103,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(_ParallelLinear):
-    """Input features split across ranks; forward all-reduces the partial outputs, then adds the bias once."""
+    """Input features split across ranks; forward all-reduces the partial outputs, then adds the bias once.
+    `reduce=False` returns this rank's partial (bias on rank 0 only) for a caller that fuses the reduction."""
 
     def __init__(self, in_features, out_features, bias, tp: TPGroup, dtype=None, device=None):
         self.full_in = in_features
@@ -117,6 +118,8 @@ class RowParallelLinear(_ParallelLinear):
         size = param.shape[1]
         _copy_checked(param, loaded.narrow(1, self.tp.rank * size, size), name)
 
-    def forward(self, x):
+    def forward(self, x, reduce: bool = True):
+        if not reduce:
+            return F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         y = all_reduce(F.linear(x, self.weight), self.tp)
         return y if self.bias is None else y + self.bias
