@@ -43,17 +43,17 @@ class PrefillLayout:
     tp: int = 1
     sp: int = 1
     pp: int = 1
-    sp_algorithm: str = "none"
+    sp_algorithm: str = "ring"  # ignored at sp=1; "ring" there because the cluster config only knows ring/token_ring
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "prefill") -> "PrefillLayout":
         data = _only(data, {"instances", "tp", "sp", "pp", "sp_algorithm"}, path)
-        algorithm = data.get("sp_algorithm", "none")
+        algorithm = data.get("sp_algorithm", "ring")
         if algorithm not in SP_ALGORITHMS:
             raise ValueError(f"{path}.sp_algorithm: {algorithm!r} is not one of {SP_ALGORITHMS}")
         sp = _count(data, "sp", path, 1, 1)
-        if (sp > 1) != (algorithm != "none"):
-            raise ValueError(f"{path}.sp_algorithm: {algorithm!r} does not match sp={sp}")
+        if sp > 1 and algorithm == "none":
+            raise ValueError(f"{path}.sp_algorithm: sp={sp} needs ring or token_ring, got 'none'")
         return cls(_count(data, "instances", path, 0), _count(data, "tp", path, 1, 1), sp,
                    _count(data, "pp", path, 1, 1), algorithm)
 
@@ -191,7 +191,8 @@ def plan_from_result(result: SearchResult, model_name: str, dtype: str, cluster_
     disaggregated = result.mode == "disaggregated"
     p, d, c = result.prefill, result.decode, result.colocated
     prefill = PrefillLayout(result.prefill_instances if disaggregated else 0, p.par.tp if p else 1,
-                            p.par.sp if p else 1, p.par.pp if p else 1, p.par.sp_algorithm if p else "none")
+                            p.par.sp if p else 1, p.par.pp if p else 1,
+                            p.par.sp_algorithm if p and p.par.sp > 1 else "ring")
     decode = DecodeLayout(result.decode_instances if disaggregated else 0, d.par.tp if d else 1, d.par.pp if d else 1)
     colocated = ColocatedLayout(0 if disaggregated else result.colocated_instances, c.par.tp if c else 1)
     predicted = {

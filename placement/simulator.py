@@ -203,8 +203,15 @@ def simulate_colocated(latency: LatencyModel, par: Parallel, arrivals: Sequence[
         return chunks
 
     def iterate(k: int, now: float) -> None:
-        chunks = plan_chunks(k)
         s = state[k]
+        if not waiting[k]:  # fast path, most iterations: decode only
+            if s[1] == 0:
+                busy[k] = False
+                return
+            busy[k] = True
+            heapq.heappush(events, (now + latency.decode_time(s[1], s[2], par), k, ((), True)))
+            return
+        chunks = plan_chunks(k)
         decode_batch, decode_context = (0, 0) if (chunks and not chunked) else (s[1], s[2])
         if not chunks and decode_batch == 0:
             busy[k] = False

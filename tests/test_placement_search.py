@@ -99,7 +99,8 @@ def test_plan_yaml_round_trip_and_keys():
 
 @pytest.mark.parametrize("text,field", [
     ("model: m\ndtype: float16\nprefill: {instances: 1, tp: 0}\ndecode: {instances: 1}\n", "prefill.tp"),
-    ("model: m\ndtype: float16\nprefill: {instances: 1, sp: 2}\ndecode: {instances: 1}\n", "prefill.sp_algorithm"),
+    ("model: m\ndtype: float16\nprefill: {instances: 1, sp: 2, sp_algorithm: none}\ndecode: {instances: 1}\n",
+     "prefill.sp_algorithm"),
     ("model: m\ndtype: float16\nprefill: {instances: 1}\ndecode: {instances: 1, ep: 2}\n", "decode"),
     ("model: m\ndtype: float16\nprefill: {instances: 1}\n", "decode.instances"),
     ("model: m\ndtype: int3\ncolocated: {instances: 1}\n", "dtype"),
