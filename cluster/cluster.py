@@ -241,26 +241,32 @@ class Cluster:
 
     async def _dispatch_disaggregated(self, req: Request) -> None:
         req.attempts += 1
+        n = len(req.prompt_ids)
+        need = -(-(n + 1) // self.config.engine.block_size)
         while not req.state.final:
+            # Load is counted before awaiting, so concurrent dispatches spread over the instances.
             prefill = self.router.pick_prefill()
-            prefill_tp = self.instances[prefill].spec.tp
+            self.router.prompt_started(prefill, n)
+            table, decode = None, None
             for decode in self.router.decode_order():
-                table = await self._call(decode, "reserve", req.tid, req.prompt_ids, req.engine_params, prefill_tp)
+                self.router.reserved(decode, need)
+                table = await self._call(decode, "reserve", req.tid, req.prompt_ids, req.engine_params,
+                                         self.instances[prefill].spec.tp)
                 if table is not None:
                     break
-            else:
-                await asyncio.sleep(0.01)  # no decode instance has room yet; reports free blocks as they come
+                self.router.reserved(decode, -need)
+            if table is None:
+                self.router.prompt_done(prefill, n)
+                await asyncio.sleep(0.01)  # no decode instance has room yet; they report free blocks as they go
                 continue
-            self.router.reserved(decode, len(table))
             if req.state.final:  # aborted while reserving
+                self.router.prompt_done(prefill, n)
                 self._tell(decode, "abort", req.tid)
                 return
             req.prefill, req.decode = prefill, decode
             req.timing.dispatched = time.perf_counter()
             req.move(RequestState.PREFILLING)
-            self.router.prompt_started(prefill, len(req.prompt_ids))
-            spec = self.instances[decode].spec
-            target = DecodeTarget(decode, spec.tp, table, self.config.engine.block_size)
+            target = DecodeTarget(decode, self.instances[decode].spec.tp, table, self.config.engine.block_size)
             await self._call(prefill, "submit", req.tid, req.prompt_ids, req.engine_params, target)
             return
 
@@ -359,7 +365,7 @@ class Cluster:
         req.error = error
         metrics = req.timing.metrics(len(req.stop.token_ids))
         metrics.update(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.stop.token_ids),
-                       attempts=req.attempts)
+                       attempts=req.attempts, prefill_instance=req.prefill, decode_instance=req.decode)
         req.chunks.put_nowait(StreamChunk(req.request_id, [] if token is None else [token], text, True, reason,
                                           error, metrics))
         self.requests.pop(req.tid, None)

@@ -1,0 +1,56 @@
+"""Shared pieces of the cluster tests: one local Ray per module, configs, references from transformers."""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+
+from hf_checkpoints import hf_greedy, hf_model, write_checkpoint
+from splitserve.workers.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, namespace="splitserve-tests", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def config(model_dir, **sections) -> dict:
+    base = {"model": str(model_dir), "device": "cpu", "engine": {"block_size": 8, "kv_cache_bytes": 4 << 20},
+            "prefill": {"instances": 1, "tp": 1}, "decode": {"instances": 1, "tp": 1}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return base
+
+
+def workload(n: int, seed: int = 0, vocab: int = 512):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(2, vocab) for _ in range(rng.randint(3, 60))] for _ in range(n)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 12), ignore_eos=True) for _ in range(n)]
+    return prompts, params
+
+
+def references(model_dir, prompts, params) -> list[list[int]]:
+    hf = hf_model(model_dir)
+    return [hf_greedy(hf, p, sp.max_tokens) for p, sp in zip(prompts, params)]
+
+
+def wait_for_idle(cluster, timeout: float = 20.0) -> dict:
+    """Until every instance reports all blocks free and no transfer pending (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = cluster.stats()["instances"]
+        idle = all("num_blocks" in s and s["free_blocks"] == s["num_blocks"] and not s["pending_transfers"]
+                   for s in stats.values())
+        if idle or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+__all__ = ["config", "references", "ray_runtime", "wait_for_idle", "workload", "write_checkpoint"]
