@@ -20,6 +20,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--stream", action="store_true", help="print text as it is produced (one prompt)")
+    p.add_argument("--cluster", action="store_true",
+                   help="run through a disaggregated cluster on local Ray (prefill and decode instances)")
+    p.add_argument("--config", default=None, help="cluster YAML (with --cluster); default: 1 prefill + 1 decode")
     p.set_defaults(func=_generate)
 
 
@@ -29,6 +32,8 @@ def _generate(args) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    if args.cluster or args.config:
+        return _generate_on_cluster(args, params)
     start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     print(f"loaded {args.model} on {llm.device} in {time.perf_counter() - start:.2f}s "
@@ -53,15 +58,49 @@ def _generate(args) -> int:
     return 0
 
 
+def _generate_on_cluster(args, params) -> int:
+    from splitserve.cluster.cluster import Cluster
+    from splitserve.cluster.config import config_from_dict, load_config
+
+    config = load_config(args.config)
+    if args.config is None:  # the embedded default, with this command's model/dtype/device
+        data = config.to_dict() | {"model": args.model, "dtype": args.dtype, "device": args.device}
+        config = config_from_dict(data)
+    start = time.perf_counter()
+    with Cluster(config) as cluster:
+        layout = ", ".join(f"{n} (tp{i.spec.tp})" for n, i in cluster.instances.items())
+        print(f"cluster up in {time.perf_counter() - start:.1f}s: {layout}", file=sys.stderr)
+        outputs = cluster.generate(list(args.prompts), params)
+    for prompt, out in zip(args.prompts, outputs):
+        print(f">>> {prompt}\n{out.text}")
+        if out.error:
+            print(f"    [error: {out.error}]")
+            continue
+        m = out.metrics
+        print(f"    [{len(out.token_ids)} tokens, finish={out.finish_reason}, TTFT {m['ttft_s'] * 1e3:.1f} ms, "
+              f"KV transfer {m['kv_transfer_s'] * 1e3:.1f} ms, ITL {m['mean_itl_s'] * 1e3:.2f} ms, "
+              f"{m['prefill_instance']} -> {m['decode_instance']}]")
+    return 0 if all(o.error is None for o in outputs) else 1
+
+
 def _print_timing(out) -> None:
     print(f"    [{len(out.token_ids)} tokens, finish={out.finish_reason}, TTFT {out.ttft_s * 1e3:.1f} ms, "
           f"TPOT {out.tpot_s * 1e3:.2f} ms, total {out.e2e_s * 1e3:.1f} ms]")
+
+
+def _add_plan(sub) -> None:
+    from splitserve.placement import cli as plan_cli
+
+    p = sub.add_parser("plan", help="choose each phase's parallelism and instance counts for latency targets")
+    plan_cli.add_arguments(p)
+    p.set_defaults(func=plan_cli.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_plan(sub)
     return parser
 
 

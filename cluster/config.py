@@ -35,17 +35,25 @@ def _choice(path: str, value, options) -> str:
     return value
 
 
+def _no_pipeline(path: str, pp) -> None:
+    _positive_int(f"{path}.pp", pp)
+    if pp != 1:
+        raise ValueError(f"config: '{path}.pp' > 1 (pipeline parallelism) is not available yet")
+
+
 @dataclass(frozen=True)
 class PrefillConfig:
     instances: int = 1
     tp: int = 1
     sp: int = 1
     sp_algorithm: str = "ring"
+    pp: int = 1
 
     def validate(self, path: str) -> None:
         _positive_int(f"{path}.instances", self.instances, 0)
         _positive_int(f"{path}.tp", self.tp)
         _positive_int(f"{path}.sp", self.sp)
+        _no_pipeline(path, self.pp)
         _choice(f"{path}.sp_algorithm", self.sp_algorithm, SP_ALGORITHMS)
         if self.sp != 1:
             raise ValueError(f"config: '{path}.sp' > 1 (sequence-parallel prefill) is not available yet")
@@ -59,10 +67,12 @@ class PrefillConfig:
 class DecodeConfig:
     instances: int = 1
     tp: int = 1
+    pp: int = 1
 
     def validate(self, path: str) -> None:
         _positive_int(f"{path}.instances", self.instances, 0)
         _positive_int(f"{path}.tp", self.tp)
+        _no_pipeline(path, self.pp)
 
     @property
     def world_size(self) -> int:
@@ -136,6 +146,7 @@ class ClusterConfig:
     kv_transfer: TransferConfig = field(default_factory=TransferConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     max_queued_requests: int = 1024
+    placement: dict | None = None  # written by `splitserve plan` (devices, predictions); informational here
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -145,6 +156,8 @@ class ClusterConfig:
         for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray"):
             getattr(self, f).validate(f)
         _positive_int("max_queued_requests", self.max_queued_requests)
+        if self.placement is not None and not isinstance(self.placement, dict):
+            raise ValueError(f"config: 'placement' must be a mapping, got {type(self.placement).__name__}")
         disaggregated = self.prefill.instances > 0 or self.decode.instances > 0
         if disaggregated and (self.prefill.instances == 0 or self.decode.instances == 0):
             raise ValueError("config: 'prefill.instances' and 'decode.instances' must both be > 0 "
