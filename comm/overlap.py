@@ -42,9 +42,10 @@ def choose_split(query_lens: list[int], can_cut_sequences: bool, align: int = AL
     half = total / 2
     bounds = list(accumulate(query_lens))[:-1]
     near = [b for b in bounds if abs(b - half) <= total / 8]
-    if near:
-        aligned = [b for b in near if b % align == 0]
-        return min(aligned or near, key=lambda b: abs(b - half))
+    for step in (align, align // 2, 1):  # the best-aligned boundary near the middle
+        aligned = [b for b in near if b % step == 0]
+        if aligned:
+            return min(aligned, key=lambda b: abs(b - half))
     if can_cut_sequences:
         cut = int(round(half / align)) * align or align
         return cut if 0 < cut < total else None
