@@ -116,6 +116,12 @@ class CausalLM(nn.Module):
         (the next layer's input norm, or the final norm), optionally overlapped across two token parts."""
         residual = self.embed_tokens(input_ids)
         hidden = self.layers[0].input_layernorm(residual)
+        block_size = None if kv_caches is None else kv_caches[0].shape[2]
+        parts = plan_parts(positions, meta, self.overlap_min_tokens, block_size)
+        return run_stages(self.tp_stages(kv_caches), hidden, residual, parts, self.tp, self.tp_norm_method)
+
+    def tp_stages(self, kv_caches) -> list[Stage]:
+        """Two stages per layer: attention then MLP, each reduced with the norm that follows it."""
         next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         stages = []
         for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
@@ -123,9 +129,7 @@ class CausalLM(nn.Module):
             post = layer.post_attention_layernorm
             stages.append(Stage(partial(layer.attention_partial, kv_cache=cache), post.weight, post.eps))
             stages.append(Stage(layer.mlp_partial, next_norm.weight, next_norm.eps))
-        block_size = None if kv_caches is None else kv_caches[0].shape[2]
-        parts = plan_parts(positions, meta, self.overlap_min_tokens, block_size)
-        return run_stages(stages, hidden, residual, parts, self.tp, self.tp_norm_method)
+        return stages
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
