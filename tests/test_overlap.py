@@ -89,10 +89,11 @@ def test_tp2_tokens_match_transformers_for_every_method_with_and_without_overlap
     hf = hf_model(directory)
     want_batch = [hf_greedy(hf, p, PARAMS.max_tokens) for p in BATCH]
     want_long = [hf_greedy(hf, p, PARAMS.max_tokens) for p in LONG]
-    methods = ["reference", "rs_ag", "symmetric", "auto"] if kind == "llama" else ["reference", "symmetric_rs"]
-    configs = [(m, n, False) for m in methods for n in (None, OVERLAP_MIN_TOKENS)]
-    if kind == "llama":  # the Triton kernels themselves, interpreted, inside the model
+    if kind == "llama":  # every method with overlap off and on, then the Triton kernels interpreted in the model
+        configs = [(m, n, False) for m in ("reference", "rs_ag", "symmetric", "auto") for n in (None, OVERLAP_MIN_TOKENS)]
         configs.append(("symmetric", OVERLAP_MIN_TOKENS, True))
+    else:  # a sliding window shorter than the cut prompt's parts
+        configs = [(m, OVERLAP_MIN_TOKENS, False) for m in ("reference", "symmetric_rs")]
     results = run_distributed(_generate_all, 2, directory, configs)
     for config in configs:
         batch, long, splits = results[0][config]
@@ -104,3 +105,16 @@ def test_tp2_tokens_match_transformers_for_every_method_with_and_without_overlap
         else:
             assert any(len(s) == 2 and not s[1][1] for s in splits), "the long prompt is cut inside the sequence"
             assert any(len(s) == 2 and s[0][0] + s[1][0] == len(BATCH) for s in splits), "decode steps split"
+
+
+def test_llm_options_are_validated_by_name(tmp_path):
+    from splitserve.workers.llm import LLM
+
+    directory = write_checkpoint("llama", tmp_path, seed=1)
+    with pytest.raises(ValueError, match="tp_norm_method"):
+        LLM(str(directory), device="cpu", tp_norm_method="nccl")
+    with pytest.raises(ValueError, match="overlap_min_tokens"):
+        LLM(str(directory), device="cpu", overlap_min_tokens=0)
+    llm = LLM(str(directory), device="cpu", tp_norm_method="symmetric", overlap_min_tokens=8)  # TP = 1: no-ops
+    hf = hf_model(directory)
+    assert llm.generate(BATCH[:2], PARAMS)[1].token_ids == hf_greedy(hf, BATCH[1], PARAMS.max_tokens)
