@@ -174,11 +174,12 @@ class RingComm:
         for kind, tensor, peer, tag in self._pending:
             peer = dist.get_global_rank(self.group, peer) if self.group is not None else peer
             start = dist.isend if kind == "send" else dist.irecv
-            self._requests.append(start(tensor, peer, group=self.group, tag=tag))
+            # Keep the tensor referenced until wait(): a packed send buffer has no other owner.
+            self._requests.append((start(tensor, peer, group=self.group, tag=tag), tensor))
         self._pending = []
 
     def wait(self) -> None:
-        for request in self._requests:
+        for request, _ in self._requests:
             request.wait()
         self._requests = []
 
