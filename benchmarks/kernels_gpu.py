@@ -133,8 +133,8 @@ def main():
     copy_bw = copy_bandwidth(bench, 1 << (30 if device.type == "cuda" else 20), device)
     rows = [bench_add_rmsnorm(bench, *big, torch.bfloat16, device, copy_bw)]
     rows += [bench_oneshot(bench, w, r, h, torch.bfloat16, device, copy_bw) for r, h in shapes for w in (2, 4, 8)]
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (interpreter: timings meaningless)'}"
-          f"; copy bandwidth {copy_bw / 1e9:.1f} GB/s")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter: timings meaningless)"
+    print(f"device: {name}; copy bandwidth {copy_bw / 1e9:.1f} GB/s")
     print(f"{'kernel':<38} {'shape':>12} {'fused us':>10} {'torch us':>10} {'speedup':>8} {'GB/s':>8} {'of copy':>8}")
     for row in rows:
         print(f"{row['kernel']:<38} {'x'.join(map(str, row['shape'])):>12} {row['t_fused_us']:10.1f} "

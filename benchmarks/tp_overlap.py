@@ -1,7 +1,7 @@
 """Per-layer time of a TP = 2 prefill forward on CPU/gloo with and without TokenWeave overlap, against its
-compute alone (whole batch, and split in two parts) and its communication alone; overlap efficiency = 1 - (t_overlap - max(t_compute, t_comm)) /
-min(t_compute, t_comm) (1: the shorter one is fully hidden; 0: no better than running them back to back).
-Prints a table and saves JSON.
+compute alone (whole batch, and split in two parts) and its communication alone; overlap efficiency =
+1 - (t_overlap - max(t_compute, t_comm)) / min(t_compute, t_comm) (1: the shorter one is fully hidden; 0: no
+better than running them back to back). Prints a table and saves JSON.
 
     python benchmarks/tp_overlap.py [--hidden 256] [--intermediate 512] [--layers 4] [--seqs 32] [--seq-len 32]
 """

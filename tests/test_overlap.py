@@ -90,7 +90,8 @@ def test_tp2_tokens_match_transformers_for_every_method_with_and_without_overlap
     want_batch = [hf_greedy(hf, p, PARAMS.max_tokens) for p in BATCH]
     want_long = [hf_greedy(hf, p, PARAMS.max_tokens) for p in LONG]
     if kind == "llama":  # every method with overlap off and on, then the Triton kernels interpreted in the model
-        configs = [(m, n, False) for m in ("reference", "rs_ag", "symmetric", "auto") for n in (None, OVERLAP_MIN_TOKENS)]
+        methods = ("reference", "rs_ag", "symmetric", "auto")
+        configs = [(m, n, False) for m in methods for n in (None, OVERLAP_MIN_TOKENS)]
         configs.append(("symmetric", OVERLAP_MIN_TOKENS, True))
     else:  # a sliding window shorter than the cut prompt's parts
         configs = [(m, OVERLAP_MIN_TOKENS, False) for m in ("reference", "symmetric_rs")]
