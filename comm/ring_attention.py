@@ -8,7 +8,7 @@ from splitserve.comm.sp_common import RingComm, ZigzagLayout, attend_blocks, emp
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ZigzagLayout, comm: RingComm,
-                   causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                   causal: bool = True, scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """q [T, H, d], k/v [T, Hkv, d]: this rank's zigzag shard. Returns [T, H, d] in q's dtype.
 
     Each of the N−1 steps sends the K/V it holds to the next rank as one message (K and V stacked) and receives
@@ -17,6 +17,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Zi
     rank, world = comm.rank, comm.size
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out, lse = empty_result(q.shape[0], q.shape[1], q.shape[2], q.device)
+    q_pos = layout.positions(rank).to(q.device) if window is not None else None
     kv = torch.stack([k, v])
     spare = torch.empty_like(kv) if world > 1 else None
     for step in range(world):
@@ -27,7 +28,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Zi
         # Padding keys follow every real query of their prompt, so only non-causal attention must mask them.
         key_valid = None if causal else layout.valid(source).to(q.device)
         blocks = zigzag_blocks(layout, rank, source, causal)
-        merge_blocks(out, lse, blocks, attend_blocks(q, kv[0], kv[1], blocks, scale, key_valid))
+        kv_pos = layout.positions(source).to(q.device) if window is not None else None
+        results = attend_blocks(q, kv[0], kv[1], blocks, scale, key_valid, window, q_pos, kv_pos)
+        merge_blocks(out, lse, blocks, results)
         if step + 1 < world:
             comm.wait()
             kv, spare = spare, kv

@@ -68,18 +68,22 @@ SINGLE = SPGroup()
 
 
 def sp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ZigzagLayout, sp: SPGroup,
-                 algorithm: str = "ring", causal: bool = True, scale: float | None = None) -> torch.Tensor:
+                 algorithm: str = "ring", causal: bool = True, scale: float | None = None,
+                 window: int | None = None) -> torch.Tensor:
     """Attention of this rank's zigzag shard of a packed batch against the whole batch's keys.
 
     q [T, H, d], k/v [T, Hkv, d] with T = layout.local_tokens, rows ordered as `layout.positions(sp.rank)`.
-    Returns [T, H, d] in q's dtype; rows of padding tokens hold unspecified values. Every rank of the group calls
-    it with the same layout, algorithm and causal flag.
+    window: causal sliding window (a query sees keys with position > its own − window). Returns [T, H, d] in q's
+    dtype; rows of padding tokens hold unspecified values. Every rank of the group calls it with the same layout
+    and arguments.
     """
     _check(q, k, v, layout, sp, algorithm)
+    if window is not None and (not causal or window < 1):
+        raise ValueError(f"window: needs causal=True and a positive size, got window={window}, causal={causal}")
     if algorithm == "ring":
-        return ring_attention(q, k, v, layout, RingComm(sp.group, sp.rank, sp.size), causal, scale)
+        return ring_attention(q, k, v, layout, RingComm(sp.group, sp.rank, sp.size), causal, scale, window)
     return token_ring_attention(q, k, v, layout, RingComm(sp.group, sp.rank, sp.size),
-                                RingComm(sp.reverse_group, sp.rank, sp.size), causal, scale)
+                                RingComm(sp.reverse_group, sp.rank, sp.size), causal, scale, window)
 
 
 def _check(q, k, v, layout, sp, algorithm) -> None:

@@ -43,18 +43,24 @@ def empty_result(rows: int, heads: int, head_dim: int, device=None):
 # ---------------------------------------------------------------- block attention
 
 
-def block_attention(q, k, v, scale: float, causal: bool = False, q_offset: int = 0, key_valid=None):
+def block_attention(q, k, v, scale: float, causal: bool = False, q_offset: int = 0, key_valid=None,
+                    window: int | None = None, q_pos=None, k_pos=None):
     """Attention of one q block over one kv block, returning float32 (out [Lq, H, d], lse [Lq, H]).
 
     q [Lq, H, d], k/v [Lk, Hkv, d] with H a multiple of Hkv (query head h reads kv head h // (H // Hkv)).
-    causal: q row i sees key j iff j <= i + q_offset (q_offset = 0 is the diagonal block). key_valid [Lk] bool
-    masks padding keys. Rows that see no key get out = 0 and lse = -inf, so `merge` ignores them.
+    Masks come from positions in the prompt: q_pos [Lq], k_pos [Lk], each ascending (default: keys 0..Lk−1, q rows
+    shifted by q_offset, so q_offset = 0 is the diagonal block). causal: a row sees keys with k_pos <= q_pos;
+    window W (causal only) also needs k_pos > q_pos − W, the sliding window of `workers/layers/attention.py`.
+    key_valid [Lk] bool masks padding keys. Rows that see no key get out = 0 and lse = -inf, so `merge` skips them.
     """
     lq, heads, d = q.shape
     lk, kv_heads = k.shape[0], k.shape[1]
     group = heads // kv_heads
-    # [Hkv, group*Lq, d]: each kv head's query heads side by side, so K/V are never repeated for GQA.
-    qg = q.float().reshape(lq, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * lq, d)
+    if causal:
+        q_pos = torch.arange(lq, device=q.device) + q_offset if q_pos is None else q_pos
+        k_pos = torch.arange(lk, device=q.device) if k_pos is None else k_pos
+    # [Hkv, group, Lq, d]: each kv head's query heads side by side, so K/V are never repeated for GQA.
+    qg = q.float().reshape(lq, kv_heads, group, d).permute(1, 2, 0, 3).contiguous()
     kt = k.float().permute(1, 2, 0)  # [Hkv, d, Lk]
     vh = v.float().transpose(0, 1)  # [Hkv, Lk, d]
     out = torch.empty(kv_heads, group, lq, d, dtype=torch.float32, device=q.device)
@@ -62,27 +68,32 @@ def block_attention(q, k, v, scale: float, causal: bool = False, q_offset: int =
     tile = max(1, _TILE_ELEMENTS // max(1, heads * lk))
     for start in range(0, lq, tile):
         stop = min(lq, start + tile)
-        # Causal rows in [start, stop) see no key beyond stop - 1 + q_offset: skip those columns entirely.
-        kend = max(0, min(lk, stop + q_offset)) if causal else lk
-        o, s = _attend_tile(qg.view(kv_heads, group, lq, d)[:, :, start:stop], kt[..., :kend], vh[:, :kend],
-                            scale, causal, start + q_offset, None if key_valid is None else key_valid[:kend])
+        first, last, mask = 0, lk, None
+        if causal:
+            rows = q_pos[start:stop]
+            # Keys ascend, so the columns no row of this tile may see are cut off rather than masked.
+            last = int(torch.searchsorted(k_pos, rows.max().reshape(1), right=True))
+            if window is not None:
+                first = min(last, int(torch.searchsorted(k_pos, (rows.min() - window).reshape(1), right=True)))
+            keys = k_pos[first:last]
+            mask = keys[None, :] <= rows[:, None]
+            if window is not None:
+                mask &= keys[None, :] > rows[:, None] - window
+        if key_valid is not None:
+            valid = key_valid[first:last][None, :]
+            mask = valid if mask is None else mask & valid
+        o, s = _attend_tile(qg[:, :, start:stop], kt[..., first:last], vh[:, first:last], scale, mask)
         out[:, :, start:stop], lse[:, :, start:stop] = o, s
     return out.permute(2, 0, 1, 3).reshape(lq, heads, d), lse.permute(2, 0, 1).reshape(lq, heads)
 
 
-def _attend_tile(q, kt, v, scale, causal, first_row_pos, key_valid):
-    """q [Hkv, g, t, d] against kt [Hkv, d, Lk]; returns out [Hkv, g, t, d], lse [Hkv, g, t]."""
+def _attend_tile(q, kt, v, scale, mask):
+    """q [Hkv, g, t, d] against kt [Hkv, d, Lk]; mask [t, Lk] or None. Returns out [Hkv, g, t, d], lse [Hkv, g, t]."""
     hkv, g, t, d = q.shape
     lk = kt.shape[-1]
     if lk == 0:
         return torch.zeros_like(q), torch.full((hkv, g, t), NEG_INF, device=q.device)
     scores = torch.matmul(q.reshape(hkv, g * t, d), kt).mul_(scale).view(hkv, g, t, lk)
-    mask = None
-    if causal:
-        rows = torch.arange(first_row_pos, first_row_pos + t, device=q.device)
-        mask = torch.arange(lk, device=q.device)[None, :] <= rows[:, None]
-    if key_valid is not None:
-        mask = key_valid[None, :] if mask is None else mask & key_valid[None, :]
     if mask is not None:
         scores.masked_fill_(~mask, NEG_INF)
     lse = torch.logsumexp(scores, dim=-1)
@@ -126,10 +137,17 @@ def zigzag_blocks(layout: "ZigzagLayout", q_rank: int, kv_rank: int, causal: boo
     return blocks
 
 
-def attend_blocks(q, k, v, blocks: list[Block], scale: float, key_valid=None) -> list[tuple]:
-    """`block_attention` of every block; key_valid [local tokens] masks the kv side's padding (non-causal)."""
-    return [block_attention(q[b.q_rows], k[b.kv_rows], v[b.kv_rows], scale, b.causal,
-                            key_valid=None if key_valid is None else key_valid[b.kv_rows]) for b in blocks]
+def attend_blocks(q, k, v, blocks: list[Block], scale: float, key_valid=None, window: int | None = None,
+                  q_pos=None, kv_pos=None) -> list[tuple]:
+    """`block_attention` of every block. key_valid [local tokens] masks the kv side's padding (non-causal); a
+    sliding window needs q_pos and kv_pos, the local positions of the q and kv owners (`ZigzagLayout.positions`)."""
+    def pos(p, rows):
+        return None if window is None else p[rows]
+
+    return [block_attention(q[b.q_rows], k[b.kv_rows], v[b.kv_rows], scale, b.causal or window is not None,
+                            key_valid=None if key_valid is None else key_valid[b.kv_rows], window=window,
+                            q_pos=pos(q_pos, b.q_rows), k_pos=pos(kv_pos, b.kv_rows))
+            for b in blocks]
 
 
 def merge_blocks(out, lse, blocks: list[Block], results) -> None:

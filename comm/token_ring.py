@@ -11,7 +11,7 @@ from splitserve.comm.sp_common import (RingComm, ZigzagLayout, attend_blocks, em
 
 def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ZigzagLayout,
                          forward: RingComm, backward: RingComm, causal: bool = True,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """q [T, H, d], k/v [T, Hkv, d]: this rank's zigzag shard. Returns [T, H, d] in q's dtype.
 
     At step s this rank holds the Q of rank (rank − s) mod N. Under causal zigzag it computes all of that Q
@@ -24,6 +24,7 @@ def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
     heads, head_dim = q.shape[1], q.shape[2]
     out, lse = empty_result(q.shape[0], heads, head_dim, q.device)
     key_valid = None if causal else layout.valid(rank).to(q.device)
+    kv_pos = layout.positions(rank).to(q.device) if window is not None else None
     q_held, spare = q.contiguous(), (torch.empty_like(q) if world > 1 else None)
     inbox = None  # (buffer, blocks) of the result on its way back to this rank
     for step in range(world):
@@ -32,7 +33,8 @@ def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
             forward.commit()
         owner = (rank - step) % world
         blocks = zigzag_blocks(layout, owner, rank, causal)
-        results = attend_blocks(q_held, k, v, blocks, scale, key_valid)
+        q_pos = layout.positions(owner).to(q.device) if window is not None else None
+        results = attend_blocks(q_held, k, v, blocks, scale, key_valid, window, q_pos, kv_pos)
         if step == 0:
             merge_blocks(out, lse, blocks, results)
         else:

@@ -21,39 +21,46 @@ ATOL_F32, RTOL_F32 = 1e-5, 1e-5
 # bfloat16 inputs and output (and bfloat16 partial outputs on the wire for TokenRing): one bf16 ulp near 1.
 ATOL_BF16, RTOL_BF16 = 2e-2, 2e-2
 
-# name: (prompt lengths, heads, kv_heads, head_dim, causal, dtype). No length is a multiple of 2N for N = 2, 3, 4,
-# and the 1-token prompt leaves whole chunks of padding.
+# name: (prompt lengths, heads, kv_heads, head_dim, causal, dtype, sliding window). No length is a multiple of 2N for
+# N = 2, 3, 4, and the 1-token prompt leaves whole chunks of padding.
 CASES = {
-    "mha_single": ((23,), 2, 2, 8, True, torch.float32),
-    "gqa_batch": ((13, 1, 30, 7), 4, 2, 8, True, torch.float32),
-    "mqa_batch": ((9, 17), 4, 1, 4, True, torch.float32),
-    "noncausal_gqa_batch": ((11, 3, 25), 4, 2, 8, False, torch.float32),
-    "bf16_gqa_batch": ((19, 6), 4, 2, 8, True, torch.bfloat16),
+    "mha_single": ((23,), 2, 2, 8, True, torch.float32, None),
+    "gqa_batch": ((13, 1, 30, 7), 4, 2, 8, True, torch.float32, None),
+    "mqa_batch": ((9, 17), 4, 1, 4, True, torch.float32, None),
+    "noncausal_gqa_batch": ((11, 3, 25), 4, 2, 8, False, torch.float32, None),
+    "bf16_gqa_batch": ((19, 6), 4, 2, 8, True, torch.bfloat16, None),
+    "window_gqa_batch": ((29, 4, 15), 4, 2, 8, True, torch.float32, 5),
 }
 
 
 def _inputs(name):
-    lens, heads, kv_heads, d, causal, dtype = CASES[name]
+    lens, heads, kv_heads, d, causal, dtype, window = CASES[name]
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     total = sum(lens)
     q, k, v = (torch.randn(total, h, d, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
-    return lens, q, k, v, causal
+    return lens, q, k, v, causal, window
 
 
-def _reference(q, k, v, lens, causal):
+def _reference(q, k, v, lens, causal, window=None):
     """Whole-prompt attention in float64, prompt by prompt."""
     outs, start = [], 0
     for n in lens:
         qq, kk, vv = (t[start : start + n].double().transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, enable_gqa=True)
+        mask = None
+        if window is not None:
+            pos = torch.arange(n)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal and mask is None,
+                                             enable_gqa=True)
         outs.append(out.squeeze(0).transpose(0, 1))
         start += n
     return torch.cat(outs)
 
 
 def _assert_close(name, got, expected):
-    atol, rtol = (ATOL_BF16, RTOL_BF16) if CASES[name][-1] == torch.bfloat16 else (ATOL_F32, RTOL_F32)
-    assert got.dtype == CASES[name][-1]
+    dtype = CASES[name][5]
+    atol, rtol = (ATOL_BF16, RTOL_BF16) if dtype == torch.bfloat16 else (ATOL_F32, RTOL_F32)
+    assert got.dtype == dtype
     torch.testing.assert_close(got.double(), expected, atol=atol, rtol=rtol)
 
 
@@ -67,11 +74,11 @@ def _run_cases(rank, world, cases):
     for size, rank_sets in RANK_SETS.items():
         sp = SPGroup.create(rank_sets)
         results = {}
-        for name, (lens, q, k, v, causal) in cases.items():
+        for name, (lens, q, k, v, causal, window) in cases.items():
             layout = ZigzagLayout(lens, sp.size)
             for algorithm in ALGORITHMS:
                 local = [layout.shard(t, sp.rank) for t in (q, k, v)]
-                results[name, algorithm] = sp_attention(*local, layout, sp, algorithm, causal)
+                results[name, algorithm] = sp_attention(*local, layout, sp, algorithm, causal, window=window)
         per_size[size] = (sp.rank, results)
     return per_size
 
@@ -91,8 +98,8 @@ def _group_shards(size, members, name, algorithm):
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("size", [2, 3, 4])
 def test_sp_attention_matches_full_attention(size, name, algorithm):
-    lens, q, k, v, causal = _inputs(name)
-    expected = _reference(q, k, v, lens, causal)
+    lens, q, k, v, causal, window = _inputs(name)
+    expected = _reference(q, k, v, lens, causal, window)
     for members in RANK_SETS[size]:  # size 2: both groups; size 3: the lone rank 3 runs as SP 1
         layout = ZigzagLayout(lens, len(members))
         shards = _group_shards(size, members, name, algorithm)
@@ -103,10 +110,10 @@ def test_sp_attention_matches_full_attention(size, name, algorithm):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("name", CASES)
 def test_single_rank_needs_no_group(name, algorithm):
-    lens, q, k, v, causal = _inputs(name)
+    lens, q, k, v, causal, window = _inputs(name)
     layout = ZigzagLayout(lens, 1)
-    out = sp_attention(*(layout.shard(t, 0) for t in (q, k, v)), layout, SINGLE, algorithm, causal)
-    _assert_close(name, layout.unshard([out]), _reference(q, k, v, lens, causal))
+    out = sp_attention(*(layout.shard(t, 0) for t in (q, k, v)), layout, SINGLE, algorithm, causal, window=window)
+    _assert_close(name, layout.unshard([out]), _reference(q, k, v, lens, causal, window))
 
 
 def test_sp_attention_rejects_bad_arguments():
@@ -120,6 +127,9 @@ def test_sp_attention_rejects_bad_arguments():
         sp_attention(q, kv, kv, ZigzagLayout((3,), 2), SINGLE)
     with pytest.raises(ValueError, match="H a multiple of Hkv"):
         sp_attention(torch.randn(6, 3, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8), layout, SINGLE)
+    with pytest.raises(ValueError, match="window: needs causal"):
+        sp_attention(torch.randn(6, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8), layout, SINGLE, causal=False,
+                     window=3)
     with pytest.raises(ValueError, match="seq_lens"):
         ZigzagLayout((4, 0), 2)
     with pytest.raises(ValueError, match="sp: rank 2"):
@@ -149,6 +159,21 @@ def test_block_attention_gqa_causal_offset(monkeypatch, tile_elements, q_offset)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double().repeat_interleave(3, dim=1)) * 5**-0.5
     expected_lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1).T
     torch.testing.assert_close(lse[seen].double(), expected_lse[seen], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tile_elements", [1 << 24, 40])
+def test_block_attention_window_on_gapped_positions(monkeypatch, tile_elements):
+    """Zigzag rows are two position ranges with a gap; the window follows positions, not row indices."""
+    monkeypatch.setattr(sp_common, "_TILE_ELEMENTS", tile_elements)
+    g = torch.Generator().manual_seed(8)
+    q_pos = torch.tensor([2, 3, 4, 11, 12, 13])
+    k_pos = torch.tensor([0, 1, 2, 3, 4, 9, 10, 11, 12, 13])
+    q, k, v = torch.randn(6, 4, 5, generator=g), torch.randn(10, 2, 5, generator=g), torch.randn(10, 2, 5, generator=g)
+    out, _ = block_attention(q, k, v, 0.5, causal=True, window=3, q_pos=q_pos, k_pos=k_pos)
+    visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - 3)
+    expected = F.scaled_dot_product_attention(*(t.double().transpose(0, 1).unsqueeze(0) for t in (q, k, v)),
+                                              attn_mask=visible, scale=0.5, enable_gqa=True)
+    torch.testing.assert_close(out.double(), expected.squeeze(0).transpose(0, 1), atol=1e-6, rtol=1e-6)
 
 
 def test_block_attention_masks_invalid_keys():
