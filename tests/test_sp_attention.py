@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 
 import pytest
@@ -80,12 +81,17 @@ def _run_cases(rank, world, cases):
                 local = [layout.shard(t, sp.rank) for t in (q, k, v)]
                 results[name, algorithm] = sp_attention(*local, layout, sp, algorithm, causal, window=window)
         per_size[size] = (sp.rank, results)
-    return per_size
+    # Tensors put on the result queue travel as shared-memory handles that die with this process, which may exit
+    # before the parent reads them; bytes travel by value.
+    buffer = io.BytesIO()
+    torch.save(per_size, buffer)
+    return buffer.getvalue()
 
 
 @functools.lru_cache(maxsize=None)
 def _distributed_results():
-    return run_distributed(_run_cases, 4, {name: _inputs(name) for name in CASES})
+    per_rank = run_distributed(_run_cases, 4, {name: _inputs(name) for name in CASES})
+    return [torch.load(io.BytesIO(data)) for data in per_rank]
 
 
 def _group_shards(size, members, name, algorithm):
