@@ -1,6 +1,7 @@
 """Moves one request's KV from prefill ranks into blocks the decode side reserved, layer by layer.
 
-Per transfer on a link: header (+ decode slots) -> the decode side answers go/skip (skip when the reservation
+KV moves in whole blocks (both sides use one block size; prompts start at position 0, so block i of the prompt
+on one side is block i on the other). Per transfer on a link: header (+ decode blocks) -> the decode side answers go/skip (skip when the reservation
 was cancelled, so nothing is ever written into freed blocks) -> per layer, K/V of the planned heads (p2p: one
 message per layer; shm: written straight into the decode rank's cache, mapped from shared memory) -> done.
 Completion and failure are published in the decode instance's store under `transfer_key`."""
@@ -40,8 +41,8 @@ class TransferOrder:
 
     tid: int
     link: LinkId
-    src_slots: list[int]
-    dst_slots: list[int]
+    src_blocks: list[int]
+    dst_blocks: list[int]
     slices: list[HeadSlice]
 
 
@@ -139,10 +140,10 @@ class KVSender:
     def _start(self, order: TransferOrder, deadline: float) -> dict:
         job = {"order": order, "deadline": deadline, "go": False, "error": None, "works": [], "stall": False}
         link = self.links[order.link]
-        n = len(order.dst_slots)
+        n = len(order.dst_blocks)
         try:
             header = torch.tensor([MAGIC, order.tid, n, len(self.caches), len(order.slices), 0, 0, 0])
-            meta = torch.tensor(order.dst_slots + [v for s in order.slices for v in (s.dst_head, s.num_heads)])
+            meta = torch.tensor(order.dst_blocks + [v for s in order.slices for v in (s.dst_head, s.num_heads)])
             link.send(header, HEADER_TAG, deadline)
             link.send(meta, _tag(order.tid, _TAG_STRIDE - 2), deadline)
             ack = link.recv(torch.zeros(1, dtype=torch.long), ACK_TAG, deadline)
@@ -157,18 +158,21 @@ class KVSender:
         return job
 
     def _gather(self, layer: int, order: TransferOrder) -> torch.Tensor:
+        """[2, blocks, block_size, heads, d] of the order's blocks and heads, packed."""
         cache = self.caches[layer]  # [2, blocks, block_size, kv_heads, d]
-        flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
-        rows = flat[:, torch.tensor(order.src_slots, device=cache.device)]
-        return torch.cat([rows[:, :, s.src_head : s.src_head + s.num_heads] for s in order.slices], dim=2).contiguous()
+        index = torch.tensor(order.src_blocks, device=cache.device)
+        if len(order.slices) == 1 and order.slices[0].num_heads == cache.shape[-2]:
+            return cache.index_select(1, index)  # every local head: whole blocks, contiguous rows
+        return torch.cat([cache[:, :, :, s.src_head : s.src_head + s.num_heads].index_select(1, index)
+                          for s in order.slices], dim=3)
 
     def _send_layer(self, job: dict, layer: int) -> None:
         if job["stall"]:
             return
         order = job["order"]
-        data = self._gather(layer, order)
+        data = self._gather(layer, order) if self.transport == "p2p" else None
         if self.transport == "shm":
-            write_layer(self.shm_caches(order.link)[layer], data, order.dst_slots, _heads_index(order.slices, "dst_head"))
+            copy_blocks(self.caches[layer], self.shm_caches(order.link)[layer], order)
         else:
             link = self.links[order.link]
             job["works"].append((link.isend(data, _tag(order.tid, layer)), data))
@@ -183,19 +187,41 @@ class KVSender:
         link.send(torch.tensor([len(self.caches)]), _tag(job["order"].tid, _TAG_STRIDE - 1), job["deadline"])
 
 
-def write_layer(layer_cache: torch.Tensor, data: torch.Tensor, dst_slots: list[int], heads) -> None:
-    """Scatters packed [2, tokens, heads, d] into a cache layer at the decode slots and local heads."""
-    flat = layer_cache.view(2, -1, layer_cache.shape[-2], layer_cache.shape[-1])
-    slots = torch.tensor(dst_slots, device=layer_cache.device)
+def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of the runs that are consecutive on both sides."""
+    runs: list[list[int]] = []
+    for s, d in zip(src, dst):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]
+
+
+def copy_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, order: TransferOrder) -> None:
+    """Same-host copy from the prefill rank's cache layer into the decode rank's mapped layer: one copy per
+    consecutive run of blocks and per head slice, with no staging buffer."""
+    for s0, d0, n in block_runs(order.src_blocks, order.dst_blocks):
+        for sl in order.slices:
+            src = src_cache[:, s0 : s0 + n, :, sl.src_head : sl.src_head + sl.num_heads]
+            dst_cache[:, d0 : d0 + n, :, sl.dst_head : sl.dst_head + sl.num_heads].copy_(src)
+
+
+def write_layer(layer_cache: torch.Tensor, data: torch.Tensor, dst_blocks: list[int], heads) -> None:
+    """Scatters packed [2, blocks, block_size, heads, d] into a cache layer's blocks and local heads."""
+    index = torch.tensor(dst_blocks, device=layer_cache.device)
+    if len(heads) == 1 and heads[0][1] == 0 and heads[0][2] == layer_cache.shape[-2]:
+        layer_cache.index_copy_(1, index, data)
+        return
     for offset, head, count in heads:
-        for i in (0, 1):
-            flat[i, :, head : head + count].index_copy_(0, slots, data[i, :, offset : offset + count])
+        layer_cache[:, :, :, head : head + count].index_copy_(1, index, data[:, :, :, offset : offset + count])
 
 
 # --------------------------------------------------------------------------------------------------- receiver
 
 class KVReceiver:
-    """Decode side of one link: a thread that accepts transfers into reserved blocks and reports in the store."""
+    """Decode side of one link: a thread that accepts transfers into reserved blocks and reports in the store.
+    The store client is shared with the leader, so no thread may block on it (`store.wait`)."""
 
     def __init__(self, link: Link, caches: list[torch.Tensor], store: dist.Store, transport: str, timeout_s: float):
         self.link = link
@@ -233,14 +259,14 @@ class KVReceiver:
             threading.Thread(target=self._receive_data, args=(tid, key, meta, n, deadline), daemon=True).start()
 
     def _receive_data(self, tid: int, key: str, meta: torch.Tensor, n: int, deadline: float) -> None:
-        slots = meta[:n].tolist()
+        blocks = meta[:n].tolist()
         heads, offset = [], 0
         for head, count in meta[n:].view(-1, 2).tolist():
             heads.append((offset, head, count))
             offset += count
         try:
             if self.transport == "p2p":
-                self._receive_layers(tid, slots, heads, offset, deadline)
+                self._receive_layers(tid, blocks, heads, offset, deadline)
             self.link.recv(torch.zeros(1, dtype=torch.long), _tag(tid, _TAG_STRIDE - 1), deadline)
             self.store.set(key, "done")
         except (LinkTimeout, LinkBroken) as e:
@@ -251,12 +277,13 @@ class KVReceiver:
         if isinstance(error, LinkBroken):
             self.broken = str(error)
 
-    def _receive_layers(self, tid, slots, heads, num_heads, deadline) -> None:
-        shape = (2, len(slots), num_heads, self.caches[0].shape[-1])
+    def _receive_layers(self, tid, blocks, heads, num_heads, deadline) -> None:
+        ref = self.caches[0]
+        shape = (2, len(blocks), ref.shape[2], num_heads, ref.shape[-1])
         bufs = [torch.empty(shape, dtype=self.caches[0].dtype, device=self.caches[0].device) for _ in self.caches]
         items = [(self.link.irecv(buf, _tag(tid, layer)), buf) for layer, buf in enumerate(bufs)]
         for layer in self.link.completions(items, deadline):
-            write_layer(self.caches[layer], bufs[layer], slots, heads)
+            write_layer(self.caches[layer], bufs[layer], blocks, heads)
 
 
 def remove_shared_cache(path: str) -> None:

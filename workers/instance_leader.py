@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.comm.kv_plan import links_needed, plan_heads, slot_mapping
+from splitserve.comm.kv_plan import links_needed, plan_heads
 from splitserve.comm.kv_transfer import TransferOrder, transfer_key
 from splitserve.comm.links import LinkId
 from splitserve.workers.block_manager import BlockManager
@@ -219,9 +219,10 @@ class InstanceLeader:
             target = self.targets.get(int(seq.seq_id))
             if target is None:
                 continue
-            n = seq.num_tokens
-            src = self.blocks.slot_mapping(seq.seq_id, 0, n)
-            dst = slot_mapping(target.block_table, target.block_size, n)
+            assert target.block_size == self.block_size, "both phases use the configured block size"
+            used = self.blocks.blocks_needed(seq.num_tokens)
+            src = self.blocks.block_table(seq.seq_id)[:used]
+            dst = target.block_table[:used]
             plan = plan_heads(self.num_kv_heads, self.spec.tp, target.tp)
             for p, q in sorted({(s.src_rank, s.dst_rank) for s in plan}):
                 link = LinkId(self.spec.name, p, target.instance, q)
