@@ -161,7 +161,9 @@ class RankWorker:
             self.forward(batch, orders)
 
     def forward(self, batch: ForwardBatch, orders: list[TransferOrder]) -> torch.Tensor:
-        """One forward of this rank's shard; pushes this rank's share of the KV of `orders`."""
+        """One forward of this rank's shard; starts pushing this rank's share of the KV of `orders`. The pushes
+        are finished by `finish_sends`, after the first tokens are out (TTFT does not wait for the last layer)."""
+        self.finish_sends()  # earlier pushes read blocks that this forward may overwrite
         mine = [o for o in orders if o.link.prefill_rank == self.rank]
         if not mine or self.sender is None:
             return self.leader_runner_forward(batch)
@@ -174,8 +176,13 @@ class RankWorker:
             self.sender.begin(mine)
             for layer in range(len(self.caches)):
                 self.sender.layer_done(layer)
-        self.last_send_results = self.sender.end()
+        self._sending = True
         return logits
+
+    def finish_sends(self) -> None:
+        if getattr(self, "_sending", False):
+            self.last_send_results = self.sender.end()
+            self._sending = False
 
     def leader_runner_forward(self, batch: ForwardBatch, hook=None) -> torch.Tensor:
         return self.runner.forward_logits(batch, hook)

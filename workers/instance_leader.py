@@ -234,10 +234,12 @@ class InstanceLeader:
         if self.core is not None:
             return self.core.step() if self.core.has_unfinished() else []
         outputs = self.prefill.step()
-        for out in outputs:  # every rank has pushed its share by now: the prefill side keeps nothing
+        self._report(outputs)  # first tokens go out while the last layers are still being pushed
+        self.rank.finish_sends()
+        for out in outputs:  # this rank has pushed its share; followers finish theirs before their next forward
             self.blocks.free(out.seq.seq_id)
             self.targets.pop(int(out.seq.seq_id), None)
-        return outputs
+        return []
 
     def _report(self, outputs: list[EngineOutput]) -> None:
         kind = "prefilled" if self.spec.role == "prefill" else "tokens"
