@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from splitserve.comm.kv_transfer import KVReceiver, KVSender, TransferOrder, map_shared_cache, remove_shared_cache, shm_path
 from splitserve.comm.links import RECEIVER, SENDER, Link, LinkId
+from splitserve.comm.sequence_parallel import SPGroup
 from splitserve.comm.tensor_parallel import TPGroup
 from splitserve.workers.batch import ForwardBatch
 from splitserve.workers.kv_cache import allocate_kv_cache, cuda_budget, num_blocks_for_budget
@@ -33,10 +34,19 @@ class InstanceSpec:
     device: str = "cpu"
     engine: dict = field(default_factory=dict)  # EngineConfig fields
     transfer: dict = field(default_factory=dict)  # TransferConfig fields
+    sp: int = 1  # prefill only: sequence-parallel ranks, each with `tp` ranks (global rank = sp_rank·tp + tp_rank)
+    sp_algorithm: str = "ring"
+    prefill_sp: int = 1  # decode only: the SP degree of the prefill instances that push KV here
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role: must be one of {ROLES}, got {self.role!r}")
+        if self.sp != 1 and self.role != "prefill":
+            raise ValueError(f"sp: only prefill instances run sequence-parallel, got sp={self.sp} for {self.role}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.sp
 
 
 class RankWorker:
@@ -65,10 +75,13 @@ class RankWorker:
             self.store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.PrefixStore("pg", self.store), rank=self.rank,
-                                world_size=spec.tp, timeout=timedelta(days=7))  # idle followers wait in broadcast
+                                world_size=spec.world_size, timeout=timedelta(days=7))  # idle followers wait in broadcast
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.tp = TPGroup.from_group()
+        if spec.sp == 1:
+            self.tp = TPGroup.from_group()
+        else:
+            self.tp, self.sp = sp_tp_groups(self.rank, spec.sp, spec.tp)
         self.dtype = resolve_dtype(spec.dtype)
         self.model = load_model(spec.model_dir, self.dtype, self.device, self.tp)
         self._allocate_cache()
@@ -148,7 +161,7 @@ class RankWorker:
 
     # --------------------------------------------------------------------------------------- every step
     def broadcast(self, message) -> None:
-        if self.spec.tp > 1:
+        if self.spec.world_size > 1:
             dist.broadcast_object_list([message], src=0)
 
     def _follow(self) -> None:
@@ -159,6 +172,7 @@ class RankWorker:
             if kind == "stop":
                 return
             self.forward(batch, orders)
+            self.finish_sends()  # a follower reports nothing, so nothing is gained by finishing later
 
     def forward(self, batch: ForwardBatch, orders: list[TransferOrder]) -> torch.Tensor:
         """One forward of this rank's shard; starts pushing this rank's share of the KV of `orders`. The pushes
@@ -185,7 +199,17 @@ class RankWorker:
             self._sending = False
 
     def leader_runner_forward(self, batch: ForwardBatch, hook=None) -> torch.Tensor:
+        if self.spec.sp > 1:
+            return self.sp_runner.forward_logits(batch, hook)
         return self.runner.forward_logits(batch, hook)
+
+    @property
+    def sp_runner(self):
+        if not hasattr(self, "_sp_runner"):
+            from splitserve.workers.sp_prefill import SPPrefillRunner
+
+            self._sp_runner = SPPrefillRunner(self.model, self.caches, self.sp, self.spec.sp_algorithm, self.device)
+        return self._sp_runner
 
     @property
     def runner(self):
@@ -206,3 +230,16 @@ class RankWorker:
             self.leader.stop()
         if self._shm_file:
             remove_shared_cache(self._shm_file)
+
+
+def sp_tp_groups(rank: int, sp: int, tp: int) -> tuple[TPGroup, SPGroup]:
+    """This rank's TP group (the TP ranks of its SP rank) and SP group (the same TP rank of every SP rank).
+    Collective: every rank of the instance creates every group, in the same order."""
+    tp_group = None
+    for s in range(sp):
+        ranks = [s * tp + t for t in range(tp)]
+        group = dist.new_group(ranks) if tp > 1 else None
+        if rank in ranks:
+            tp_group = TPGroup(ranks.index(rank), tp, group) if tp > 1 else TPGroup()
+    sp_group = SPGroup.create([[s * tp + t for s in range(sp)] for t in range(tp)])
+    return tp_group, sp_group
