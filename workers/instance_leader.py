@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.comm.kv_plan import links_needed, plan_heads
+from splitserve.comm.kv_plan import links_needed_sp, plan_heads, sp_block_owners
 from splitserve.comm.kv_transfer import TransferOrder, transfer_key
 from splitserve.comm.links import LinkId
 from splitserve.workers.block_manager import BlockManager
@@ -85,6 +85,7 @@ class InstanceLeader:
         self.paused = False  # test hook: commands are still taken, but no step runs
         self.error: str | None = None
         self.step_times: list[float] = []
+        self._last_poll = 0.0
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name=f"leader-{self.spec.name}", daemon=True).start()
@@ -115,10 +116,17 @@ class InstanceLeader:
     def abort(self, tid: int) -> None:
         self._call(self._abort, tid)
 
-    def poll(self, timeout: float) -> dict:
+    def poll(self, timeout: float, coalesce_s: float = 0.0) -> dict:
+        """Events since the last poll. With `coalesce_s`, a poll that finds events waits until that long after the
+        previous poll, so one round trip carries several steps (each RPC costs CPU that the steps compete for)."""
         with self.cond:
             self.cond.wait_for(lambda: self.events or not self.running, timeout)
+        pause = self._last_poll + coalesce_s - time.monotonic()
+        if pause > 0 and self.events:
+            time.sleep(pause)
+        with self.cond:
             events, self.events = self.events, []
+        self._last_poll = time.monotonic()
         return {"events": events, "stats": self.stats()}
 
     def stats(self) -> dict:
@@ -159,7 +167,8 @@ class InstanceLeader:
         if not self.blocks.can_allocate(n + 1):
             return None
         table = self.blocks.allocate(str(tid), n)
-        keys = [transfer_key(tid, q, p) for p, q in sorted(links_needed(self.num_kv_heads, prefill_tp, self.spec.tp))]
+        links = links_needed_sp(self.num_kv_heads, prefill_tp, self.spec.tp, self.spec.prefill_sp)
+        keys = [transfer_key(tid, q, p) for p, q in sorted(links)]
         self.rank.store.multi_set(keys, ["pending"] * len(keys))
         self.pending[tid] = Reservation(list(prompt_ids), params, keys)
         return table
@@ -224,10 +233,17 @@ class InstanceLeader:
             src = self.blocks.block_table(seq.seq_id)[:used]
             dst = target.block_table[:used]
             plan = plan_heads(self.num_kv_heads, self.spec.tp, target.tp)
-            for p, q in sorted({(s.src_rank, s.dst_rank) for s in plan}):
-                link = LinkId(self.spec.name, p, target.instance, q)
-                slices = [s for s in plan if (s.src_rank, s.dst_rank) == (p, q)]
-                orders.append(TransferOrder(int(seq.seq_id), link, src, dst, slices))
+            # Under SP each block was written by one SP rank, which pushes it; SP rank s owns global ranks s·TP + p.
+            # A rank that owns no block of a short prompt still sends an empty order: the decode side expects
+            # one completion per link.
+            owners = sp_block_owners(seq.num_tokens, self.block_size, self.spec.sp)
+            for s in range(self.spec.sp):
+                mine = [i for i, owner in enumerate(owners) if owner == s]
+                for p, q in sorted({(h.src_rank, h.dst_rank) for h in plan}):
+                    link = LinkId(self.spec.name, s * self.spec.tp + p, target.instance, q)
+                    slices = [h for h in plan if (h.src_rank, h.dst_rank) == (p, q)]
+                    orders.append(TransferOrder(int(seq.seq_id), link, [src[i] for i in mine], [dst[i] for i in mine],
+                                                slices))
         return orders
 
     def _step(self) -> list[EngineOutput]:
@@ -286,7 +302,7 @@ class InstanceLeader:
                 self.error = f"{type(e).__name__}: {e}"
                 self._emit(("instance_failed", self.error))
                 self.running = False
-        if self.spec.tp > 1:
+        if self.spec.world_size > 1:
             self.rank.broadcast(("stop", None, None))
         with self.cond:
             self.cond.notify_all()
