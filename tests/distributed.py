@@ -1,6 +1,7 @@
 """Runs a function on N spawned processes joined in a gloo group on 127.0.0.1 and collects their results."""
 from __future__ import annotations
 
+import pickle
 import socket
 import traceback
 from datetime import timedelta
@@ -15,17 +16,16 @@ def free_port() -> int:
 
 
 def _entry(fn, rank, world, port, args, queue):
-    import os
-
     import torch
     import torch.distributed as dist
 
-    os.environ.setdefault("SPLITSERVE_CACHE", os.environ.get("SPLITSERVE_CACHE", ""))
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=120))
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # Plain pickle sends tensors by value: the queue's own pickler would pass shared-memory handles that
+        # vanish when this process exits before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # report, never hang the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -46,7 +46,7 @@ def run_distributed(fn, world: int, *args, timeout: float = 300.0) -> list:
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)
