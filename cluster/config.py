@@ -15,6 +15,8 @@ DEVICES = ("auto", "cpu", "cuda")
 TRANSPORTS = ("p2p", "shm")
 TRANSFER_MODES = ("layerwise", "after_prefill")
 SP_ALGORITHMS = ("ring", "token_ring")
+# Kept free of torch here; a test checks it equals splitserve.comm.fused_norm.METHODS.
+TP_NORM_METHODS = ("reference", "rs_ag", "symmetric", "symmetric_oneshot", "symmetric_rs", "auto")
 
 
 def _positive_int(path: str, value, minimum: int = 1) -> int:
@@ -55,8 +57,6 @@ class PrefillConfig:
         _positive_int(f"{path}.sp", self.sp)
         _no_pipeline(path, self.pp)
         _choice(f"{path}.sp_algorithm", self.sp_algorithm, SP_ALGORITHMS)
-        if self.sp != 1:
-            raise ValueError(f"config: '{path}.sp' > 1 (sequence-parallel prefill) is not available yet")
 
     @property
     def world_size(self) -> int:
@@ -92,9 +92,14 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None
+    tp_norm_method: str = "reference"  # how TP all-reduce + RMSNorm run (see comm/fused_norm.py)
+    overlap_min_tokens: int | None = None  # split forwards of at least this many tokens to overlap TP comm
 
     def validate(self, path: str) -> None:
         _positive_int(f"{path}.block_size", self.block_size)
+        _choice(f"{path}.tp_norm_method", self.tp_norm_method, TP_NORM_METHODS)
+        if self.overlap_min_tokens is not None:
+            _positive_int(f"{path}.overlap_min_tokens", self.overlap_min_tokens, 2)
         _positive_int(f"{path}.kv_cache_bytes", self.kv_cache_bytes)
         _positive_float(f"{path}.gpu_memory_fraction", self.gpu_memory_fraction)
         if self.gpu_memory_fraction > 1:

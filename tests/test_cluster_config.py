@@ -46,3 +46,14 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("prefill: {tp: [\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_tp_norm_methods_match_the_comm_layer():
+    from splitserve.cluster.config import TP_NORM_METHODS
+    from splitserve.comm.fused_norm import METHODS
+
+    assert TP_NORM_METHODS == METHODS
+    with pytest.raises(ValueError, match="'engine.tp_norm_method' must be one of"):
+        config_from_dict({"engine": {"tp_norm_method": "nccl"}})
+    with pytest.raises(ValueError, match="'engine.overlap_min_tokens' must be an integer >= 2"):
+        config_from_dict({"engine": {"overlap_min_tokens": 1}})

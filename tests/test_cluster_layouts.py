@@ -31,6 +31,9 @@ LAYOUTS = {
     "colocated_tp1": ("llama", {"prefill": {"instances": 0}, "decode": {"instances": 0}, "colocated": {"instances": 1}}),
     "colocated_tp2": ("llama", {"prefill": {"instances": 0}, "decode": {"instances": 0},
                                 "colocated": {"instances": 1, "tp": 2}}),
+    # TP communication reordered (reduce-scatter -> add + RMSNorm -> all-gather) and split-batch overlap
+    "tp2_rs_ag_overlap": ("llama", {"prefill": {"tp": 2}, "decode": {"tp": 2},
+                                    "engine": {"tp_norm_method": "rs_ag", "overlap_min_tokens": 32}}),
 }
 
 

@@ -84,6 +84,7 @@ class RankWorker:
             self.tp, self.sp = sp_tp_groups(self.rank, spec.sp, spec.tp)
         self.dtype = resolve_dtype(spec.dtype)
         self.model = load_model(spec.model_dir, self.dtype, self.device, self.tp)
+        self.model.configure_tp(spec.engine.get("tp_norm_method", "reference"), spec.engine.get("overlap_min_tokens"))
         self._allocate_cache()
         return {"num_blocks": self.num_blocks, "kv_heads": self.model.num_kv_heads}
 
