@@ -19,9 +19,9 @@ from splitserve.workers.config import load_config as load_model_config
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.instance_leader import DecodeTarget
 from splitserve.workers.presets import resolve_model
-from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.sampling_params import SamplingParams, pair_with_params
 from splitserve.workers.stop import StopChecker
-from splitserve.workers.tokenizer import load_tokenizer
+from splitserve.workers.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,7 @@ class Cluster:
     # ------------------------------------------------------------------------------------ public API
     def generate(self, prompts: str | Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  timeout: float | None = None) -> list[GenerateOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"params: {len(plist)} sampling params for {len(prompts)} prompts")
+        prompts, plist = pair_with_params(prompts, params)
 
         async def run_all():
             reqs = [self._submit(p, sp) for p, sp in zip(prompts, plist)]  # validates all before any runs
@@ -161,20 +156,7 @@ class Cluster:
 
     # --------------------------------------------------------------------------------------- admission
     def encode(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer.json; send token ids")
-            return self.tokenizer.encode(prompt).ids
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt_token_ids: must not be empty")
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids: {t!r} is not a token id in [0, {vocab})")
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
     async def _submit_async(self, prompt, params, request_id=None) -> Request:
         return self._submit(prompt, params, request_id)

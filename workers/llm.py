@@ -17,10 +17,10 @@ from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.engine_core import EngineCore
 from splitserve.workers.prefill_engine import EngineOutput
 from splitserve.workers.presets import resolve_model
-from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.sampling_params import SamplingParams, pair_with_params
 from splitserve.workers.sequence import Sequence
 from splitserve.workers.stop import StopChecker
-from splitserve.workers.tokenizer import load_tokenizer
+from splitserve.workers.tokenizer import encode_prompt, load_tokenizer
 
 
 @dataclass
@@ -87,16 +87,7 @@ class LLM:
         self._ids = itertools.count()
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt: this checkpoint has no tokenizer.json; pass token ids")
-            return self.tokenizer.encode(prompt).ids
-        ids = list(prompt)
-        vocab = self.model.cfg.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids: {t!r} is not a token id in [0, {vocab})")
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.model.cfg.vocab_size)
 
     def make_sequence(self, prompt: str | Seq[int], params: SamplingParams) -> Sequence:
         ids = self.encode(prompt)
@@ -106,19 +97,9 @@ class LLM:
 
     def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        seqs = self._admit(*self._pair(prompts, params))
+        seqs = self._admit(*pair_with_params(prompts, params))
         self.run_until_done()
         return [self.output(s) for s in seqs]
-
-    @staticmethod
-    def _pair(prompts, params):
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"params: {len(plist)} sampling params for {len(prompts)} prompts")
-        return prompts, plist
 
     def _admit(self, prompts, plist) -> list[Sequence]:
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, plist)]
@@ -133,7 +114,7 @@ class LLM:
 
     def stream(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None):
         """Yields (prompt index, text delta, finished output or None) as tokens are produced."""
-        prompts, plist = self._pair(prompts, params)
+        prompts, plist = pair_with_params(prompts, params)
         seqs = self._admit(prompts, plist)
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         while self.has_unfinished():

@@ -2,7 +2,7 @@
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 
 def _check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
@@ -100,3 +100,14 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+def pair_with_params(prompts, params: "SamplingParams | Sequence[SamplingParams] | None"):
+    """(prompts, one SamplingParams per prompt): a single prompt (text or ids) becomes a list of one."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    params = params or SamplingParams()
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"params: {len(plist)} sampling params for {len(prompts)} prompts")
+    return list(prompts), plist

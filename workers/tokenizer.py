@@ -11,3 +11,20 @@ def load_tokenizer(model_dir: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"model: no tokenizer.json in {model_dir}; pass token ids instead of text")
     return Tokenizer.from_file(str(path))
+
+
+def encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
+    """Text through the tokenizer, or token ids checked against the vocabulary; errors name the field."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt: must not be empty")
+        if tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer.json; send token ids")
+        return tokenizer.encode(prompt).ids
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("prompt_token_ids: must not be empty")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"prompt_token_ids: {t!r} is not a token id in [0, {vocab_size})")
+    return ids
