@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from splitserve.cluster.config import ClusterConfig
-from splitserve.comm.kv_plan import links_needed
+from splitserve.comm.kv_plan import links_needed_sp
 from splitserve.comm.links import LinkId
 from splitserve.workers.config import load_config as load_model_config
 from splitserve.workers.instance import InstanceSpec
@@ -86,9 +86,12 @@ class Launcher:
         transfer = dict(c.kv_transfer.__dict__)
         specs = []
         for role, section in (("prefill", c.prefill), ("decode", c.decode), ("colocated", c.colocated)):
+            # Decode must know the prefill SP degree: every SP rank pushes its own blocks over its own links.
+            extra = {"prefill": {"sp": c.prefill.sp, "sp_algorithm": c.prefill.sp_algorithm},
+                     "decode": {"prefill_sp": c.prefill.sp}}.get(role, {})
             for i in range(section.instances):
                 specs.append(InstanceSpec(self.cluster_id, f"{role}-{i}", role, section.tp, self.model_dir,
-                                          c.dtype, c.device, engine, transfer))
+                                          c.dtype, c.device, engine, transfer, **extra))
         return specs
 
     def _place(self, ray, spec: InstanceSpec) -> InstanceHandle:
@@ -97,16 +100,17 @@ class Launcher:
 
         from splitserve.workers.actor import RankActor
 
-        pg = placement_group([{"GPU": 1}] * spec.tp, strategy="STRICT_PACK", name=f"{self.cluster_id}-{spec.name}")
+        pg = placement_group([{"GPU": 1}] * spec.world_size, strategy="STRICT_PACK",
+                             name=f"{self.cluster_id}-{spec.name}")
         try:
             ray.get(pg.ready(), timeout=self.config.ray.placement_timeout_s)
         except Exception:
             remove_placement_group(pg)
             raise ValueError(
-                f"placement: instance {spec.name} needs {spec.tp} GPUs on one node (STRICT_PACK) and none was free "
-                f"within {self.config.ray.placement_timeout_s:.0f}s; check `ray status` for free GPUs per node") from None
+                f"placement: instance {spec.name} needs {spec.world_size} GPUs on one node (STRICT_PACK) and none was "
+                f"free within {self.config.ray.placement_timeout_s:.0f}s; check `ray status` for free GPUs per node") from None
         actors = [RankActor.options(num_cpus=0, num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=rank)).remote(spec, rank) for rank in range(spec.tp)]
+            pg, placement_group_bundle_index=rank)).remote(spec, rank) for rank in range(spec.world_size)]
         return InstanceHandle(spec, actors, pg)
 
     # ----------------------------------------------------------------------------------------- start-up
@@ -141,7 +145,7 @@ class Launcher:
         per_actor: dict[tuple[str, int], list[LinkId]] = {}
         for p in prefills:
             for d in decodes:
-                for pr, dr in sorted(links_needed(kv_heads, p.spec.tp, d.spec.tp)):
+                for pr, dr in sorted(links_needed_sp(kv_heads, p.spec.tp, d.spec.tp, p.spec.sp)):
                     link = LinkId(p.name, pr, d.name, dr)
                     per_actor.setdefault((p.name, pr), []).append(link)
                     per_actor.setdefault((d.name, dr), []).append(link)

@@ -58,3 +58,31 @@ def links_needed(num_kv_heads: int, src_tp: int, dst_tp: int) -> set[tuple[int, 
 
 def slot_mapping(block_table: list[int], block_size: int, num_tokens: int) -> list[int]:
     return [block_table[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+
+
+def links_needed_sp(num_kv_heads: int, src_tp: int, dst_tp: int, src_sp: int) -> set[tuple[int, int]]:
+    """Links of an SP × TP prefill instance: its rank sp_rank·TP + tp_rank plays the TP plan's prefill rank tp_rank
+    once per SP rank (each SP rank holds different tokens of the same heads)."""
+    pairs = links_needed(num_kv_heads, src_tp, dst_tp)
+    return {(s * src_tp + p, q) for s in range(src_sp) for p, q in pairs}
+
+
+# ---------------------------------------------------------------- sequence-parallel prefill: whole-block zigzag
+# Under SP a prompt is padded to a multiple of 2·SP·block_size before zigzag sharding, so every zigzag chunk is a
+# whole number of blocks and every KV block of the prompt is written by exactly one SP rank. The block-granular
+# transfer then needs no token-level variant: each SP rank pushes its own blocks.
+
+
+def sp_padded_len(num_tokens: int, block_size: int, sp: int) -> int:
+    unit = 2 * sp * block_size
+    return -(-num_tokens // unit) * unit
+
+
+def sp_block_owners(num_tokens: int, block_size: int, sp: int) -> list[int]:
+    """The SP rank that writes each of the prompt's ceil(num_tokens / block_size) blocks."""
+    chunk_blocks = sp_padded_len(num_tokens, block_size, sp) // (2 * sp * block_size)
+    owners = []
+    for block in range(-(-num_tokens // block_size)):
+        chunk = block // chunk_blocks
+        owners.append(chunk if chunk < sp else 2 * sp - 1 - chunk)
+    return owners

@@ -1,7 +1,9 @@
 """Moves one request's KV from prefill ranks into blocks the decode side reserved, layer by layer.
 
 KV moves in whole blocks (both sides use one block size; prompts start at position 0, so block i of the prompt
-on one side is block i on the other). Per transfer on a link: header (+ decode blocks) -> the decode side answers go/skip (skip when the reservation
+on one side is block i on the other). A sequence-parallel prefill pads each prompt so its zigzag chunks are whole
+blocks (`kv_plan.sp_padded_len`): each block is then held by one SP rank, which pushes it, and an SP rank that holds
+no block of a short prompt sends an order without blocks (handshake and done only). Per transfer on a link: header (+ decode blocks) -> the decode side answers go/skip (skip when the reservation
 was cancelled, so nothing is ever written into freed blocks) -> per layer, K/V of the planned heads (p2p: one
 message per layer; shm: written straight into the decode rank's cache, mapped from shared memory) -> done.
 Completion and failure are published in the decode instance's store under `transfer_key`."""
@@ -167,7 +169,7 @@ class KVSender:
                           for s in order.slices], dim=3)
 
     def _send_layer(self, job: dict, layer: int) -> None:
-        if job["stall"]:
+        if job["stall"] or not job["order"].src_blocks:  # an SP rank that holds no block of this prompt
             return
         order = job["order"]
         data = self._gather(layer, order) if self.transport == "p2p" else None
@@ -265,7 +267,7 @@ class KVReceiver:
             heads.append((offset, head, count))
             offset += count
         try:
-            if self.transport == "p2p":
+            if self.transport == "p2p" and n:
                 self._receive_layers(tid, blocks, heads, offset, deadline)
             self.link.recv(torch.zeros(1, dtype=torch.long), _tag(tid, _TAG_STRIDE - 1), deadline)
             self.store.set(key, "done")

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from splitserve.comm.sequence_parallel import sp_attention
+
+if TYPE_CHECKING:
+    from splitserve.workers.sp_prefill import SPContext
 
 
 @dataclass
@@ -19,6 +24,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None  # [num_seqs, max_blocks], padded with 0
     context_lens_t: torch.Tensor | None = None  # context_lens on the device, for the batched decode path
     on_kv_written: Callable[[torch.Tensor], None] | None = None  # called with each layer's cache once written
+    sp: SPContext | None = None  # set when this rank holds a zigzag shard of whole prompts (SP prefill)
 
     @property
     def is_fresh_prefill(self) -> bool:
@@ -52,6 +58,8 @@ class PagedAttention(nn.Module):
 
     def forward(self, q, k, v, kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
         """q: [N, H, d], k/v: [N, Hkv, d]; kv_cache: [2, blocks, block_size, Hkv, d] or None. Returns [N, H*d]."""
+        if meta.sp is not None:
+            return self._sequence_parallel(q, k, v, kv_cache, meta)
         if kv_cache is not None:
             self._store(k, v, kv_cache, meta.slot_mapping)
             if meta.on_kv_written is not None:
@@ -62,6 +70,17 @@ class PagedAttention(nn.Module):
             out = self._decode(q, kv_cache, meta)
         else:
             out = self._chunked(q, kv_cache, meta)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _sequence_parallel(self, q, k, v, kv_cache, meta):
+        """This rank's zigzag shard against the whole prompts (ring / TokenRing); only real tokens are cached."""
+        ctx = meta.sp
+        if kv_cache is not None:
+            self._store(k.index_select(0, ctx.rows), v.index_select(0, ctx.rows), kv_cache, meta.slot_mapping)
+            if meta.on_kv_written is not None:
+                meta.on_kv_written(kv_cache)
+        out = sp_attention(q, k, v, ctx.layout, ctx.group, ctx.algorithm, causal=True, scale=self.scale,
+                           window=self.sliding_window)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     @staticmethod
