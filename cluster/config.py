@@ -169,6 +169,9 @@ class ClusterConfig:
                              "(or both 0 with 'colocated.instances' > 0)")
         if not disaggregated and self.colocated.instances == 0:
             raise ValueError("config: no instances: set 'prefill'/'decode' instances or 'colocated.instances'")
+        if self.prefill.sp > 1 and self.prefill.instances == 0:
+            raise ValueError("config: 'prefill.sp' > 1 needs prefill instances; colocated instances do not run "
+                             "sequence-parallel prefill")
 
     @property
     def num_devices(self) -> int:

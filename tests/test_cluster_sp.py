@@ -1,12 +1,14 @@
 """Sequence-parallel prefill in the cluster: prompts of up to 2.5k tokens prefilled over SP 2 / SP 4 ranks (ring and
-TokenRing, with and without TP inside each SP rank, with a sliding window), decoded on TP1 and TP2 instances, give
-exactly the transformers tokens. Short prompts leave some SP ranks without a KV block to push (empty transfers)."""
+TokenRing, with and without TP inside each SP rank, with a sliding window, layer-wise and after-prefill transfer),
+decoded on TP1 and TP2 instances, give exactly the transformers tokens. Short prompts leave some SP ranks without a
+KV block to push (empty transfers)."""
 import random
 
 import pytest
 
 from cluster_helpers import config, ray_runtime, references, wait_for_idle, write_checkpoint  # noqa: F401
 from splitserve.cluster.cluster import Cluster
+from splitserve.cluster.config import config_from_dict
 from splitserve.comm.kv_plan import sp_block_owners, sp_padded_len
 from splitserve.comm.sp_common import ZigzagLayout
 from splitserve.workers.sampling_params import SamplingParams
@@ -19,6 +21,7 @@ LAYOUTS = {
     "sp2_ring_decode_tp2_shm": ("llama", {"prefill": {"sp": 2, "sp_algorithm": "ring"}, "decode": {"tp": 2},
                                           "kv_transfer": {"transport": "shm"}}),
     "sp2_window_token_ring": ("mistral", {"prefill": {"sp": 2, "sp_algorithm": "token_ring"}}),
+    "sp2_ring_after_prefill": ("llama", {"prefill": {"sp": 2}, "kv_transfer": {"mode": "after_prefill"}}),
 }
 
 
@@ -34,6 +37,16 @@ def test_every_token_of_a_block_lives_on_its_owner(sp, block_size):
         assert len(owners) == -(-n // block_size)
         for pos in range(n):
             assert layout.locate(0, pos)[0] == owners[pos // block_size], (n, pos)
+
+
+def test_config_accepts_sp_and_refuses_it_without_prefill_instances():
+    cfg = config_from_dict({"prefill": {"sp": 4, "tp": 2, "sp_algorithm": "token_ring"}})
+    assert cfg.prefill.world_size == 8 and cfg.num_devices == 9
+    with pytest.raises(ValueError, match="'prefill.sp'"):
+        config_from_dict({"prefill": {"instances": 0, "sp": 2}, "decode": {"instances": 0},
+                          "colocated": {"instances": 1}})
+    with pytest.raises(ValueError, match="'prefill.sp_algorithm'"):
+        config_from_dict({"prefill": {"sp": 2, "sp_algorithm": "all_gather"}})
 
 
 @pytest.fixture(scope="module")
