@@ -123,3 +123,37 @@ def test_stream_deltas_add_up_to_text_and_context_limit_releases_held_text():
         done += [out] if out is not None else []
     assert len(done) == 1 and done[0].finish_reason == "length"
     assert "".join(deltas) == done[0].text == full.text
+
+
+@pytest.mark.parametrize("budget", [16, 64])
+def test_chunked_prefill_splitfuse_matches_and_fuses(ckpt, llm, budget):
+    """Prompts longer than the token budget are split over steps and fused with running decodes; same tokens."""
+    prompts = random_prompts([50, 7, 33, 12, 70], seed=12)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    fused = LLM(ckpt, device="cpu", block_size=8, chunked_prefill=True, max_num_batched_tokens=budget)
+    seen_mixed = []
+    step = fused.core.step
+
+    def recording_step():
+        before = [(s.seq_id, s.num_computed_tokens) for s in list(fused.core.scheduler.running)]
+        outs = step()
+        seen_mixed.append(bool(before) and any(o.seq.seq_id not in dict(before) for o in outs))
+        return outs
+
+    fused.core.step = recording_step
+    outs = fused.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert any(seen_mixed)  # some step finished a prompt while other sequences were decoding
+    assert fused.blocks.num_free_blocks == fused.blocks.num_blocks
+
+
+def test_splitfuse_preempts_and_recomputes_under_a_small_cache(ckpt, llm):
+    prompts = random_prompts([30, 12, 25, 7, 18, 22], seed=9)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    per_block = 2 * 2 * 8 * 2 * 16 * 4
+    small = LLM(ckpt, device="cpu", block_size=8, kv_cache_bytes=18 * per_block, chunked_prefill=True,
+                max_num_batched_tokens=24)
+    outs = small.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert sum(o.num_preemptions for o in outs) > 0
+    assert small.blocks.num_free_blocks == small.blocks.num_blocks

@@ -27,6 +27,10 @@ class EngineCore:
             self.prefill.add(seq, front=True)
         return outputs + decode.outputs
 
+    @property
+    def num_running(self) -> int:
+        return self.decode.num_running
+
     def has_unfinished(self) -> bool:
         return self.prefill.num_waiting > 0 or self.decode.num_unfinished > 0
 

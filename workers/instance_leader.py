@@ -20,6 +20,8 @@ from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.prefill_engine import EngineOutput, PrefillEngine
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.sequence import Sequence
+from splitserve.workers.splitfuse_engine import SplitFuseEngine
+from splitserve.workers.sp_block_manager import SPBlockManager
 from splitserve.workers.stop import StopChecker
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,10 @@ class InstanceLeader:
         eng = self.spec.engine
         cfg = rank.model.cfg
         self.block_size = eng.get("block_size", 16)
-        self.blocks = BlockManager(rank.num_blocks, self.block_size)
+        if self.spec.sp > 1:  # each SP rank's cache is its own pool: the instance holds SP times the tokens
+            self.blocks = SPBlockManager(rank.num_blocks, self.block_size, self.spec.sp)
+        else:
+            self.blocks = BlockManager(rank.num_blocks, self.block_size)
         self.max_model_len = eng.get("max_model_len") or cfg.max_position_embeddings
         self.eos = cfg.eos_token_ids
         self.num_kv_heads = cfg.num_kv_heads
@@ -72,9 +77,12 @@ class InstanceLeader:
         if self.spec.role == "prefill":
             self.prefill = PrefillEngine(self.runner, self.blocks, tokens, seqs, self.max_model_len)
             self.core = None
-        else:
+        elif self.spec.role == "decode":  # prompts here are only preempted sequences being recomputed
             self.core = EngineCore(self.runner, self.blocks, seqs, tokens, self.max_model_len)
             self.prefill = self.core.prefill
+        else:  # colocated: chunked prefill fused with decodes (Dynamic SplitFuse)
+            self.core = SplitFuseEngine(self.runner, self.blocks, seqs, tokens, self.max_model_len)
+            self.prefill = self.core
         self.targets: dict[int, DecodeTarget] = {}
         self.pending: dict[int, Reservation] = {}
         self.draining: dict[int, list[str]] = {}
@@ -132,7 +140,7 @@ class InstanceLeader:
     def stats(self) -> dict:
         return {"free_blocks": self.blocks.num_free_blocks, "num_blocks": self.blocks.num_blocks,
                 "usage": self.blocks.usage, "waiting": self.prefill.num_waiting,
-                "running": self.core.decode.num_running if self.core else 0,
+                "running": self.core.num_running if self.core else 0,
                 "pending_transfers": len(self.pending), "error": self.error}
 
     def step_time_stats(self) -> list[float]:
@@ -229,7 +237,7 @@ class InstanceLeader:
             if target is None:
                 continue
             assert target.block_size == self.block_size, "both phases use the configured block size"
-            used = self.blocks.blocks_needed(seq.num_tokens)
+            used = -(-seq.num_tokens // self.block_size)
             src = self.blocks.block_table(seq.seq_id)[:used]
             dst = target.block_table[:used]
             plan = plan_heads(self.num_kv_heads, self.spec.tp, target.tp)

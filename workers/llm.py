@@ -15,6 +15,7 @@ from splitserve.workers.kv_cache import allocate_kv_cache, cuda_budget, num_bloc
 from splitserve.workers.loader import load_model, resolve_dtype
 from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.engine_core import EngineCore
+from splitserve.workers.splitfuse_engine import SplitFuseEngine
 from splitserve.workers.prefill_engine import EngineOutput
 from splitserve.workers.presets import resolve_model
 from splitserve.workers.sampling_params import SamplingParams, pair_with_params
@@ -61,7 +62,10 @@ class LLM:
     def __init__(self, model: str = "tiny", dtype: str = "float32", device: str = "auto", tp: TPGroup = SINGLE,
                  block_size: int = 16, kv_cache_bytes: int = 256 << 20, gpu_memory_fraction: float = 0.9,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 tp_norm_method: str = "reference", overlap_min_tokens: int | None = None):
+                 tp_norm_method: str = "reference", overlap_min_tokens: int | None = None,
+                 chunked_prefill: bool = False):
+        """`chunked_prefill`: fuse prompt chunks with decode tokens in one forward per step (Dynamic SplitFuse)
+        instead of alternating prompt batches and decode steps."""
         self.model_dir = resolve_model(model)
         self.device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
@@ -81,9 +85,11 @@ class LLM:
         caches = allocate_kv_cache(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, torch_dtype, self.device)
         self.eos_token_ids = cfg.eos_token_ids
         runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
-        self.core = EngineCore(runner, self.blocks, _positive("max_num_seqs", max_num_seqs),
-                               _positive("max_num_batched_tokens", max_num_batched_tokens), self.max_model_len)
-        self.prefill, self.decode = self.core.prefill, self.core.decode
+        engine = SplitFuseEngine if chunked_prefill else EngineCore
+        self.core = engine(runner, self.blocks, _positive("max_num_seqs", max_num_seqs),
+                           _positive("max_num_batched_tokens", max_num_batched_tokens), self.max_model_len)
+        # Where prompts are queued: the prefill engine, or the fused engine itself.
+        self.prefill = self.core if chunked_prefill else self.core.prefill
         self._ids = itertools.count()
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -107,7 +113,7 @@ class LLM:
             if seq.num_tokens >= self.max_model_len:
                 raise ValueError(f"prompt: {seq.num_tokens} tokens leave no room to generate within "
                                  f"max_model_len={self.max_model_len}")
-            self.prefill.scheduler.check_fits(seq)
+            self.prefill.check_fits(seq)
         for seq in seqs:
             self.prefill.add(seq)
         return seqs

@@ -54,4 +54,8 @@ class ModelRunner:
         return self.sampler(logits, requests)
 
     def run(self, batch: ForwardBatch, seqs: list[Sequence]) -> list[int]:
-        return self.sample(self.execute(batch, seqs), seqs)
+        """Next tokens of the sequences that reach their end in this forward (all of them unless chunked)."""
+        logits = self.execute(batch, seqs)
+        if batch.completes is not None and not all(batch.completes):
+            seqs = [s for s, done in zip(seqs, batch.completes) if done]
+        return self.sample(logits, seqs) if seqs else []

@@ -42,6 +42,9 @@ class PrefillEngine:
                              f"max_model_len={self.max_model_len}")
         self.scheduler.add(seq, front)
 
+    def check_fits(self, seq: Sequence) -> None:
+        self.scheduler.check_fits(seq)
+
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)

@@ -108,3 +108,69 @@ class DecodeScheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+
+class SplitFuseScheduler:
+    """Dynamic SplitFuse: every step runs each decoding sequence's next token plus prompt chunks that fill the
+    rest of the token budget; a long prompt is split over steps, short ones are fused whole."""
+
+    def __init__(self, blocks: BlockManager, max_batched_tokens: int, max_seqs: int):
+        self.blocks = blocks
+        self.max_batched_tokens = max_batched_tokens
+        self.max_seqs = max_seqs
+        self.prompts = PrefillScheduler(blocks, max_batched_tokens, max_seqs)  # its queue and admission checks
+        self.decoding = DecodeScheduler(blocks, max_seqs)
+
+    @property
+    def waiting(self):
+        return self.prompts.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.decoding.running
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """[(sequence, tokens to compute now)] and the sequences preempted to make room (back in the queue)."""
+        decodes, preempted = self.decoding.schedule()
+        for seq in reversed(preempted):
+            self.prompts.add(seq, front=True)
+        batch = [(seq, 1) for seq in decodes]
+        budget = self.max_batched_tokens - len(batch)
+        while self.waiting and budget > 0 and len(batch) < self.max_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._make_room(seq, n):
+                break
+            batch.append((seq, n))
+            budget -= n
+            if seq.num_computed_tokens + n < seq.num_tokens:
+                break  # a chunk in progress stays at the head of the queue
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+        return batch, preempted
+
+    def _make_room(self, seq: Sequence, n: int) -> bool:
+        # Running decodes keep a block each of headroom so a prompt chunk does not force their preemption.
+        needed = self.blocks.blocks_needed(seq.num_computed_tokens + n)
+        have = len(self.blocks.block_table(seq.seq_id)) if self.blocks.has(seq.seq_id) else 0
+        if needed - have + len(self.running) > self.blocks.num_free_blocks:
+            return False
+        if have == 0:
+            self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + n)
+        else:
+            self.blocks.append(seq.seq_id, seq.num_computed_tokens + n - self.blocks.num_tokens(seq.seq_id))
+        return True
+
+    def started(self, seq: Sequence) -> None:
+        """A prompt finished and sampled its first token: it decodes from the next step on."""
+        self.decoding.running.append(seq)
+
+    def retire(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        seq = self.prompts.abort(seq_id) or self.decoding.abort(seq_id)
+        self.blocks.free(seq_id)
+        return seq

@@ -67,9 +67,9 @@ class PagedAttention(nn.Module):
         if meta.is_fresh_prefill or kv_cache is None:
             out = self._prefill(q, k, v, meta)
         elif meta.is_decode:
-            out = self._decode(q, kv_cache, meta)
+            out = self._decode(q, kv_cache, meta.block_tables, meta.context_lens_t)
         else:
-            out = self._chunked(q, kv_cache, meta)
+            out = self._mixed(q, k, v, kv_cache, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _sequence_parallel(self, q, k, v, kv_cache, meta):
@@ -101,16 +101,19 @@ class PagedAttention(nn.Module):
         )
         return out.squeeze(0).transpose(0, 1)
 
+    def _prefill_one(self, q, k, v):
+        n = q.shape[0]
+        mask = None
+        if self.sliding_window is not None and n > self.sliding_window:
+            pos = torch.arange(n, device=q.device)
+            mask = _window_mask(pos, pos, self.sliding_window)
+        return self._attend(q, k, v, mask)
+
     def _prefill(self, q, k, v, meta):
         outs, start = [], 0
         for n in meta.query_lens:
-            end = start + n
-            mask = None
-            if self.sliding_window is not None and n > self.sliding_window:
-                pos = torch.arange(n, device=q.device)
-                mask = _window_mask(pos, pos, self.sliding_window)
-            outs.append(self._attend(q[start:end], k[start:end], v[start:end], mask))
-            start = end
+            outs.append(self._prefill_one(q[start : start + n], k[start : start + n], v[start : start + n]))
+            start += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _gather(self, kv_cache, block_table, length):
@@ -119,26 +122,38 @@ class PagedAttention(nn.Module):
         k, v = (_gather_blocks(kv_cache[i], blocks).view(-1, self.num_kv_heads, self.head_dim)[:length] for i in (0, 1))
         return k, v
 
-    def _chunked(self, q, kv_cache, meta):
-        """Queries that continue a cached prefix: gather each sequence's context from its blocks."""
-        outs, start = [], 0
+    def _mixed(self, q, k, v, kv_cache, meta):
+        """Decode rows, fresh prompts and prompt chunks in one forward (chunked prefill): the decode rows are
+        batched; a fresh prompt attends to its own K/V; a chunk gathers its cached prefix from the blocks."""
+        out = torch.empty_like(q)
+        starts, decode = [], []
+        start = 0
         for i, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
-            k, v = self._gather(kv_cache, meta.block_tables[i], ctx)
-            q_pos = torch.arange(ctx - n, ctx, device=q.device)
-            mask = _window_mask(q_pos, torch.arange(ctx, device=q.device), self.sliding_window)
-            outs.append(self._attend(q[start : start + n], k, v, mask))
+            starts.append(start)
+            if n == 1 and ctx > 1:
+                decode.append(i)
+            elif n == ctx:
+                out[start : start + n] = self._prefill_one(q[start : start + n], k[start : start + n], v[start : start + n])
+            else:
+                kk, vv = self._gather(kv_cache, meta.block_tables[i], ctx)
+                q_pos = torch.arange(ctx - n, ctx, device=q.device)
+                mask = _window_mask(q_pos, torch.arange(ctx, device=q.device), self.sliding_window)
+                out[start : start + n] = self._attend(q[start : start + n], kk, vv, mask)
             start += n
-        return torch.cat(outs)
+        if decode:
+            idx = torch.tensor(decode, device=q.device)
+            rows = torch.tensor([starts[i] for i in decode], device=q.device)
+            out[rows] = self._decode(q[rows], kv_cache, meta.block_tables[idx], meta.context_lens_t[idx])
+        return out
 
-    def _decode(self, q, kv_cache, meta):
+    def _decode(self, q, kv_cache, bt, context_lens):
         """One new token per sequence: gather all contexts at once and attend in one batched call."""
-        bt = meta.block_tables
         batch, max_blocks = bt.shape
         block_size = kv_cache.shape[2]
         k, v = (_gather_blocks(kv_cache[i], bt).view(batch, max_blocks * block_size, self.num_kv_heads, self.head_dim)
                 for i in (0, 1))
         key_pos = torch.arange(max_blocks * block_size, device=q.device)
-        lens = meta.context_lens_t[:, None]
+        lens = context_lens[:, None]
         mask = key_pos[None, :] < lens
         if self.sliding_window is not None:
             mask &= key_pos[None, :] >= lens - self.sliding_window
