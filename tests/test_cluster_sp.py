@@ -11,7 +11,9 @@ from splitserve.cluster.cluster import Cluster
 from splitserve.cluster.config import config_from_dict
 from splitserve.comm.kv_plan import sp_block_owners, sp_padded_len
 from splitserve.comm.sp_common import ZigzagLayout
+from splitserve.workers.block_manager import BlockManager, NoFreeBlocksError
 from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.sp_block_manager import SPBlockManager
 
 LAYOUTS = {
     "sp2_ring": ("llama", {"prefill": {"sp": 2, "sp_algorithm": "ring"}}),
@@ -37,6 +39,22 @@ def test_every_token_of_a_block_lives_on_its_owner(sp, block_size):
         assert len(owners) == -(-n // block_size)
         for pos in range(n):
             assert layout.locate(0, pos)[0] == owners[pos // block_size], (n, pos)
+
+
+def test_sp_block_manager_holds_sp_times_one_rank():
+    """Each block comes from its owner's pool; a prompt larger than one rank's cache fits over four ranks."""
+    one, sp = BlockManager(10, 8), SPBlockManager(10, 8, 4)
+    assert not one.can_allocate(300) and sp.can_allocate(300)
+    table = sp.allocate("a", 300)
+    owners = sp_block_owners(300, 8, 4)
+    for rank in range(4):
+        mine = [b for b, o in zip(table, owners) if o == rank]
+        assert sorted(mine) == list(range(len(mine)))  # the lowest free blocks of that rank's own pool
+    assert sp.slot_mapping("a", 8, 10) == [table[1] * 8, table[1] * 8 + 1]
+    assert sp.num_free_blocks == 10 - max(owners.count(r) for r in range(4))
+    with pytest.raises(NoFreeBlocksError):
+        sp.allocate("b", 300)
+    assert not sp.has("b") and sp.free("a") == len(table) and sp.num_free_blocks == 10 and sp.free("a") == 0
 
 
 def test_config_accepts_sp_and_refuses_it_without_prefill_instances():
