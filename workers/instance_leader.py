@@ -20,6 +20,7 @@ from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.prefill_engine import EngineOutput, PrefillEngine
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.sequence import Sequence
+from splitserve.workers.splitfuse_engine import SplitFuseEngine
 from splitserve.workers.sp_block_manager import SPBlockManager
 from splitserve.workers.stop import StopChecker
 
@@ -76,9 +77,12 @@ class InstanceLeader:
         if self.spec.role == "prefill":
             self.prefill = PrefillEngine(self.runner, self.blocks, tokens, seqs, self.max_model_len)
             self.core = None
-        else:
+        elif self.spec.role == "decode":  # prompts here are only preempted sequences being recomputed
             self.core = EngineCore(self.runner, self.blocks, seqs, tokens, self.max_model_len)
             self.prefill = self.core.prefill
+        else:  # colocated: chunked prefill fused with decodes (Dynamic SplitFuse)
+            self.core = SplitFuseEngine(self.runner, self.blocks, seqs, tokens, self.max_model_len)
+            self.prefill = self.core
         self.targets: dict[int, DecodeTarget] = {}
         self.pending: dict[int, Reservation] = {}
         self.draining: dict[int, list[str]] = {}
@@ -136,7 +140,7 @@ class InstanceLeader:
     def stats(self) -> dict:
         return {"free_blocks": self.blocks.num_free_blocks, "num_blocks": self.blocks.num_blocks,
                 "usage": self.blocks.usage, "waiting": self.prefill.num_waiting,
-                "running": self.core.decode.num_running if self.core else 0,
+                "running": self.core.num_running if self.core else 0,
                 "pending_transfers": len(self.pending), "error": self.error}
 
     def step_time_stats(self) -> list[float]:
