@@ -65,7 +65,7 @@ def _run_methods(rank, world, methods, steps):
     return out, pads_clean
 
 
-def _check(results, world, exact_methods, loose_methods):
+def _assert_all_match(results, world, exact_methods, loose_methods):
     per_rank = [r[0] for r in results]
     assert all(r[1] for r in results), "signal pads must be back to zero after every call"
     for method in exact_methods + loose_methods:
@@ -86,7 +86,7 @@ def test_symmetric_kernels_interpreted(monkeypatch, world):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks only
     methods = ["symmetric_oneshot", "symmetric_rs"]
     results = run_distributed(_run_methods, world, methods, 8 if world == 2 else 6)
-    _check(results, world, methods, [])
+    _assert_all_match(results, world, methods, [])
 
 
 def test_methods_on_gloo(monkeypatch):
@@ -95,7 +95,7 @@ def test_methods_on_gloo(monkeypatch):
     exact = ["symmetric_oneshot", "symmetric_rs", "symmetric"]
     loose = ["reference", "rs_ag", "auto"]
     results = run_distributed(_run_methods, 2, exact + loose, 8)
-    _check(results, 2, exact, loose)
+    _assert_all_match(results, 2, exact, loose)
 
 
 def test_no_shared_memory_files_left():
