@@ -61,6 +61,7 @@ class RankWorker:
         self.links: dict[LinkId, Link] = {}
         self._peer_caches: dict[LinkId, list[torch.Tensor]] = {}
         self.leader = None
+        self._sending = False  # pushes started by the last forward and not yet finished
         self._shm_file: str | None = None
 
     # ------------------------------------------------------------------------------------------- start-up
@@ -181,13 +182,13 @@ class RankWorker:
         self.finish_sends()  # earlier pushes read blocks that this forward may overwrite
         mine = [o for o in orders if o.link.prefill_rank == self.rank]
         if not mine or self.sender is None:
-            return self.leader_runner_forward(batch)
+            return self._forward_logits(batch)
         layerwise = self.spec.transfer.get("mode", "layerwise") == "layerwise"
         if layerwise:
             self.sender.begin(mine)
-            logits = self.leader_runner_forward(batch, lambda cache: self.sender.layer_done(self._layer_of[id(cache)]))
+            logits = self._forward_logits(batch, lambda cache: self.sender.layer_done(self._layer_of[id(cache)]))
         else:
-            logits = self.leader_runner_forward(batch)
+            logits = self._forward_logits(batch)
             self.sender.begin(mine)
             for layer in range(len(self.caches)):
                 self.sender.layer_done(layer)
@@ -195,11 +196,11 @@ class RankWorker:
         return logits
 
     def finish_sends(self) -> None:
-        if getattr(self, "_sending", False):
+        if self._sending:
             self.last_send_results = self.sender.end()
             self._sending = False
 
-    def leader_runner_forward(self, batch: ForwardBatch, hook=None) -> torch.Tensor:
+    def _forward_logits(self, batch: ForwardBatch, hook=None) -> torch.Tensor:
         if self.spec.sp > 1:
             return self.sp_runner.forward_logits(batch, hook)
         return self.runner.forward_logits(batch, hook)
