@@ -96,11 +96,20 @@ def _add_plan(sub) -> None:
     p.set_defaults(func=plan_cli.run)
 
 
+def _add_profile(sub) -> None:
+    from splitserve.cluster import profiler
+
+    p = sub.add_parser("profile", help="measure prefill/decode times here and fit a latency profile for `plan`")
+    profiler.add_arguments(p)
+    p.set_defaults(func=profiler.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
+    _add_profile(sub)
     return parser
 
 
