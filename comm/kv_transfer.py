@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = 0x5353_4B56
 HEADER_TAG, ACK_TAG = 1, 2
+_HEADER_FIELDS = 8
+_HEADER_LEN = 512  # int64s: the fields, then the decode blocks and head slices inline when they fit
 _TAG_STRIDE = 1024  # per-transfer tag space: one tag per layer, then slots and done
 
 
@@ -143,17 +145,25 @@ class KVSender:
         job = {"order": order, "deadline": deadline, "go": False, "error": None, "works": [], "stall": False}
         link = self.links[order.link]
         n = len(order.dst_blocks)
+        meta = order.dst_blocks + [v for s in order.slices for v in (s.dst_head, s.num_heads)]
+        inline = len(meta) <= _HEADER_LEN - _HEADER_FIELDS
+        header = torch.zeros(_HEADER_LEN, dtype=torch.long)
+        header[:_HEADER_FIELDS] = torch.tensor([MAGIC, order.tid, n, len(self.caches), len(order.slices), int(inline), 0, 0])
+        if inline:
+            header[_HEADER_FIELDS : _HEADER_FIELDS + len(meta)] = torch.tensor(meta, dtype=torch.long)
+        # Not waited for one by one: the ack proves they arrived; `_finish` collects them with the data.
+        job["works"].append((link.isend(header, HEADER_TAG), header))
+        if not inline:
+            extra = torch.tensor(meta, dtype=torch.long)
+            job["works"].append((link.isend(extra, _tag(order.tid, _TAG_STRIDE - 2)), extra))
         try:
-            header = torch.tensor([MAGIC, order.tid, n, len(self.caches), len(order.slices), 0, 0, 0])
-            meta = torch.tensor(order.dst_blocks + [v for s in order.slices for v in (s.dst_head, s.num_heads)])
-            link.send(header, HEADER_TAG, deadline)
-            link.send(meta, _tag(order.tid, _TAG_STRIDE - 2), deadline)
             ack = link.recv(torch.zeros(1, dtype=torch.long), ACK_TAG, deadline)
             job["go"] = bool(ack.item())
             if not job["go"]:
                 job["error"] = "cancelled by the decode side"
         except (LinkTimeout, LinkBroken) as e:
             job["error"] = str(e)
+            link.abandon(buf for _, buf in job["works"])
         if self.faults > 0 and job["go"]:
             self.faults -= 1
             job["stall"] = True  # handshake done, data never sent: the decode side must time out
@@ -237,21 +247,26 @@ class KVReceiver:
     def _run(self) -> None:
         while True:
             try:
-                header = self.link.recv(torch.zeros(8, dtype=torch.long), HEADER_TAG, None)
+                header = self.link.recv(torch.zeros(_HEADER_LEN, dtype=torch.long), HEADER_TAG, None)
             except LinkBroken as e:
                 self.broken = str(e)
                 log.warning("link closed: %s", e)
                 return
-            self._receive(*header.tolist()[:5])
+            self._receive(header)
 
-    def _receive(self, magic: int, tid: int, n: int, num_layers: int, num_slices: int) -> None:
+    def _receive(self, header: torch.Tensor) -> None:
         """Handshake here; the data of an accepted transfer arrives in its own thread, so the next header (the
         sender handshakes every order of a forward before pushing layers) is taken at once."""
+        magic, tid, n, num_layers, num_slices, inline = header[:6].tolist()
         assert magic == MAGIC and num_layers == len(self.caches), "peer speaks another protocol or model"
         deadline = time.monotonic() + self.timeout_s
         key = transfer_key(tid, self.link.id.decode_rank, self.link.id.prefill_rank)
+        size = n + 2 * num_slices
         try:
-            meta = self.link.recv(torch.zeros(n + 2 * num_slices, dtype=torch.long), _tag(tid, _TAG_STRIDE - 2), deadline)
+            if inline:
+                meta = header[_HEADER_FIELDS : _HEADER_FIELDS + size].clone()
+            else:
+                meta = self.link.recv(torch.zeros(size, dtype=torch.long), _tag(tid, _TAG_STRIDE - 2), deadline)
             go = self.store.compare_set(key, "pending", "receiving") == b"receiving"
             self.link.send(torch.tensor([int(go)]), ACK_TAG, deadline)
         except (LinkTimeout, LinkBroken) as e:
