@@ -19,6 +19,7 @@ LAYOUTS = {
     "sp2_ring": ("llama", {"prefill": {"sp": 2, "sp_algorithm": "ring"}}),
     "sp2_token_ring": ("llama", {"prefill": {"sp": 2, "sp_algorithm": "token_ring"}}),
     "sp4_token_ring": ("llama", {"prefill": {"sp": 4, "sp_algorithm": "token_ring"}}),
+    "sp4_ring_decode_tp2": ("llama", {"prefill": {"sp": 4, "sp_algorithm": "ring"}, "decode": {"tp": 2}}),
     "sp2_tp2_ring": ("llama", {"prefill": {"sp": 2, "tp": 2, "sp_algorithm": "ring"}}),
     "sp2_ring_decode_tp2_shm": ("llama", {"prefill": {"sp": 2, "sp_algorithm": "ring"}, "decode": {"tp": 2},
                                           "kv_transfer": {"transport": "shm"}}),
