@@ -16,7 +16,41 @@ def _check_count(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-class BlockManager:
+class BlockTables:
+    """Per-sequence block tables and token counts, and the lookups on them (shared by the block managers)."""
+
+    def __init__(self):
+        self._tables: dict[str, list[int]] = {}
+        self._num_tokens: dict[str, int] = {}
+
+    def has(self, seq_id: str) -> bool:
+        return seq_id in self._tables
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return list(self._table(seq_id))
+
+    def num_tokens(self, seq_id: str) -> int:
+        self._table(seq_id)
+        return self._num_tokens[seq_id]
+
+    def slot_mapping(self, seq_id: str, start: int, end: int) -> list[int]:
+        """Flat KV slot (block * block_size + offset) of each token position in [start, end)."""
+        table = self._table(seq_id)
+        if not 0 <= start <= end <= self._num_tokens[seq_id]:
+            raise ValueError(
+                f"token range [start={start}, end={end}) is outside 0..{self._num_tokens[seq_id]} "
+                f"for seq_id {seq_id!r}")
+        bs = self.block_size
+        return [table[pos // bs] * bs + pos % bs for pos in range(start, end)]
+
+    def _table(self, seq_id: str) -> list[int]:
+        try:
+            return self._tables[seq_id]
+        except KeyError:
+            raise KeyError(f"unknown seq_id {seq_id!r}") from None
+
+
+class BlockManager(BlockTables):
 
     def __init__(self, num_blocks: int, block_size: int):
         _check_count("num_blocks", num_blocks, 1)
@@ -25,8 +59,7 @@ class BlockManager:
         self.block_size = block_size
         # A sorted list is a valid min-heap, so the lowest free ids are handed out first.
         self._free: list[int] = list(range(num_blocks))
-        self._tables: dict[str, list[int]] = {}
-        self._num_tokens: dict[str, int] = {}
+        super().__init__()
 
     @property
     def num_free_blocks(self) -> int:
@@ -77,32 +110,6 @@ class BlockManager:
         for block in table:
             heapq.heappush(self._free, block)
         return len(table)
-
-    def has(self, seq_id: str) -> bool:
-        return seq_id in self._tables
-
-    def block_table(self, seq_id: str) -> list[int]:
-        return list(self._table(seq_id))
-
-    def num_tokens(self, seq_id: str) -> int:
-        self._table(seq_id)
-        return self._num_tokens[seq_id]
-
-    def slot_mapping(self, seq_id: str, start: int, end: int) -> list[int]:
-        """Flat KV slot (block * block_size + offset) of each token position in [start, end)."""
-        table = self._table(seq_id)
-        if not 0 <= start <= end <= self._num_tokens[seq_id]:
-            raise ValueError(
-                f"token range [start={start}, end={end}) is outside 0..{self._num_tokens[seq_id]} "
-                f"for seq_id {seq_id!r}")
-        bs = self.block_size
-        return [table[pos // bs] * bs + pos % bs for pos in range(start, end)]
-
-    def _table(self, seq_id: str) -> list[int]:
-        try:
-            return self._tables[seq_id]
-        except KeyError:
-            raise KeyError(f"unknown seq_id {seq_id!r}") from None
 
     def _extra_blocks(self, seq_id: str, num_new_tokens: int) -> int:
         _check_count("num_new_tokens", num_new_tokens, 0)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections import Counter
 
 from splitserve.comm.kv_plan import sp_block_owners
-from splitserve.workers.block_manager import BlockManager, NoFreeBlocksError
+from splitserve.workers.block_manager import BlockManager, BlockTables, NoFreeBlocksError
 
 
-class SPBlockManager:
+class SPBlockManager(BlockTables):
     """The `BlockManager` interface the prefill scheduler and leader use. Capacity is counted per rank: a prompt's
     `blocks_needed` is the most blocks any one SP rank holds of it, `num_free_blocks` the fewest free in any pool,
     so `blocks_needed(n) <= num_free_blocks` guarantees every pool can take its share."""
@@ -22,8 +22,7 @@ class SPBlockManager:
         assert sp > 1
         self.pools = [BlockManager(num_blocks, block_size) for _ in range(sp)]
         self.num_blocks, self.block_size, self.sp = num_blocks, block_size, sp
-        self._tables: dict[str, list[int]] = {}
-        self._num_tokens: dict[str, int] = {}
+        super().__init__()
 
     @property
     def num_free_blocks(self) -> int:
@@ -61,26 +60,3 @@ class SPBlockManager:
         del self._num_tokens[seq_id]
         return sum(p.free(seq_id) for p in self.pools)
 
-    def has(self, seq_id: str) -> bool:
-        return seq_id in self._tables
-
-    def block_table(self, seq_id: str) -> list[int]:
-        return list(self._table(seq_id))
-
-    def num_tokens(self, seq_id: str) -> int:
-        self._table(seq_id)
-        return self._num_tokens[seq_id]
-
-    def slot_mapping(self, seq_id: str, start: int, end: int) -> list[int]:
-        table = self._table(seq_id)
-        if not 0 <= start <= end <= self._num_tokens[seq_id]:
-            raise ValueError(f"token range [start={start}, end={end}) is outside 0..{self._num_tokens[seq_id]} "
-                             f"for seq_id {seq_id!r}")
-        bs = self.block_size
-        return [table[pos // bs] * bs + pos % bs for pos in range(start, end)]
-
-    def _table(self, seq_id: str) -> list[int]:
-        try:
-            return self._tables[seq_id]
-        except KeyError:
-            raise KeyError(f"unknown seq_id {seq_id!r}") from None
