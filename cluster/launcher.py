@@ -48,6 +48,8 @@ def layout_summary(config: ClusterConfig) -> str:
 
 
 class Launcher:
+    STARTUP_TIMEOUT_S = 600.0  # model loading on a busy CPU machine can take minutes
+
     def __init__(self, config: ClusterConfig, model_dir: str):
         self.config = config
         self.model_dir = model_dir
@@ -122,17 +124,26 @@ class Launcher:
                 self.instances.append(self._place(ray, spec))
             self._init_groups(ray)
             self._connect_links(ray)
-            ray.get([a.call.remote("start") for inst in self.instances for a in inst.actors])
+            self._get(ray, [a.call.remote("start") for inst in self.instances for a in inst.actors], "starting")
         except BaseException:
             self.shutdown()
             raise
         return self.instances
 
     def _init_groups(self, ray) -> None:
-        hosts = ray.get([inst.leader.node_ip.remote() for inst in self.instances])
-        ports = ray.get([inst.leader.call.remote("create_store", host) for inst, host in zip(self.instances, hosts)])
-        ray.get([a.call.remote("init", host, port) for inst, host, port in zip(self.instances, hosts, ports)
-                 for a in inst.actors])
+        hosts = self._get(ray, [inst.leader.node_ip.remote() for inst in self.instances], "locating leaders")
+        ports = self._get(ray, [inst.leader.call.remote("create_store", host)
+                                for inst, host in zip(self.instances, hosts)], "creating stores")
+        self._get(ray, [a.call.remote("init", host, port) for inst, host, port in zip(self.instances, hosts, ports)
+                 for a in inst.actors], "loading models and forming process groups")
+
+    def _get(self, ray, refs, what: str):
+        """Start-up steps wait a bounded time: a rank that never joins fails the launch instead of hanging it."""
+        try:
+            return ray.get(refs, timeout=self.STARTUP_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"start-up: {what} took longer than {self.STARTUP_TIMEOUT_S:.0f}s; "
+                               "check the actors' logs (`ray logs`)") from None
 
     def _connect_links(self, ray) -> None:
         prefills = [i for i in self.instances if i.spec.role == "prefill"]
@@ -150,16 +161,17 @@ class Launcher:
                     per_actor.setdefault((p.name, pr), []).append(link)
                     per_actor.setdefault((d.name, dr), []).append(link)
         by_name = {i.name: i for i in self.instances}
-        ray.get([by_name[name].actors[rank].call.remote("connect_links", host, self.link_store.port, links)
-                 for (name, rank), links in per_actor.items()])
+        self._get(ray, [by_name[name].actors[rank].call.remote("connect_links", host, self.link_store.port, links)
+                        for (name, rank), links in per_actor.items()], "connecting prefill -> decode links")
         if self.config.kv_transfer.transport == "shm":
-            shapes = {d.name: ray.get([a.call.remote("cache_shape") for a in d.actors]) for d in decodes}
+            shapes = {d.name: self._get(ray, [a.call.remote("cache_shape") for a in d.actors], "reading cache shapes")
+                      for d in decodes}
             calls = []
             for (name, rank), links in per_actor.items():
                 if by_name[name].spec.role == "prefill":
                     peer = {lk: shapes[lk.decode_instance][lk.decode_rank] for lk in links}
                     calls.append(by_name[name].actors[rank].call.remote("set_peer_cache_shapes", peer))
-            ray.get(calls)
+            self._get(ray, calls, "mapping shared caches")
 
     def shutdown(self) -> None:
         ray = _ray()

@@ -57,19 +57,6 @@ class SendResult:
     error: str | None = None
 
 
-def _heads_index(slices: list[HeadSlice], attr: str) -> list[tuple[int, int, int]]:
-    """(offset in the packed message, first local head, count) per slice."""
-    out, offset = [], 0
-    for s in slices:
-        out.append((offset, getattr(s, attr), s.num_heads))
-        offset += s.num_heads
-    return out
-
-
-def _packed_heads(slices) -> int:
-    return sum(s.num_heads for s in slices)
-
-
 # ----------------------------------------------------------------------------------------------- shared memory
 
 def shm_path(cluster_id: str, instance: str, rank: int) -> str:

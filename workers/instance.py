@@ -2,6 +2,7 @@
 leader) broadcasts, and every rank pushes (prefill) or accepts (decode) its share of each request's KV."""
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -17,6 +18,8 @@ from splitserve.workers.batch import ForwardBatch
 from splitserve.workers.kv_cache import allocate_kv_cache, cuda_budget, num_blocks_for_budget
 from splitserve.workers.llm import resolve_device
 from splitserve.workers.loader import load_model, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "colocated")
 
@@ -111,12 +114,14 @@ class RankWorker:
 
     def connect_links(self, host: str, port: int, link_ids: list[LinkId]) -> int:
         """Builds every link of this rank at once (each blocks until its peer joins), then starts the KV threads."""
-        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
         side = SENDER if self.spec.role == "prefill" else RECEIVER
         errors: list[BaseException] = []
 
         def connect(link_id):
             try:
+                # One store client per link: a client blocked in one rendezvous's wait would hold back this
+                # rank's writes for the others, and two ranks can then wait on each other for good.
+                store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
                 self.links[link_id] = Link(link_id, side, store, self.device)
             except BaseException as e:  # reported below, never lost in a thread
                 errors.append(e)
@@ -197,7 +202,10 @@ class RankWorker:
 
     def finish_sends(self) -> None:
         if self._sending:
-            self.last_send_results = self.sender.end()
+            for result in self.sender.end():
+                if not result.ok:  # the decode side decides the request's fate; this side only records why
+                    log.warning("KV push of request %d from %s rank %d failed: %s", result.tid, self.spec.name,
+                                self.rank, result.error)
             self._sending = False
 
     def _forward_logits(self, batch: ForwardBatch, hook=None) -> torch.Tensor:

@@ -92,7 +92,6 @@ class InstanceLeader:
         self.running = True
         self.paused = False  # test hook: commands are still taken, but no step runs
         self.error: str | None = None
-        self.step_times: list[float] = []
         self._last_poll = 0.0
 
     def start(self) -> None:
@@ -142,10 +141,6 @@ class InstanceLeader:
                 "usage": self.blocks.usage, "waiting": self.prefill.num_waiting,
                 "running": self.core.num_running if self.core else 0,
                 "pending_transfers": len(self.pending), "error": self.error}
-
-    def step_time_stats(self) -> list[float]:
-        times, self.step_times = self.step_times, []
-        return times
 
     # ------------------------------------------------------------------------------ loop thread only
     def _emit(self, *events) -> None:
@@ -300,10 +295,8 @@ class InstanceLeader:
             try:
                 if waiting_on_transfers:
                     self._check_transfers()
-                start = time.perf_counter()
                 outputs = [] if self.paused else self._step()
                 if outputs:
-                    self.step_times.append(time.perf_counter() - start)
                     self._report(outputs)
             except Exception as e:  # a broken instance reports, it does not hang its requests
                 log.exception("instance %s failed", self.spec.name)
