@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+DEFAULT_TARGET = "127.0.0.1:50051"
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text in-process from a model (colocated engine)")
-    p.add_argument("prompts", nargs="+", help="one or more prompts")
-    p.add_argument("--model", default="tiny", help="preset name (tiny, small) or a local HF checkpoint directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+def _add_sampling(p) -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -19,10 +17,31 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--stream", action="store_true", help="print text as it is produced (one prompt)")
+
+
+def _add_server_target(p) -> None:
+    p.add_argument("--server", default=os.environ.get("SPLITSERVE_SERVER", DEFAULT_TARGET),
+                   help=f"gRPC server address (default: $SPLITSERVE_SERVER or {DEFAULT_TARGET})")
+    p.add_argument("--token", default=os.environ.get("SPLITSERVE_AUTH_TOKEN"),
+                   help="bearer token (default: $SPLITSERVE_AUTH_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate")
+    p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text: through a running server (default), or in-process "
+                                        "with --local (one engine) or --cluster (a local disaggregated cluster)")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    _add_server_target(p)
+    p.add_argument("--local", action="store_true", help="run an engine in this process instead of using a server")
     p.add_argument("--cluster", action="store_true",
-                   help="run through a disaggregated cluster on local Ray (prefill and decode instances)")
+                   help="run a disaggregated cluster on local Ray in this process (prefill and decode instances)")
     p.add_argument("--config", default=None, help="cluster YAML (with --cluster); default: 1 prefill + 1 decode")
+    p.add_argument("--model", default="tiny", help="with --local/--cluster: preset (tiny, small) or a checkpoint dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    _add_sampling(p)
+    p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.set_defaults(func=_generate)
 
 
@@ -30,6 +49,8 @@ def _generate(args) -> int:
     from splitserve.workers.llm import LLM
     from splitserve.workers.sampling_params import SamplingParams
 
+    if not (args.local or args.cluster or args.config):
+        return _generate_on_server(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     if args.cluster or args.config:
@@ -104,10 +125,44 @@ def _add_profile(sub) -> None:
     p.set_defaults(func=profiler.run)
 
 
+def _generate_on_server(args) -> int:
+    from splitserve.cluster import serve_cli
+
+    return serve_cli.generate_on_server(args)
+
+
+def _add_serve(sub) -> None:
+    from splitserve.cluster import serve_cli
+
+    p = sub.add_parser("serve", help="serve the gRPC API (default: the embedded 1 prefill + 1 decode config)")
+    serve_cli.add_serve_arguments(p)
+    p.set_defaults(func=serve_cli.run_serve)
+
+
+def _add_info(sub) -> None:
+    from splitserve.cluster import serve_cli
+
+    p = sub.add_parser("info", help="show a running server's model, layout, queue and KV usage")
+    _add_server_target(p)
+    p.set_defaults(func=serve_cli.run_info)
+
+
+def _add_demo(sub) -> None:
+    from splitserve.cluster import serve_cli
+
+    p = sub.add_parser("demo", help="start the default server, stream a few requests through the gRPC client, "
+                                    "print text and TTFT/TPOT, stop the server")
+    serve_cli.add_demo_arguments(p)
+    p.set_defaults(func=serve_cli.run_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
     _add_generate(sub)
+    _add_info(sub)
+    _add_demo(sub)
     _add_plan(sub)
     _add_profile(sub)
     return parser

@@ -112,6 +112,9 @@ class Cluster:
     def stats(self) -> dict:
         return self._on_loop_sync(self._stats())
 
+    async def stats_async(self) -> dict:
+        return await self._on_loop(self._stats())
+
     def leader_call(self, instance: str, method: str, *args):
         """Calls a leader method directly (diagnostics and tests)."""
         import ray
@@ -388,5 +391,6 @@ class Cluster:
         states: dict[str, int] = {}
         for req in self.requests.values():
             states[req.state.value] = states.get(req.state.value, 0) + 1
-        return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, **self.instance_stats.get(n, {})}
+        return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, "sp": i.spec.sp,
+                                  **self.instance_stats.get(n, {})}
                               for n, i in self.instances.items()}, "requests": states}

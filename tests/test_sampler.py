@@ -222,3 +222,17 @@ def test_tiny_temperature_does_not_produce_nan():
     out = Sampler([EOS])(logits, [req(temperature=1e-30, seed=1), req(temperature=1e-30, seed=2)])
     assert out == logits.argmax(-1).tolist()
     assert not math.isnan(sum(out))
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=1e-300, seed=3),                      # below float32's smallest number
+    dict(temperature=1e300, seed=3),
+    dict(temperature=1.0, repetition_penalty=1e-300, seed=3),  # divides seen logits to inf
+    dict(temperature=1.0, repetition_penalty=1e300, seed=3),
+    dict(temperature=0.0, repetition_penalty=1e-300),
+    dict(temperature=0.7, top_k=2**31 - 1, top_p=1e-300, min_p=1.0, seed=3),
+])
+def test_extreme_valid_params_sample_a_token(params):
+    logits = random_logits(1, 50, seed=9)
+    out = Sampler([EOS])(logits, [req(prompt=range(10), **params)])
+    assert len(out) == 1 and 0 <= out[0] < 50

@@ -8,6 +8,8 @@ import torch
 from splitserve.workers.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -108,6 +110,8 @@ class Sampler:
         for i, r in enumerate(requests):
             if self._needs_row_edit(r):
                 apply_penalties(logits[i], r.params, r.prompt_token_ids, r.output_token_ids)
+                # Extreme (valid) penalties can overflow: keep the row orderable and free of nan.
+                logits[i].nan_to_num_(nan=_NEG_INF, posinf=_FLOAT32_MAX, neginf=_NEG_INF)
                 self._mask_early_stop(logits[i], r)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -135,7 +139,9 @@ class Sampler:
                                 device=logits.device)
         # Shift by the row max first so a tiny temperature cannot overflow to inf - inf = nan.
         logits = logits - logits.max(dim=-1, keepdim=True).values
-        logits = logits / column("temperature", torch.float32).unsqueeze(-1)
+        # A temperature below MIN_TEMPERATURE (but above 0) samples as if it were MIN_TEMPERATURE: effectively
+        # greedy, without dividing by a float32 zero.
+        logits = logits / column("temperature", torch.float32).clamp(min=MIN_TEMPERATURE).unsqueeze(-1)
         logits = apply_top_k(logits, column("top_k", torch.long))
         logits = apply_top_p(logits, column("top_p", torch.float32))
         logits = apply_min_p(logits, column("min_p", torch.float32))
