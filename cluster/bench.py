@@ -32,6 +32,7 @@ CONTEXT_FRACTION = 0.5  # synthetic means are scaled down until prompt + output 
 LOW_TOKEN_ID = 10  # random prompt ids start here: low ids are often control tokens (bos, eos, pad)
 PERCENTILES = (50, 90, 99)
 TOKEN_ENV = "SPLITSERVE_AUTH_TOKEN"
+SERVER_ENV = "SPLITSERVE_SERVER"
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,7 @@ async def run_benchmark(target: str, workload: Sequence[BenchRequest], rate: flo
                         slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, token: str | None = None,
                         max_concurrency: int | None = None, seed: int = 0, progress: bool = False,
                         timeout: float | None = None, temperature: float = 0.0, ignore_eos: bool = True,
-                        keep_records: bool = False) -> dict:
+                        tls_ca: str | None = None, keep_records: bool = False) -> dict:
     """Sends `workload` to the server at `target` with seeded arrivals at `rate` req/s and returns `summarize`'s
     report plus `rate` and `burstiness` (and `requests`, each record, with keep_records). Latencies are timed from
     the moment a request is sent, so with `max_concurrency` the wait for a free slot is not part of its TTFT."""
@@ -370,7 +371,7 @@ async def run_benchmark(target: str, workload: Sequence[BenchRequest], rate: flo
         bar.update(record.ok)
         return record
 
-    async with AsyncClient(target, token=token) as client:
+    async with AsyncClient(target, token=token, tls_ca=tls_ca) as client:
         start = time.perf_counter()
         tasks = []
         for index, (at, request) in enumerate(zip(arrivals, workload)):
@@ -388,11 +389,11 @@ async def run_benchmark(target: str, workload: Sequence[BenchRequest], rate: flo
     return report
 
 
-async def wait_ready(target: str, timeout_s: float, interval_s: float = 0.2) -> None:
+async def wait_ready(target: str, timeout_s: float, interval_s: float = 0.2, tls_ca: str | None = None) -> None:
     """Polls grpc.health.v1 readiness until SERVING; TimeoutError with the last status otherwise."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
-    async with AsyncClient(target) as client:
+    async with AsyncClient(target, tls_ca=tls_ca) as client:
         while time.monotonic() < deadline:
             try:
                 last = await client.health(SERVICE_NAME, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
@@ -404,8 +405,9 @@ async def wait_ready(target: str, timeout_s: float, interval_s: float = 0.2) -> 
     raise TimeoutError(f"server at {target} not ready after {timeout_s:g}s (last: {last})")
 
 
-async def fetch_model_info(target: str, token: str | None, timeout_s: float = 30.0) -> dict:
-    async with AsyncClient(target, token=token) as client:
+async def fetch_model_info(target: str, token: str | None, timeout_s: float = 30.0,
+                           tls_ca: str | None = None) -> dict:
+    async with AsyncClient(target, token=token, tls_ca=tls_ca) as client:
         info = await client.model_info(timeout=timeout_s)
     return {"model": info.model, "architecture": info.architecture, "max_context": info.max_context,
             "vocab_size": info.vocab_size, "eos_token_ids": list(info.eos_token_ids),
@@ -460,8 +462,10 @@ def format_report(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=DEFAULT_TARGET, help=f"HOST:PORT of the API (default {DEFAULT_TARGET})")
-    parser.add_argument("--token", default=None, help=f"auth token (default: ${TOKEN_ENV})")
+    parser.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_TARGET),
+                        help=f"HOST:PORT of the API (default: ${SERVER_ENV} or {DEFAULT_TARGET})")
+    parser.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate")
     parser.add_argument("--dataset", default="sharegpt", choices=ALL_DATASETS,
                         help="synthetic lengths with published means (sharegpt 755/200, humaneval 171/98, "
                              "longbench 1738/91 tokens in/out), random, or jsonl (--dataset-path)")
@@ -514,8 +518,8 @@ def _seconds(ms: float | None) -> float | None:
 
 async def _main(args, rates: list[float], token: str | None) -> dict:
     if args.wait_ready > 0:
-        await wait_ready(args.server, args.wait_ready)
-    model = await fetch_model_info(args.server, token)
+        await wait_ready(args.server, args.wait_ready, tls_ca=args.tls_ca)
+    model = await fetch_model_info(args.server, token, tls_ca=args.tls_ca)
     workload = build_workload(args.dataset, args.num_prompts, max_context=model["max_context"],
                               vocab_size=model["vocab_size"], eos_token_ids=model["eos_token_ids"],
                               has_tokenizer=model["has_tokenizer"], seed=args.seed, dataset_path=args.dataset_path,
@@ -526,7 +530,7 @@ async def _main(args, rates: list[float], token: str | None) -> dict:
             args.server, workload, rate, burstiness=args.burstiness, slo_ttft_s=_seconds(args.slo_ttft_ms),
             slo_tpot_s=_seconds(args.slo_tpot_ms), token=token, max_concurrency=args.max_concurrency, seed=args.seed,
             progress=not args.no_progress, timeout=args.timeout, temperature=args.temperature,
-            ignore_eos=not args.stop_at_eos, keep_records=args.save_requests)
+            ignore_eos=not args.stop_at_eos, tls_ca=args.tls_ca, keep_records=args.save_requests)
         print(format_report(report), flush=True)
         results.append(report)
     return {"model": model, "results": results}
