@@ -156,6 +156,15 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=serve_cli.run_demo)
 
 
+def _add_bench(sub) -> None:
+    from splitserve.cluster import bench
+
+    p = sub.add_parser("bench", help="load a running server with Poisson/gamma arrivals; report TTFT/TPOT/ITL/E2E "
+                                     "percentiles, throughput, goodput and SLO attainment")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_demo(sub)
+    _add_bench(sub)
     _add_plan(sub)
     _add_profile(sub)
     return parser

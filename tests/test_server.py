@@ -420,3 +420,20 @@ def test_cli_generate_and_info_through_the_server(server, capsys):
     assert main(["info", "--server", server.target]) == 0
     out = capsys.readouterr().out
     assert "ready=SERVING" in out and "prefill: 1 x (tp 1)" in out and "vocab 512, context 1024" in out
+
+
+def test_bench_runs_against_the_server(server, cluster, tmp_path):
+    import json
+
+    from splitserve.cluster.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--server", server.target, "--dataset", "humaneval", "--num-prompts", "6", "--rates", "4,inf",
+                 "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--seed", "3", "--no-progress",
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["results"]) == 2 and report["model"]["max_context"] == CONTEXT
+    for r in report["results"]:
+        assert r["completed"] == 6 and r["failed"] == 0
+        assert r["output_throughput"] > 0 and r["slo_attainment"] == 1.0 and r["ttft_ms"]["p99"] > 0
+    _idle(cluster)
