@@ -7,6 +7,9 @@ import sys
 import time
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# Ray forks helper processes while gRPC threads run; gRPC's fork handlers would only log about it. Set before any
+# command imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def _add_sampling(p) -> None:

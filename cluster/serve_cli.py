@@ -44,8 +44,6 @@ def _server_config(args):
 
 
 def run_serve(args) -> int:
-    # Ray forks helper processes while gRPC threads run; gRPC's fork handlers only log warnings about it.
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from splitserve.cluster.server import ServerOptions, serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -39,6 +39,7 @@ HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 MAX_REQUEST_ID_LEN = 256
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+CLUSTER_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -305,8 +306,30 @@ class InferenceServer:
         if self.metrics is not None:
             self.metrics.close()
         if self.owns_cluster and self.cluster is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.cluster.shutdown)
+            await self._shutdown_cluster()
         self._stopped.set()
+
+    async def _shutdown_cluster(self, timeout: float = CLUSTER_SHUTDOWN_TIMEOUT_S) -> None:
+        """Shuts the cluster down from a daemon thread, waiting a bounded time: when Ray's own processes are
+        already gone (a signal sent to the whole process group, as Ctrl-C or `timeout` do), Ray calls never return
+        and must not keep this process alive."""
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def run():
+            try:
+                self.cluster.shutdown()
+            except Exception as e:
+                log.error("cluster shutdown failed: %s", e)
+            finally:
+                loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=run, name="cluster-shutdown", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.error("cluster shutdown did not finish in %.0fs (are Ray's processes already stopped?); exiting "
+                      "without it", timeout)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
