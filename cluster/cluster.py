@@ -64,6 +64,11 @@ class Cluster:
         except FileNotFoundError:
             self.tokenizer = None
         self.launcher = Launcher(self.config, self.model_dir)
+        if self.config.auto_placement is not None:
+            from splitserve.cluster.auto_placement import plan_config
+
+            ray = self.launcher._init_ray()
+            self.config = self.launcher.config = plan_config(self.config, self.model_dir, ray.nodes())
         self.instances = {inst.name: inst for inst in self.launcher.start()}
         names = {role: [n for n, i in self.instances.items() if i.spec.role == role]
                  for role in ("prefill", "decode", "colocated")}

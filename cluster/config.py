@@ -140,6 +140,52 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class AutoPlacement:
+    """`placement: auto` (these defaults) or `placement: {auto: {...}}`: plan the layout at start-up."""
+
+    ttft_s: float = 1.0
+    tpot_s: float = 0.1
+    attainment: float = 0.9
+    workload: str = "sharegpt"     # sharegpt | humaneval | longbench | fixed:P:O | trace.jsonl
+    rate: float | None = None      # requests/s to serve; None: the plan fills the cluster
+    hardware: str | None = None    # planner catalog name; default from Ray's accelerator_type (cpu on CPU)
+    profile: str | None = None     # fitted latency profile JSON (`splitserve profile`)
+    requests: int = 400            # simulated requests per evaluation
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        _positive_float(f"{path}.ttft_s", self.ttft_s)
+        _positive_float(f"{path}.tpot_s", self.tpot_s)
+        _positive_float(f"{path}.attainment", self.attainment)
+        if self.attainment > 1:
+            raise ValueError(f"config: '{path}.attainment' must be <= 1, got {self.attainment}")
+        if self.rate is not None:
+            _positive_float(f"{path}.rate", self.rate)
+        _positive_int(f"{path}.requests", self.requests, 20)
+        _positive_int(f"{path}.seed", self.seed, 0)
+        for name in ("workload", "hardware", "profile"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"config: '{path}.{name}' must be a non-empty string, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _auto_placement(placement) -> AutoPlacement | None:
+    if placement == "auto":
+        return AutoPlacement()
+    if not isinstance(placement, dict) or not placement.get("auto"):
+        return None
+    options = placement["auto"]
+    if options is True:
+        return AutoPlacement()
+    auto = _build(AutoPlacement, options, "placement.auto")
+    auto.validate("placement.auto")
+    return auto
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     model: str = "tiny"
     dtype: str = "float32"
@@ -151,7 +197,9 @@ class ClusterConfig:
     kv_transfer: TransferConfig = field(default_factory=TransferConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     max_queued_requests: int = 1024
-    placement: dict | None = None  # written by `splitserve plan` (devices, predictions); informational here
+    # `auto` (or {auto: {...}}): plan the layout at start-up from Ray's GPUs; a mapping without `auto` is what
+    # `splitserve plan` writes (devices, predictions) and is informational.
+    placement: dict | str | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -161,8 +209,9 @@ class ClusterConfig:
         for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray"):
             getattr(self, f).validate(f)
         _positive_int("max_queued_requests", self.max_queued_requests)
-        if self.placement is not None and not isinstance(self.placement, dict):
-            raise ValueError(f"config: 'placement' must be a mapping, got {type(self.placement).__name__}")
+        if self.placement is not None and not isinstance(self.placement, dict) and self.placement != "auto":
+            raise ValueError(f"config: 'placement' must be 'auto' or a mapping, got {self.placement!r}")
+        object.__setattr__(self, "_auto", _auto_placement(self.placement))
         disaggregated = self.prefill.instances > 0 or self.decode.instances > 0
         if disaggregated and (self.prefill.instances == 0 or self.decode.instances == 0):
             raise ValueError("config: 'prefill.instances' and 'decode.instances' must both be > 0 "
@@ -172,6 +221,11 @@ class ClusterConfig:
         if self.prefill.sp > 1 and self.prefill.instances == 0:
             raise ValueError("config: 'prefill.sp' > 1 needs prefill instances; colocated instances do not run "
                              "sequence-parallel prefill")
+
+    @property
+    def auto_placement(self) -> AutoPlacement | None:
+        """The planner's options when the layout is to be planned at start-up."""
+        return self._auto
 
     @property
     def num_devices(self) -> int:
