@@ -2,6 +2,7 @@
 each instance's process group and the prefill -> decode links, and starts the instance loops."""
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from splitserve.comm.links import LinkId
 from splitserve.workers.config import load_config as load_model_config
 from splitserve.workers.instance import InstanceSpec
 
+log = logging.getLogger(__name__)
+
 
 def _ray():
     # A local Ray must bind loopback only; this switch is read when ray is first imported.
@@ -22,6 +25,19 @@ def _ray():
     import ray
 
     return ray
+
+
+def resolve_address(config_address: str | None) -> str | None:
+    """The Ray cluster to attach to: the configured address (`auto`, `host:port`, `ray://host:port`), else
+    `RAY_ADDRESS` (which `ray job submit` sets for a job's driver), else None: start a local Ray on 127.0.0.1."""
+    address = config_address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None and address.startswith(("http://", "https://")):
+        source = "ray.address" if config_address else "RAY_ADDRESS"
+        raise ValueError(
+            f"{source}: {address!r} is a dashboard (job submission) address; attach with the cluster's GCS address "
+            "(host:6379), `auto` on a node of the cluster, or `ray://host:10001`; to run there, submit a job with "
+            "`ray job submit --address " + address + " -- ...`")
+    return address
 
 
 @dataclass
@@ -55,32 +71,76 @@ class Launcher:
         self.model_dir = model_dir
         self.cluster_id = uuid.uuid4().hex[:8]
         self.instances: list[InstanceHandle] = []
-        self.started_ray = False
+        self.started_ray = False  # a local Ray this launcher started: shut down with it
+        self.connected_ray = False  # an existing cluster this launcher connected to: disconnect, never stop it
+        self.attached = False  # placing on an existing cluster's real resources
         self.link_store = None
+        self._link_store_actor = None
 
     # ----------------------------------------------------------------------------------------------- ray
     def _init_ray(self):
         ray = _ray()
         if ray.is_initialized():
+            # Either this launcher set it up already, or the caller (a driver script, a test) connected: use it as is.
+            self.attached = self.attached or not self.started_ray
             return ray
         cfg = self.config.ray
-        if cfg.address:
-            ray.init(address=cfg.address, namespace="splitserve", log_to_driver=False)
-        else:
+        address = resolve_address(cfg.address)
+        if address is None:
             ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus if cfg.num_gpus is not None
                      else self.config.num_devices, include_dashboard=False, namespace="splitserve",
                      log_to_driver=False)
             self.started_ray = True
+            return ray
+        if cfg.num_cpus is not None or cfg.num_gpus is not None:
+            log.warning("ray.num_cpus / ray.num_gpus apply to a local Ray only; attaching to %s, whose own "
+                        "resources are used", address)
+        try:
+            ray.init(address=address, namespace="splitserve", log_to_driver=False)
+        except getattr(ray.exceptions, "AuthenticationError", ()) as e:  # Ray >= 2.52
+            raise ConnectionError(
+                f"ray: could not authenticate to the Ray cluster at {address}: {e}. With token authentication set "
+                "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                "~/.ray/auth_token; `ray get-auth-token` prints it on the head node)") from None
+        except ConnectionError as e:
+            raise ConnectionError(
+                f"ray: could not connect to a Ray cluster at {address}: {e}. Is it running (`ray start --head` on "
+                f"the head node)? Check with `ray status --address {address}`") from None
+        self.connected_ray = self.attached = True
         return ray
+
+    @staticmethod
+    def _gpus_per_node(ray, free: bool) -> dict[str, float]:
+        """GPUs (total, or free now) of each live node, by node IP; free counts are best effort."""
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if not free:
+            return {n["NodeManagerAddress"]: n["Resources"].get("GPU", 0) for n in nodes}
+        try:
+            from ray._private.state import available_resources_per_node
+
+            per_node = available_resources_per_node()
+        except Exception:  # e.g. through Ray Client: report without free counts
+            return {}
+        return {n["NodeManagerAddress"]: per_node.get(n["NodeID"], {}).get("GPU", 0) for n in nodes}
 
     def _check_resources(self, ray) -> None:
         need = self.config.num_devices
         have = int(ray.cluster_resources().get("GPU", 0))
         if have < need:
+            hint = ("add GPU nodes or shrink the layout (CPU-only nodes declare logical GPUs with "
+                    "`ray start --num-gpus N`)" if self.attached else
+                    f"add GPUs, shrink the layout, or on a CPU-only machine set ray.num_gpus >= {need} (logical GPUs)")
             raise ValueError(
                 f"placement: the layout ({layout_summary(self.config)} ranks) needs {need} GPUs but the Ray cluster "
-                f"has {have}; add GPUs, shrink the layout, or on a CPU-only machine set ray.num_gpus >= {need} "
-                f"(logical GPUs). Check with `ray status`.")
+                f"has {have}; {hint}. Check with `ray status`.")
+        per_node = self._gpus_per_node(ray, free=False)
+        largest = max(per_node.values(), default=0)
+        for spec in self._specs():
+            if spec.world_size > largest:
+                raise ValueError(
+                    f"placement: instance {spec.name} needs {spec.world_size} GPUs on one node (STRICT_PACK) but "
+                    f"the largest node has {largest:g} (GPUs per node: {_format_nodes(per_node)}); lower its tp/sp "
+                    f"or add larger nodes. Check with `ray status`.")
 
     def _specs(self) -> list[InstanceSpec]:
         c = self.config
@@ -104,13 +164,18 @@ class Launcher:
 
         pg = placement_group([{"GPU": 1}] * spec.world_size, strategy="STRICT_PACK",
                              name=f"{self.cluster_id}-{spec.name}")
+        timeout = self.config.ray.placement_timeout_s
         try:
-            ray.get(pg.ready(), timeout=self.config.ray.placement_timeout_s)
+            ray.get(pg.ready(), timeout=timeout)
         except Exception:
             remove_placement_group(pg)
+            placed = ", ".join(i.name for i in self.instances) or "none"
+            free = self._gpus_per_node(ray, free=True)
             raise ValueError(
-                f"placement: instance {spec.name} needs {spec.world_size} GPUs on one node (STRICT_PACK) and none was "
-                f"free within {self.config.ray.placement_timeout_s:.0f}s; check `ray status` for free GPUs per node") from None
+                f"placement: instance {spec.name} needs {spec.world_size} GPUs on one node (STRICT_PACK) and no node "
+                f"had them free within {timeout:.0f}s (free GPUs per node: {_format_nodes(free) or 'unknown'}; "
+                f"instances placed before it: {placed}). Free GPUs held by other jobs or actors, shrink the layout, "
+                "or raise ray.placement_timeout_s; check with `ray status`.") from None
         actors = [RankActor.options(num_cpus=0, num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_bundle_index=rank)).remote(spec, rank) for rank in range(spec.world_size)]
         return InstanceHandle(spec, actors, pg)
@@ -118,8 +183,8 @@ class Launcher:
     # ----------------------------------------------------------------------------------------- start-up
     def start(self) -> list[InstanceHandle]:
         ray = self._init_ray()
-        self._check_resources(ray)
         try:
+            self._check_resources(ray)
             for spec in self._specs():
                 self.instances.append(self._place(ray, spec))
             self._init_groups(ray)
@@ -150,8 +215,7 @@ class Launcher:
         decodes = [i for i in self.instances if i.spec.role == "decode"]
         if not prefills:
             return
-        host = ray.util.get_node_ip_address()
-        self.link_store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+        host, port = self._start_link_store(ray)
         kv_heads = load_model_config(self.model_dir).num_kv_heads
         per_actor: dict[tuple[str, int], list[LinkId]] = {}
         for p in prefills:
@@ -161,7 +225,7 @@ class Launcher:
                     per_actor.setdefault((p.name, pr), []).append(link)
                     per_actor.setdefault((d.name, dr), []).append(link)
         by_name = {i.name: i for i in self.instances}
-        self._get(ray, [by_name[name].actors[rank].call.remote("connect_links", host, self.link_store.port, links)
+        self._get(ray, [by_name[name].actors[rank].call.remote("connect_links", host, port, links)
                         for (name, rank), links in per_actor.items()], "connecting prefill -> decode links")
         if self.config.kv_transfer.transport == "shm":
             shapes = {d.name: self._get(ray, [a.call.remote("cache_shape") for a in d.actors], "reading cache shapes")
@@ -172,6 +236,19 @@ class Launcher:
                     peer = {lk: shapes[lk.decode_instance][lk.decode_rank] for lk in links}
                     calls.append(by_name[name].actors[rank].call.remote("set_peer_cache_shapes", peer))
             self._get(ray, calls, "mapping shared caches")
+
+    def _start_link_store(self, ray) -> tuple[str, int]:
+        """The store where prefill and decode ranks meet to form their links. It lives in this process, unless
+        this is a Ray Client (`ray://`) driver, which the cluster's nodes may not reach: then in a small actor."""
+        from ray.util.client import ray as ray_client
+
+        if not ray_client.is_connected():
+            host = ray.util.get_node_ip_address()
+            self.link_store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                                            timeout=timedelta(seconds=60))
+            return host, self.link_store.port
+        self._link_store_actor = ray.remote(num_cpus=0)(_LinkStoreHost).remote()
+        return tuple(self._get(ray, self._link_store_actor.start.remote(), "starting the link store"))
 
     def shutdown(self) -> None:
         ray = _ray()
@@ -188,5 +265,22 @@ class Launcher:
                 ray.kill(a)
             remove_placement_group(inst.placement_group)
         self.instances = []
-        if self.started_ray:
+        if self._link_store_actor is not None:
+            ray.kill(self._link_store_actor)
+            self._link_store_actor = None
+        if self.started_ray or self.connected_ray:  # disconnects from an attached cluster; never stops it
             ray.shutdown()
+            self.started_ray = self.connected_ray = False
+
+
+class _LinkStoreHost:
+    def start(self) -> tuple[str, int]:
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+        return host, self.store.port
+
+
+def _format_nodes(gpus: dict[str, float]) -> str:
+    return ", ".join(f"{ip}: {n:g}" for ip, n in sorted(gpus.items()))
