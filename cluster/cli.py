@@ -168,6 +168,15 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=bench.run)
 
 
+def _add_batch(sub) -> None:
+    from splitserve.cluster import batch
+
+    p = sub.add_parser("batch", help="offline inference over a JSONL file through the cluster (resumable; runs as a "
+                                     "Ray job)")
+    batch.add_arguments(p)
+    p.set_defaults(func=batch.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_demo(sub)
     _add_bench(sub)
+    _add_batch(sub)
     _add_plan(sub)
     _add_profile(sub)
     return parser

@@ -35,10 +35,9 @@ def _server_config(args):
     from splitserve.cluster.config import config_from_dict, load_config
 
     config = load_config(args.config)
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if args.address:  # else the launcher takes the config's ray.address, then $RAY_ADDRESS, then a local Ray
         data = config.to_dict()
-        data["ray"] = {**data["ray"], "address": address}
+        data["ray"] = {**data["ray"], "address": args.address}
         config = config_from_dict(data)
     return config
 
