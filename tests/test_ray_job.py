@@ -213,3 +213,35 @@ def _wait_for_job(client, job: str) -> str:
             client.stop_job(job)
             pytest.fail(f"job {job} still {status} after {JOB_TIMEOUT_S}s:\n{client.get_job_logs(job)[-6000:]}")
         time.sleep(1)
+
+
+def test_server_runs_as_a_ray_job(head, ckpt, tmp_path):
+    """`splitserve serve --address auto` submitted as a job: it serves gRPC on 127.0.0.1, and stopping the job
+    (SIGTERM) drains the server, which exits cleanly."""
+    from splitserve.proto.client import Client
+
+    prompts, params = workload(2, seed=9)
+    expected = references(ckpt, prompts, params)
+    workdir = tmp_path / "serve"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config(ckpt, ray={"placement_timeout_s": 120})))
+    (port,) = _free_ports(1)
+    client = head.client()
+    job = client.submit_job(
+        entrypoint=f"splitserve serve --config config.yaml --address auto --port {port} --no-metrics",
+        runtime_env={"working_dir": str(workdir)})
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=120) as c:
+            try:
+                c.wait_ready(timeout=JOB_TIMEOUT_S)
+            except TimeoutError:
+                pytest.fail(f"server job not ready: {client.get_job_logs(job)[-6000:]}")
+            for prompt, sp, ref in zip(prompts, params, expected):
+                out = c.generate(prompt, max_tokens=sp.max_tokens, temperature=0.0, ignore_eos=True)
+                assert out.token_ids == ref
+    finally:
+        client.stop_job(job)
+    status = _wait_for_job(client, job)
+    logs = client.get_job_logs(job)
+    assert status == "STOPPED", logs[-6000:]
+    assert "splitserve: stopped" in logs, logs[-6000:]
