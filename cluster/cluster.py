@@ -267,7 +267,10 @@ class Cluster:
         self._pollers = [asyncio.ensure_future(self._poll(name), loop=self.loop) for name in self.instances]
 
     async def _stop_pollers(self) -> None:
-        for task in self._pollers:
+        # A poll returns within its 0.5 s wait: let the ones in flight finish (cancelling a Ray call makes Ray
+        # Client log callback errors), and cancel only what is still waiting after that.
+        _, pending = await asyncio.wait(self._pollers, timeout=2.0)
+        for task in pending:
             task.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
 
