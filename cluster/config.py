@@ -130,8 +130,13 @@ class RayConfig:
     num_cpus: int | None = None  # local Ray only
     num_gpus: int | None = None  # local Ray only; on CPU these are logical GPUs, one per rank
     placement_timeout_s: float = 60.0
+    # Each rank also asks for one unit of the custom resource `splitserve_<role>` (prefill, decode, colocated), so
+    # an instance lands only on nodes that advertise its role (`ray start --resources`; the Helm chart does).
+    role_resources: bool = False
 
     def validate(self, path: str) -> None:
+        if not isinstance(self.role_resources, bool):
+            raise ValueError(f"config: '{path}.role_resources' must be true or false, got {self.role_resources!r}")
         if self.num_cpus is not None:
             _positive_int(f"{path}.num_cpus", self.num_cpus)
         if self.num_gpus is not None:

@@ -40,6 +40,16 @@ def resolve_address(config_address: str | None) -> str | None:
     return address
 
 
+def role_resource(role: str) -> str:
+    """The custom Ray resource a node advertises to host instances of a role (`ray.role_resources`)."""
+    return f"splitserve_{role}"
+
+
+def rank_bundle(role: str, role_resources: bool) -> dict:
+    """One rank's placement-group bundle: a GPU, and with role resources one unit of its role's resource."""
+    return {"GPU": 1, role_resource(role): 1} if role_resources else {"GPU": 1}
+
+
 @dataclass
 class InstanceHandle:
     spec: InstanceSpec
@@ -88,8 +98,8 @@ class Launcher:
         address = resolve_address(cfg.address)
         if address is None:
             ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), num_gpus=cfg.num_gpus if cfg.num_gpus is not None
-                     else self.config.num_devices, include_dashboard=False, namespace="splitserve",
-                     log_to_driver=False)
+                     else self.config.num_devices, resources=self._role_resources_needed() or None,
+                     include_dashboard=False, namespace="splitserve", log_to_driver=False)
             self.started_ray = True
             return ray
         if cfg.num_cpus is not None or cfg.num_gpus is not None:
@@ -123,7 +133,25 @@ class Launcher:
             return {}
         return {n["NodeManagerAddress"]: per_node.get(n["NodeID"], {}).get("GPU", 0) for n in nodes}
 
+    def _role_resources_needed(self) -> dict[str, int]:
+        """With ray.role_resources: units of each role's resource the layout needs (one per rank)."""
+        if not self.config.ray.role_resources:
+            return {}
+        need: dict[str, int] = {}
+        for spec in self._specs():
+            key = role_resource(spec.role)
+            need[key] = need.get(key, 0) + spec.world_size
+        return need
+
     def _check_resources(self, ray) -> None:
+        have_all = ray.cluster_resources()
+        for key, units in self._role_resources_needed().items():
+            if have_all.get(key, 0) < units:
+                raise ValueError(
+                    f"placement: ray.role_resources is on and the layout needs {units} units of {key!r} (one per "
+                    f"rank) but the Ray cluster has {have_all.get(key, 0):g}; start the nodes for that role with "
+                    f"`ray start --resources '{{\"{key}\": <GPUs>}}'`, or turn ray.role_resources off. "
+                    "Check with `ray status`.")
         need = self.config.num_devices
         have = int(ray.cluster_resources().get("GPU", 0))
         if have < need:
@@ -162,8 +190,8 @@ class Launcher:
 
         from splitserve.workers.actor import RankActor
 
-        pg = placement_group([{"GPU": 1}] * spec.world_size, strategy="STRICT_PACK",
-                             name=f"{self.cluster_id}-{spec.name}")
+        pg = placement_group([rank_bundle(spec.role, self.config.ray.role_resources)] * spec.world_size,
+                             strategy="STRICT_PACK", name=f"{self.cluster_id}-{spec.name}")
         timeout = self.config.ray.placement_timeout_s
         try:
             ray.get(pg.ready(), timeout=timeout)

@@ -150,6 +150,10 @@ def test_gpus_and_replicas_follow_the_layout(chart, rendered, layout):
         group = groups[name]
         assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
         assert group["rayStartParams"]["num-gpus"] == str(gpus)
+        # the role resource the launcher asks for (ray.role_resources), as `ray start --resources` reads it
+        resources = group["rayStartParams"]["resources"]
+        assert resources.startswith("'") and resources.endswith("'")
+        assert json.loads(resources[1:-1]) == {f"splitserve_{name}": gpus}
         worker = container(group["template"], "ray-worker")
         assert worker["resources"]["limits"]["nvidia.com/gpu"] == gpus
         assert "nvidia.com/gpu" not in worker["resources"].get("requests", {})
@@ -175,7 +179,7 @@ def test_config_map_holds_a_config_splitserve_accepts(chart, rendered, layout):
     assert (cfg.prefill.instances, cfg.prefill.tp, cfg.prefill.sp, cfg.prefill.sp_algorithm) == (
         prefill["replicas"], prefill["tp"], prefill["sp"], prefill["spAlgorithm"])
     assert (cfg.decode.instances, cfg.decode.tp) == (values["decode"]["replicas"], values["decode"]["tp"])
-    assert cfg.colocated.instances == 0 and cfg.ray.address == "auto"
+    assert cfg.colocated.instances == 0 and cfg.ray.address == "auto" and cfg.ray.role_resources is True
     assert (cfg.dtype, cfg.device) == (values["config"]["dtype"], values["config"]["device"])
     engine = values["config"]["engine"]
     assert {k: getattr(cfg.engine, k) for k in engine} == engine

@@ -63,7 +63,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $c := .Values.config }}
 {{- $prefill := dict "instances" (int .Values.prefill.replicas) "tp" (int .Values.prefill.tp) "sp" (int .Values.prefill.sp) "sp_algorithm" .Values.prefill.spAlgorithm }}
 {{- $decode := dict "instances" (int .Values.decode.replicas) "tp" (int .Values.decode.tp) }}
-{{- $ray := merge (dict "address" "auto") (deepCopy $c.ray) }}
+{{- $ray := merge (dict "address" "auto" "role_resources" true) (deepCopy $c.ray) }}
 {{- $cfg := dict "model" (include "splitserve.modelPath" .) "dtype" $c.dtype "device" $c.device "prefill" $prefill "decode" $decode "engine" $c.engine "kv_transfer" $c.kv_transfer "ray" $ray "max_queued_requests" (int $c.max_queued_requests) }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -199,7 +199,9 @@ affinity:
   minReplicas: {{ int .values.replicas }}
   maxReplicas: {{ int .values.replicas }}
   rayStartParams:
-    {{- $params := merge (dict "num-gpus" (toString .gpus)) (.values.rayStartParams | default dict) }}
+    {{- /* splitserve_<group>: the launcher (ray.role_resources) places only this role's instances here */}}
+    {{- $roleResources := printf "'{\"splitserve_%s\": %d}'" .name (int .gpus) }}
+    {{- $params := merge (dict "num-gpus" (toString .gpus) "resources" $roleResources) (.values.rayStartParams | default dict) }}
     {{- toYaml $params | nindent 4 }}
   template:
     metadata:
