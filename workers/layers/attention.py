@@ -1,7 +1,7 @@
 """Attention over a paged KV cache: writes new K/V into their slots, then attends (torch reference paths)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -12,6 +12,22 @@ from splitserve.comm.sequence_parallel import sp_attention
 
 if TYPE_CHECKING:
     from splitserve.workers.sp_prefill import SPContext
+
+
+def group_by_length(lengths: list[int], ratio: float = 2.0, max_groups: int = 4) -> list[list[int]]:
+    """Indices grouped longest first; a new group starts when a length is below 1/ratio of the current group's
+    longest (at most max_groups), so padding to a group's longest wastes under half of it while each group adds
+    only one more gather + attention call."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups = [[order[0]]]
+    top = lengths[order[0]]
+    for i in order[1:]:
+        if len(groups) < max_groups and lengths[i] * ratio < top:
+            groups.append([i])
+            top = lengths[i]
+        else:
+            groups[-1].append(i)
+    return groups
 
 
 @dataclass
@@ -25,6 +41,17 @@ class AttentionMetadata:
     context_lens_t: torch.Tensor | None = None  # context_lens on the device, for the batched decode path
     on_kv_written: Callable[[torch.Tensor], None] | None = None  # called with each layer's cache once written
     sp: SPContext | None = None  # set when this rank holds a zigzag shard of whole prompts (SP prefill)
+    _decode_groups: list | None = field(default=None, repr=False)  # built by the first layer, reused by the rest
+
+    def decode_groups(self, block_size: int) -> list[tuple[torch.Tensor, int]]:
+        """Decode rows grouped by context length, each group with the blocks its longest context needs: a batched
+        decode pads every row to its group's longest context, not the batch's (see `group_by_length`)."""
+        if self._decode_groups is None:
+            device = self.block_tables.device
+            self._decode_groups = [
+                (torch.tensor(rows, device=device), -(-max(self.context_lens[i] for i in rows) // block_size))
+                for rows in group_by_length(self.context_lens)]
+        return self._decode_groups
 
     @property
     def is_fresh_prefill(self) -> bool:
@@ -67,7 +94,7 @@ class PagedAttention(nn.Module):
         if meta.is_fresh_prefill or kv_cache is None:
             out = self._prefill(q, k, v, meta)
         elif meta.is_decode:
-            out = self._decode(q, kv_cache, meta.block_tables, meta.context_lens_t)
+            out = self._decode_batch(q, kv_cache, meta)
         else:
             out = self._mixed(q, k, v, kv_cache, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
@@ -144,6 +171,15 @@ class PagedAttention(nn.Module):
             idx = torch.tensor(decode, device=q.device)
             rows = torch.tensor([starts[i] for i in decode], device=q.device)
             out[rows] = self._decode(q[rows], kv_cache, meta.block_tables[idx], meta.context_lens_t[idx])
+        return out
+
+    def _decode_batch(self, q, kv_cache, meta):
+        groups = meta.decode_groups(kv_cache.shape[2])
+        if len(groups) == 1:
+            return self._decode(q, kv_cache, meta.block_tables[:, :groups[0][1]], meta.context_lens_t)
+        out = torch.empty_like(q)
+        for rows, blocks in groups:
+            out[rows] = self._decode(q[rows], kv_cache, meta.block_tables[rows, :blocks], meta.context_lens_t[rows])
         return out
 
     def _decode(self, q, kv_cache, bt, context_lens):
