@@ -193,13 +193,23 @@ class InstanceLeader:
             self.targets.pop(tid, None)
 
     def _check_transfers(self) -> None:
+        """One store round trip per loop for every draining and pending reservation's completion flags."""
         store = self.rank.store
-        for tid, keys in list(self.draining.items()):
-            if b"receiving" not in store.multi_get(keys):
+        draining, pending = list(self.draining.items()), list(self.pending.items())
+        flat = [k for _, keys in draining for k in keys] + [k for _, res in pending for k in res.keys]
+        if not flat:
+            return
+        values_of = iter(store.multi_get(flat))
+
+        def take(n: int) -> list[bytes]:
+            return [next(values_of) for _ in range(n)]
+
+        for tid, keys in draining:
+            if b"receiving" not in take(len(keys)):
                 self._release(tid, keys)
                 del self.draining[tid]
-        for tid, res in list(self.pending.items()):
-            values = store.multi_get(res.keys)
+        for tid, res in pending:
+            values = take(len(res.keys))
             if b"receiving" in values or b"pending" in values:
                 continue
             failures = [v.decode() for v in values if v != b"done"]
