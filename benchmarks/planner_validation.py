@@ -102,8 +102,6 @@ MIXED_DECODE_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32)
 MIXED_DRAWS = 2
 # Through the server: batches of the workload's shorter and longer prompts (so that batch size and context can be
 # told apart), each within one prefill batch so that they decode together from the start.
-SERVING_DECODE_BATCHES = (1, 2, 4, 8, 12, 16, 20)
-SERVING_DECODE_OUTPUT = 64
 CALIBRATION_PROMPTS = (64, 128, 256, 512)
 CALIBRATION_OUTPUT = 32
 RATE_FACTORS = (0.5, 1.0, 1.5)
@@ -260,36 +258,8 @@ def overheads_for(prefill: Coefficients, decode: Coefficients, rows: list) -> Ov
 
 
 def fit_serving_decode(target: str, workload, handoff_s: float, args) -> tuple[Coefficients, dict]:
-    """Decode steps as the client sees them: B requests sent at once, prefilled in one batch, decoding together;
-    the step is their TPOT less the hand-off share. This includes what a rank does besides the forward (sampling,
-    scheduling, events, RPCs) at each batch size, and the padding of mixed contexts; no prefill runs meanwhile."""
-    start = time.perf_counter()
-    median = statistics.median(q.prompt_len for q in workload)
-    groups = {"short": iter([q for q in workload if q.prompt_len < median]),
-              "long": iter([q for q in workload if q.prompt_len >= median])}
-    samples, points = [], []
-    for size, group in ((b, g) for b in SERVING_DECODE_BATCHES for g in groups):
-        batch = []
-        for q in groups[group]:
-            if sum(r.prompt_len for r in batch) + q.prompt_len <= args.max_batched_tokens:
-                batch.append(dataclasses.replace(q, output_len=SERVING_DECODE_OUTPUT))
-            if len(batch) == size:
-                break
-        size = len(batch)
-        report = asyncio.run(bench.run_benchmark(target, batch, math.inf, timeout=args.request_timeout,
-                                                 keep_records=True))
-        tpots = [r["tpot_s"] for r in report["requests"] if r["ok"]]
-        if len(tpots) < size:
-            raise RuntimeError(f"serving decode profile: {size - len(tpots)} of {size} requests failed")
-        step = statistics.median(tpots) - handoff_s / (SERVING_DECODE_OUTPUT - 1)
-        context = sum(r.prompt_len for r in batch) + size * SERVING_DECODE_OUTPUT // 2
-        samples.append((size, context, step))
-        points.append({"batch": size, "context": context, "longest": max(r.prompt_len for r in batch)
-                       + SERVING_DECODE_OUTPUT // 2, "measured_ms": step * 1e3})
-    k = fit_decode(samples)
-    for p in points:
-        p["fitted_ms"] = (k.a + k.b * p["context"] + k.c * p["batch"]) * 1e3
-    return k, {"seconds": round(time.perf_counter() - start, 1), "decode_ms": k.to_ms(), "points": points}
+    """The decode step fitted through the server (`splitserve profile --server` does the same)."""
+    return profiler.serving_decode_fit(target, workload, handoff_s, args.max_batched_tokens, args.request_timeout)
 
 
 # ---------------------------------------------------------------------------------------------- server

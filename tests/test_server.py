@@ -3,6 +3,7 @@ streaming and unary paths; cancel, deadline and Abort free KV on both sides; eve
 INVALID_ARGUMENT naming its field; fuzzed requests never give INTERNAL/UNKNOWN; health, drain, reflection, auth,
 TLS and metrics."""
 import asyncio
+import math
 import shutil
 import subprocess
 import threading
@@ -436,4 +437,20 @@ def test_bench_runs_against_the_server(server, cluster, tmp_path):
     for r in report["results"]:
         assert r["completed"] == 6 and r["failed"] == 0
         assert r["output_throughput"] > 0 and r["slo_attainment"] == 1.0 and r["ttft_ms"]["p99"] > 0
+    _idle(cluster)
+
+
+def test_decode_step_fitted_through_the_server(server, cluster):
+    from splitserve.cluster import bench, profiler
+
+    workload = bench.build_workload("humaneval", 200, max_context=CONTEXT, vocab_size=VOCAB, eos_token_ids=[1],
+                                    has_tokenizer=True, seed=4)
+    k, info = profiler.serving_decode_fit(server.target, workload, handoff_s=0.0, max_batched_tokens=2048,
+                                          timeout=120)
+    assert len(info["points"]) == 2 * len(profiler.SERVING_DECODE_BATCHES)  # short and long prompts per size
+    assert all(p["measured_ms"] > 0 for p in info["points"])
+    batches = [p["batch"] for p in info["points"]]
+    assert all(1 <= b <= size for b, size in zip(batches, sorted(profiler.SERVING_DECODE_BATCHES * 2)))
+    assert max(batches) >= 8  # decode batches grow even where long prompts cap a prefill batch
+    assert all(math.isfinite(v) for v in (k.a, k.b, k.c)) and k.a + k.c > 0  # a one-sequence step takes time
     _idle(cluster)
