@@ -6,7 +6,6 @@ import os
 import sys
 import time
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 # Ray forks helper processes while gRPC threads run; gRPC's fork handlers would only log about it. Set before any
 # command imports grpc.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
@@ -22,20 +21,13 @@ def _add_sampling(p) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
-def _add_server_target(p) -> None:
-    p.add_argument("--server", default=os.environ.get("SPLITSERVE_SERVER", DEFAULT_TARGET),
-                   help=f"gRPC server address (default: $SPLITSERVE_SERVER or {DEFAULT_TARGET})")
-    p.add_argument("--token", default=os.environ.get("SPLITSERVE_AUTH_TOKEN"),
-                   help="bearer token (default: $SPLITSERVE_AUTH_TOKEN)")
-    p.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate")
-    p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
-
-
 def _add_generate(sub) -> None:
+    from splitserve.cluster import serve_cli
+
     p = sub.add_parser("generate", help="generate text: through a running server (default), or in-process "
                                         "with --local (one engine) or --cluster (a local disaggregated cluster)")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
-    _add_server_target(p)
+    serve_cli.add_target_arguments(p)
     p.add_argument("--local", action="store_true", help="run an engine in this process instead of using a server")
     p.add_argument("--cluster", action="store_true",
                    help="run a disaggregated cluster on local Ray in this process (prefill and decode instances)")
@@ -112,82 +104,50 @@ def _print_timing(out) -> None:
           f"TPOT {out.tpot_s * 1e3:.2f} ms, total {out.e2e_s * 1e3:.1f} ms]")
 
 
-def _add_plan(sub) -> None:
-    from splitserve.placement import cli as plan_cli
-
-    p = sub.add_parser("plan", help="choose each phase's parallelism and instance counts for latency targets")
-    plan_cli.add_arguments(p)
-    p.set_defaults(func=plan_cli.run)
-
-
-def _add_profile(sub) -> None:
-    from splitserve.cluster import profiler
-
-    p = sub.add_parser("profile", help="measure prefill/decode times here and fit a latency profile for `plan`")
-    profiler.add_arguments(p)
-    p.set_defaults(func=profiler.run)
-
-
 def _generate_on_server(args) -> int:
     from splitserve.cluster import serve_cli
 
     return serve_cli.generate_on_server(args)
 
 
-def _add_serve(sub) -> None:
-    from splitserve.cluster import serve_cli
-
-    p = sub.add_parser("serve", help="serve the gRPC API (default: the embedded 1 prefill + 1 decode config)")
-    serve_cli.add_serve_arguments(p)
-    p.set_defaults(func=serve_cli.run_serve)
-
-
-def _add_info(sub) -> None:
-    from splitserve.cluster import serve_cli
-
-    p = sub.add_parser("info", help="show a running server's model, layout, queue and KV usage")
-    _add_server_target(p)
-    p.set_defaults(func=serve_cli.run_info)
-
-
-def _add_demo(sub) -> None:
-    from splitserve.cluster import serve_cli
-
-    p = sub.add_parser("demo", help="start the default server, stream a few requests through the gRPC client, "
-                                    "print text and TTFT/TPOT, stop the server")
-    serve_cli.add_demo_arguments(p)
-    p.set_defaults(func=serve_cli.run_demo)
+# name: (module, its add-arguments function, its run function, help). Modules load only when the parser is built.
+COMMANDS = {
+    "serve": ("splitserve.cluster.serve_cli", "add_serve_arguments", "run_serve",
+              "serve the gRPC API (default: the embedded 1 prefill + 1 decode config)"),
+    "info": ("splitserve.cluster.serve_cli", "add_target_arguments", "run_info",
+             "show a running server's model, layout, queue and KV usage"),
+    "demo": ("splitserve.cluster.serve_cli", "add_demo_arguments", "run_demo",
+             "start the default server, stream a few requests through the gRPC client, print text and TTFT/TPOT, "
+             "stop the server"),
+    "bench": ("splitserve.cluster.bench", "add_arguments", "run",
+              "load a running server with Poisson/gamma arrivals; report TTFT/TPOT/ITL/E2E percentiles, throughput, "
+              "goodput and SLO attainment"),
+    "batch": ("splitserve.cluster.batch", "add_arguments", "run",
+              "offline inference over a JSONL file through the cluster (resumable; runs as a Ray job)"),
+    "plan": ("splitserve.placement.cli", "add_arguments", "run",
+             "choose each phase's parallelism and instance counts for latency targets"),
+    "profile": ("splitserve.cluster.profiler", "add_arguments", "run",
+                "measure prefill/decode times here (or through a server) and fit a latency profile for `plan`"),
+}
 
 
-def _add_bench(sub) -> None:
-    from splitserve.cluster import bench
+def _add_command(sub, name: str) -> None:
+    import importlib
 
-    p = sub.add_parser("bench", help="load a running server with Poisson/gamma arrivals; report TTFT/TPOT/ITL/E2E "
-                                     "percentiles, throughput, goodput and SLO attainment")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.run)
-
-
-def _add_batch(sub) -> None:
-    from splitserve.cluster import batch
-
-    p = sub.add_parser("batch", help="offline inference over a JSONL file through the cluster (resumable; runs as a "
-                                     "Ray job)")
-    batch.add_arguments(p)
-    p.set_defaults(func=batch.run)
+    module_name, add_arguments, run, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    p = sub.add_parser(name, help=help_text)
+    getattr(module, add_arguments)(p)
+    p.set_defaults(func=getattr(module, run))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve(sub)
+    _add_command(sub, "serve")
     _add_generate(sub)
-    _add_info(sub)
-    _add_demo(sub)
-    _add_bench(sub)
-    _add_batch(sub)
-    _add_plan(sub)
-    _add_profile(sub)
+    for name in ("info", "demo", "bench", "batch", "plan", "profile"):
+        _add_command(sub, name)
     return parser
 
 

@@ -12,6 +12,18 @@ import sys
 import threading
 import time
 
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def add_target_arguments(p) -> None:
+    """Where a client command finds the server, and how it authenticates."""
+    p.add_argument("--server", default=os.environ.get("SPLITSERVE_SERVER", DEFAULT_TARGET),
+                   help=f"gRPC server address (default: $SPLITSERVE_SERVER or {DEFAULT_TARGET})")
+    p.add_argument("--token", default=os.environ.get("SPLITSERVE_AUTH_TOKEN"),
+                   help="bearer token (default: $SPLITSERVE_AUTH_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate")
+    p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
+
 
 def add_serve_arguments(p) -> None:
     p.add_argument("--config", default=None, help="cluster YAML (default: the embedded 1 prefill + 1 decode, tiny)")
