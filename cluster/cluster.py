@@ -67,7 +67,7 @@ class Cluster:
         if self.config.auto_placement is not None:
             from splitserve.cluster.auto_placement import plan_config
 
-            ray = self.launcher._init_ray()
+            ray = self.launcher.init_ray()
             self.config = self.launcher.config = plan_config(self.config, self.model_dir, ray.nodes())
         self.instances = {inst.name: inst for inst in self.launcher.start()}
         names = {role: [n for n, i in self.instances.items() if i.spec.role == role]
@@ -114,8 +114,8 @@ class Cluster:
     async def abort_async(self, request_id: str) -> bool:
         return await self._on_loop(self._abort_id(request_id))
 
-    def stats(self) -> dict:
-        return self._on_loop_sync(self._stats())
+    def stats(self, timeout: float | None = None) -> dict:
+        return self._on_loop_sync(self._stats(), timeout)
 
     async def stats_async(self) -> dict:
         return await self._on_loop(self._stats())

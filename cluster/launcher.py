@@ -88,7 +88,7 @@ class Launcher:
         self._link_store_actor = None
 
     # ----------------------------------------------------------------------------------------------- ray
-    def _init_ray(self):
+    def init_ray(self):
         ray = _ray()
         if ray.is_initialized():
             # Either this launcher set it up already, or the caller (a driver script, a test) connected: use it as is.
@@ -210,7 +210,7 @@ class Launcher:
 
     # ----------------------------------------------------------------------------------------- start-up
     def start(self) -> list[InstanceHandle]:
-        ray = self._init_ray()
+        ray = self.init_ray()
         try:
             self._check_resources(ray)
             for spec in self._specs():

@@ -103,14 +103,14 @@ def print_result(result) -> None:
 def generate_on_server(args) -> int:
     import grpc
 
-    from splitserve.proto.client import _ResultBuilder
+    from splitserve.proto.client import ResultBuilder
 
     with _client(args) as client:
         try:
             for prompt in args.prompts:
                 print(f">>> {prompt}", flush=True)
                 if args.stream:
-                    builder = _ResultBuilder()
+                    builder = ResultBuilder()
                     for msg in client.stream(prompt, **_sampling(args)):
                         builder.add(msg)
                         print(msg.text, end="", flush=True)
@@ -172,7 +172,7 @@ def _free_port() -> int:
 def run_demo(args) -> int:
     """Starts `splitserve serve` as a child process, streams a few concurrent requests through the gRPC client,
     prints their text and TTFT/TPOT, then stops the server with SIGTERM (a graceful drain)."""
-    from splitserve.proto.client import Client, _ResultBuilder
+    from splitserve.proto.client import Client, ResultBuilder
 
     port = _free_port()
     cmd = [sys.executable, "-m", "splitserve.cluster.cli", "serve", "--port", str(port), "--no-metrics",
@@ -190,7 +190,7 @@ def run_demo(args) -> int:
                   "requests", flush=True)
 
             def one(i: int, prompt: str) -> None:
-                builder = _ResultBuilder()
+                builder = ResultBuilder()
                 for msg in client.stream(prompt, max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True):
                     builder.add(msg)
                 results[i] = builder.done()

@@ -510,7 +510,7 @@ class InferenceServer:
         cluster = self.cluster
         if cluster is None or not cluster._running:
             return None
-        return cluster._on_loop_sync(cluster._stats(), timeout=5)
+        return cluster.stats(timeout=5)
 
 
 def _version() -> str:

@@ -66,7 +66,7 @@ def timing_dict(timing: pb.Timing) -> dict:
             for name in _TIMING_FIELDS}
 
 
-class _ResultBuilder:
+class ResultBuilder:
     """Folds a stream of GenerateResponse messages into a GenerateResult, timing them on arrival."""
 
     def __init__(self):
@@ -142,7 +142,7 @@ class Client(_Base):
     def generate(self, prompt: str | Sequence[int], *, stream: bool = True, request_id: str | None = None,
                  timeout: float | None = None, **sampling) -> GenerateResult:
         """The whole result. With stream=True (default) tokens are timed as they arrive (ttft_s, itl_s)."""
-        builder = _ResultBuilder()
+        builder = ResultBuilder()
         req = build_request(prompt, stream=stream, request_id=request_id, **sampling)
         for msg in self.stub.Generate(req, timeout=self._timeout(timeout), metadata=self.metadata):
             builder.add(msg)
@@ -212,7 +212,7 @@ class AsyncClient(_Base):
 
     async def generate(self, prompt: str | Sequence[int], *, stream: bool = True, request_id: str | None = None,
                        timeout: float | None = None, **sampling) -> GenerateResult:
-        builder = _ResultBuilder()
+        builder = ResultBuilder()
         req = build_request(prompt, stream=stream, request_id=request_id, **sampling)
         async for msg in self.stub.Generate(req, timeout=self._timeout(timeout), metadata=self.metadata):
             builder.add(msg)
