@@ -108,6 +108,33 @@ class Cluster:
             if not req.state.final:
                 await self._on_loop(self._abort(req))
 
+    def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Starts one request in the background and returns its id; read it with `stream` or watch its state."""
+        req = self._on_loop_sync(self._submit_async(prompt, params or SamplingParams(), request_id))
+        return req.request_id
+
+    def request_state(self, request_id: str) -> RequestState | None:
+        """The state of a request still in flight; None once it has finished (or was never submitted)."""
+        req = self.by_id.get(request_id)
+        return None if req is None else req.state
+
+    @property
+    def num_requests(self) -> int:
+        """Requests admitted and not yet finished."""
+        return len(self.by_id)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def colocated(self) -> bool:
+        return bool(self.router.colocated)
+
+    def roles(self) -> dict[str, str]:
+        """Instance name -> role (prefill | decode | colocated)."""
+        return {name: inst.spec.role for name, inst in self.instances.items()}
+
     def abort(self, request_id: str) -> bool:
         return self._on_loop_sync(self._abort_id(request_id))
 
