@@ -121,9 +121,10 @@ def allreduce_add_rmsnorm_async(x: torch.Tensor, residual: torch.Tensor, weight:
                                 group: TPGroup, method: str = "reference") -> Pending:
     """Issues the reduction of `x` (this rank's partial [tokens, hidden], consumed) over `group`; the returned
     handle's `wait()` gives (norm(sum + residual), sum + residual), identical on every rank."""
-    method = resolve_method(check_method(method), x)
-    if group.size == 1:
+    check_method(method)
+    if group.size == 1:  # nothing to reduce (a TP = 1 model): only the fused add + RMSNorm
         return _done(add_rmsnorm(x, residual, weight, eps))
+    method = resolve_method(method, x)
     if x.dim() != 2:
         raise ValueError(f"x: expected [tokens, hidden], got shape {tuple(x.shape)}")
     if method == "reference":

@@ -1,19 +1,5 @@
-"""Sequence-parallel attention for prefill: one entry point over ring and TokenRing, the SP group description,
-and the analytic communication cost of each variant that the placement planner uses.
-
-Cost per attention layer (S = tokens of the packed batch after zigzag padding, T = S/N per rank, b = bytes per
-element of q/k/v, lse always float32, all ranks together; a message is one isend):
-
-    ring        bytes    (N−1)·S·2·Hkv·d·b                              messages N(N−1)   (K and V in one message)
-    token_ring  bytes    (N−1)·S·H·d·b  +  f·(N−1)·S·H·(d·b + 4)       messages 2N(N−1)  (Q out, (out, lse) back)
-                f = 3/4 causal (under zigzag half of the results cover only the Q back chunk), 1 non-causal
-    all-gather  bytes    (N−1)·S·2·Hkv·d·b as a ring all-gather; no overlap with compute, full K/V held per rank
-
-Per token and step, ring moves 2·Hkv·d·b while causal TokenRing moves H·d·b + ¾·H·(d·b + 4), so TokenRing moves
-fewer bytes only when H/Hkv < 2·d·b / (1.75·d·b + 3) ≈ 8/7: plain multi-head attention. For any GQA ratio ≥ 2
-(and always non-causal) ring moves fewer. On a full-duplex link TokenRing's busiest direction per step carries
-T·H·(d·b + 4) against ring's T·2·Hkv·d·b, so its step is shorter only for MHA too; GQA 2 is roughly a tie.
-"""
+"""Sequence-parallel attention for prefill: one entry point over ring and TokenRing, and the SP group description.
+What each variant sends is `placement.sp_cost` (re-exported here), the formula the planner charges too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,9 +10,9 @@ import torch.distributed as dist
 from splitserve.comm.ring_attention import ring_attention
 from splitserve.comm.sp_common import RingComm, ZigzagLayout
 from splitserve.comm.token_ring import token_ring_attention
-
-ALGORITHMS = ("ring", "token_ring")
-_COST_ALGORITHMS = ALGORITHMS + ("all_gather",)
+# The cost formulas are public here, next to the algorithms they describe; their one definition is torch-free.
+from splitserve.placement.sp_cost import (ALGORITHMS, bytes_per_layer, fewer_bytes,  # noqa: F401
+                                          messages_per_layer, step_link_bytes)
 
 
 @dataclass(frozen=True)
@@ -103,51 +89,3 @@ def _check(q, k, v, layout, sp, algorithm) -> None:
         raise ValueError(f"q: layout gives {layout.local_tokens} local tokens, got {q.shape[0]}")
     if algorithm == "token_ring" and sp.size > 1 and sp.reverse_group is None:
         raise ValueError("sp: token_ring needs reverse_group, a second group for the results (SPGroup.create)")
-
-
-# ---------------------------------------------------------------- analytic communication cost
-
-
-def _check_cost_args(algorithm, n, s) -> None:
-    if algorithm not in _COST_ALGORITHMS:
-        raise ValueError(f"algorithm: expected one of {_COST_ALGORITHMS}, got {algorithm!r}")
-    if n < 1 or s < 0 or s % (2 * n):
-        raise ValueError(f"S: the padded batch ({s} tokens) must be a multiple of 2·N = {2 * n}")
-
-
-def bytes_per_layer(algorithm: str, N: int, S: int, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int,
-                    causal: bool = True) -> int:
-    """Bytes all N ranks send together in one attention layer; S counts the batch after zigzag padding."""
-    _check_cost_args(algorithm, N, S)
-    if algorithm in ("ring", "all_gather"):
-        return (N - 1) * S * 2 * kv_heads * head_dim * dtype_bytes
-    q_bytes = (N - 1) * S * heads * head_dim * dtype_bytes
-    result_rows = (N - 1) * S * 3 // 4 if causal else (N - 1) * S
-    return q_bytes + result_rows * heads * (head_dim * dtype_bytes + 4)
-
-
-def messages_per_layer(algorithm: str, N: int, S: int = 0, heads: int = 0, kv_heads: int = 0, head_dim: int = 0,
-                       dtype_bytes: int = 0, causal: bool = True) -> int:
-    """Point-to-point messages all ranks send in one layer (the shape arguments do not change the count)."""
-    _check_cost_args(algorithm, N, S)
-    return (2 if algorithm == "token_ring" else 1) * N * (N - 1)
-
-
-def step_link_bytes(algorithm: str, N: int, S: int, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int,
-                    causal: bool = True) -> int:
-    """Bytes on the busiest one-way link in one ring step (what bounds a step's transfer time)."""
-    _check_cost_args(algorithm, N, S)
-    if N == 1:
-        return 0
-    t = S // N
-    if algorithm != "token_ring":
-        return t * 2 * kv_heads * head_dim * dtype_bytes
-    # Some rank sends a full-size result in every step (rank 0 from step 1 on); Q goes the other way.
-    return max(t * heads * head_dim * dtype_bytes, t * heads * (head_dim * dtype_bytes + 4))
-
-
-def fewer_bytes(N: int, S: int, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int,
-                causal: bool = True) -> str:
-    """The SP algorithm that moves fewer bytes per layer for this shape (ring on a tie)."""
-    args = (N, S, heads, kv_heads, head_dim, dtype_bytes, causal)
-    return min(ALGORITHMS, key=lambda a: bytes_per_layer(a, *args))

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from splitserve.placement.sp_cost import result_bytes
+
 NEG_INF = float("-inf")
 # Scores of one q tile against its keys are materialised in float32; this bounds that tile (elements).
 _TILE_ELEMENTS = 1 << 24
@@ -208,7 +210,7 @@ def pack_result(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def result_nbytes(rows: int, heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return rows * heads * (4 + head_dim * dtype.itemsize)
+    return result_bytes(rows, heads, head_dim, dtype.itemsize)
 
 
 def unpack_result(buffer: torch.Tensor, rows: int, heads: int, head_dim: int, dtype: torch.dtype):

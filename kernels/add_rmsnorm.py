@@ -1,5 +1,6 @@
 """Fused residual add + RMSNorm: `(norm(x + residual), x + residual)` with the add in the input dtype and the
-statistics in float32, exactly as `workers.layers.norm.RMSNorm` computes it."""
+statistics in float32. `rmsnorm_torch` is the project's one RMSNorm reference (the Hugging Face Llama
+arithmetic); the model's norm layer and every kernel twin compute through it."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +18,8 @@ def check_rows(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) ->
 
 
 def rmsnorm_torch(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Statistics in float32 and the cast back before the weight multiply: Hugging Face LlamaRMSNorm's order,
+    # so half-precision results round exactly as transformers' do.
     f = h.float()
     f = f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)
     return weight * f.to(h.dtype)

@@ -11,9 +11,8 @@ from typing import Protocol, Sequence
 
 from splitserve.placement.hardware import ClusterSpec
 from splitserve.placement.parallel import Parallel, pipeline_crosses_nodes, stage_crosses_nodes
+from splitserve.placement.sp_cost import ALGORITHMS, shorter_step, step_bytes
 from splitserve.placement.specs import ModelSpec
-
-LSE_BYTES = 4  # the log-sum-exp that TokenRing sends back is kept in float32
 
 
 class LatencyModel(Protocol):
@@ -51,28 +50,21 @@ class Efficiency:
             raise ValueError(f"tp_overlap: must be in [0, 1], got {self.tp_overlap!r}")
 
 
-def sp_step_bytes(model: ModelSpec, tp: int, algorithm: str, tokens_per_rank: float) -> tuple[float, float]:
-    """(forward, backward) bytes one rank sends per ring step per layer.
+def _local_heads(model: ModelSpec, tp: int) -> tuple[float, int]:
+    """(query heads, KV heads) one TP rank holds; KV heads are replicated when TP exceeds them."""
+    return model.num_heads / tp, -(-model.num_kv_heads // tp)
 
-    Ring attention rotates K and V one way: 2·kv_heads·head_dim per token. TokenRing keeps K/V put, sends Q one
-    way (heads·head_dim) and (out, lse) the other way (heads·head_dim + lse), so it loads both directions of a
-    full-duplex link. Per direction TokenRing moves heads·d against ring's 2·kv_heads·d: cheaper for MHA, equal
-    at a GQA ratio of 2 (then lse tips it to ring), and ring is cheaper beyond.
-    """
-    heads = model.num_heads / tp
-    kv_heads = -(-model.num_kv_heads // tp)
-    d, b = model.head_dim, model.dtype_bytes
-    if algorithm == "ring":
-        return tokens_per_rank * 2 * kv_heads * d * b, 0.0
-    if algorithm == "token_ring":
-        return tokens_per_rank * heads * d * b, tokens_per_rank * heads * (d * b + LSE_BYTES)
-    raise ValueError(f"sp_algorithm: {algorithm!r} is not ring or token_ring")
+
+def sp_step_bytes(model: ModelSpec, tp: int, algorithm: str, tokens_per_rank: float) -> tuple[float, float]:
+    """(forward, backward) bytes one rank sends per ring step per layer (`sp_cost.step_bytes` for its heads)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"sp_algorithm: {algorithm!r} is not ring or token_ring")
+    return step_bytes(algorithm, tokens_per_rank, *_local_heads(model, tp), model.head_dim, model.dtype_bytes)
 
 
 def cheaper_sp_algorithm(model: ModelSpec, tp: int) -> str:
-    ring = max(sp_step_bytes(model, tp, "ring", 1.0))
-    token_ring = max(sp_step_bytes(model, tp, "token_ring", 1.0))
-    return "token_ring" if token_ring < ring else "ring"
+    """The algorithm whose busiest link direction carries fewer bytes per step (ring on a tie)."""
+    return shorter_step(*_local_heads(model, tp), model.head_dim, model.dtype_bytes)
 
 
 @dataclass(frozen=True)

@@ -76,3 +76,24 @@ def test_sharded_checkpoint_loads(tmp_path):
     with torch.no_grad():
         ref = hf_model(directory)(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(_full_logits(load_model(directory), ids), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tp1_forward_runs_the_fused_add_rmsnorm_dispatch(checkpoints, monkeypatch):
+    """TP = 1 takes the TP path: each residual add + RMSNorm (two per layer, the last being the final norm) goes
+    through the kernel dispatch, and the logits still equal transformers'."""
+    from splitserve.comm import fused_norm
+
+    calls, dispatch = [], fused_norm.add_rmsnorm
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return dispatch(*args)
+
+    monkeypatch.setattr(fused_norm, "add_rmsnorm", counting)
+    ids = random_prompts([20], seed=2)[0]
+    model = load_model(checkpoints["qwen2"])
+    ours = _full_logits(model, ids)
+    assert calls == [(len(ids), model.cfg.hidden_size)] * (2 * model.cfg.num_layers)
+    with torch.no_grad():
+        ref = hf_model(checkpoints["qwen2"])(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

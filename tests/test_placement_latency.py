@@ -1,6 +1,8 @@
 """Latency model: fits recover known coefficients, profiles round-trip, comm terms behave as their byte counts say."""
 
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -112,3 +114,12 @@ def test_kv_transfer_inter_node_is_slower():
     assert inter / intra == pytest.approx(300e9 / 25e9, rel=0.05)
     assert lat.kv_transfer_time(1000, Parallel(tp=2), Parallel(tp=2), False) == pytest.approx(
         (inter - 10e-6) / 2 + 10e-6, rel=1e-6)
+
+
+def test_planner_imports_neither_torch_nor_ray():
+    """Every placement module, the shared SP cost formula included, imports without torch or ray."""
+    code = ("import importlib, pkgutil, sys, splitserve.placement as p\n"
+            "for m in pkgutil.iter_modules(p.__path__): importlib.import_module('splitserve.placement.' + m.name)\n"
+            "print(sorted({'torch', 'ray'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

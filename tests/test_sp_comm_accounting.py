@@ -1,5 +1,5 @@
 """Messages and bytes each SP attention variant sends per layer, counted around the ring comm object on gloo,
-equal the analytic formulas the planner uses."""
+equal the analytic formulas (`placement.sp_cost`), and the planner charges the same formula."""
 from __future__ import annotations
 
 import functools
@@ -115,3 +115,16 @@ def test_cost_formulas_reject_unpadded_lengths():
         bytes_per_layer("ring", 4, 4097, 8, 8, 64, 2)
     with pytest.raises(ValueError, match="algorithm"):
         messages_per_layer("stripe", 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_planner_step_bytes_are_the_formula_counted_here(tp):
+    """The latency model's busiest-direction bytes per ring step equal `step_link_bytes` for one TP rank's heads."""
+    from splitserve.placement.latency import sp_step_bytes
+    from splitserve.placement.specs import load_model
+
+    model, n, t = load_model("llama-3-8b"), 4, 1024
+    for algorithm in ALGORITHMS:
+        want = step_link_bytes(algorithm, n, n * t, model.num_heads // tp, model.num_kv_heads // tp, model.head_dim,
+                               model.dtype_bytes)
+        assert max(sp_step_bytes(model, tp, algorithm, t)) == want

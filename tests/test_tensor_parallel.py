@@ -1,8 +1,12 @@
 """TP = 2 and 4 on gloo give the same greedy tokens as TP = 1 (and transformers), batch > 1."""
 import pytest
+import torch
 
 from distributed import run_distributed
 from hf_checkpoints import hf_greedy, hf_model, random_prompts, write_checkpoint
+from splitserve.comm.kv_plan import local_kv_heads
+from splitserve.comm.tensor_parallel import TPGroup
+from splitserve.workers.layers.linear import QKVParallelLinear
 from splitserve.workers.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -29,3 +33,24 @@ def test_tp_matches_reference(tmp_path, kind, world):
     for rank, (tokens, kv_heads) in enumerate(results):
         assert tokens == reference, f"{kind} TP={world} rank {rank}"
         assert kv_heads == max(1, full_kv_heads // world)  # replicated when TP > kv heads
+
+
+@pytest.mark.parametrize("heads,kv_heads,tp", [(8, 8, 2), (8, 2, 2), (8, 2, 4), (8, 1, 4), (12, 4, 4), (8, 2, 8)])
+def test_qkv_layer_loads_the_kv_heads_the_transfer_plan_routes(heads, kv_heads, tp):
+    """Each rank's K rows are exactly the heads `kv_plan.local_kv_heads` says it holds (split or replicated)."""
+    head_dim, hidden = 2, 4
+    k_full = torch.arange(kv_heads, dtype=torch.float32).repeat_interleave(head_dim)[:, None].expand(-1, hidden)
+    for rank in range(tp):
+        layer = QKVParallelLinear(hidden, head_dim, heads, kv_heads, False, TPGroup(rank, tp, object()))
+        start, count = local_kv_heads(kv_heads, tp, rank)
+        assert (layer.kv_head_start, layer.num_kv_heads) == (start, count)
+        layer.weight_loader(layer.weight, k_full, "k_proj.weight", "k")
+        k_local = layer.weight.split(layer.split_sizes)[1][:, 0]
+        assert k_local.tolist() == [float(h) for h in range(start, start + count) for _ in range(head_dim)]
+
+
+def test_qkv_layer_rejects_kv_heads_that_do_not_shard():
+    with pytest.raises(ValueError, match="tp: 3 KV heads do not split over 2 ranks"):
+        QKVParallelLinear(4, 2, 8, 3, False, TPGroup(0, 2, object()))
+    with pytest.raises(ValueError, match="tp: 4 ranks cannot replicate 3 KV heads"):
+        QKVParallelLinear(4, 2, 12, 3, False, TPGroup(0, 4, object()))

@@ -50,21 +50,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Attention and MLP, each ending in a row-parallel layer whose reduction the model fuses with the residual
+    add + RMSNorm that follows it, so a layer exposes its two halves rather than one forward."""
+
     def __init__(self, cfg: ModelConfig, tp: TPGroup, rotary, dtype, device):
         super().__init__()
         self.self_attn = Attention(cfg, tp, rotary, dtype, device)
         self.mlp = MLP(cfg, tp, dtype, device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-
-    def forward(self, positions, x, residual, kv_cache, meta):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
     def attention_partial(self, x, part, kv_cache):
         """This rank's un-reduced attention output for the rows of `part` (already input-normed)."""
@@ -90,8 +84,9 @@ class CausalLM(nn.Module):
         self.configure_tp()
 
     def configure_tp(self, norm_method: str = "reference", overlap_min_tokens: int | None = None) -> None:
-        """With TP > 1: how each all-reduce + following RMSNorm runs (`comm.fused_norm` methods), and from how
-        many tokens a forward splits its batch in two to overlap communication with compute (None: never)."""
+        """How each all-reduce + following RMSNorm runs (`comm.fused_norm` methods; at TP = 1 every method is the
+        plain fused add + RMSNorm), and from how many tokens a TP > 1 forward splits its batch in two to overlap
+        communication with compute (None: never)."""
         if overlap_min_tokens is not None and (isinstance(overlap_min_tokens, bool)
                                                or not isinstance(overlap_min_tokens, int) or overlap_min_tokens < 2):
             raise ValueError(f"overlap_min_tokens: must be an integer >= 2 or None, got {overlap_min_tokens!r}")
@@ -103,22 +98,19 @@ class CausalLM(nn.Module):
         return self.layers[0].self_attn.num_kv_heads
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata):
-        if self.tp.size > 1:
-            return self._forward_tp(input_ids, positions, kv_caches, meta)
-        x, residual = self.embed_tokens(input_ids), None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, None if kv_caches is None else kv_caches[i], meta)
-        x, _ = self.norm(x, residual)
-        return x
-
-    def _forward_tp(self, input_ids, positions, kv_caches, meta):
-        """Each row-parallel output is reduced together with the residual add + RMSNorm that follows it
-        (the next layer's input norm, or the final norm), optionally overlapped across two token parts."""
+        """Each row-parallel output is reduced together with the residual add + RMSNorm that follows it (the next
+        layer's input norm, or the final norm), optionally overlapped across two token parts. At TP = 1 the
+        reduction is the identity, so the same path runs the fused add + RMSNorm (kernel or torch twin) alone."""
         residual = self.embed_tokens(input_ids)
         hidden = self.layers[0].input_layernorm(residual)
-        block_size = None if kv_caches is None else kv_caches[0].shape[2]
-        parts = plan_parts(positions, meta, self.overlap_min_tokens, block_size)
+        parts = self._parts(positions, meta, kv_caches)
         return run_stages(self.tp_stages(kv_caches), hidden, residual, parts, self.tp, self.tp_norm_method)
+
+    def _parts(self, positions, meta, kv_caches):
+        # Splitting the batch only buys overlap of communication, which a single rank does not have.
+        min_tokens = self.overlap_min_tokens if self.tp.size > 1 else None
+        block_size = None if kv_caches is None else kv_caches[0].shape[2]
+        return plan_parts(positions, meta, min_tokens, block_size)
 
     def tp_stages(self, kv_caches) -> list[Stage]:
         """Two stages per layer: attention then MLP, each reduced with the norm that follows it."""

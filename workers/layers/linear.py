@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.comm.kv_plan import local_kv_heads
 from splitserve.comm.tensor_parallel import TPGroup, all_reduce
 
 
@@ -72,13 +73,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden, head_dim, num_heads, num_kv_heads, bias, tp: TPGroup, dtype=None, device=None):
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp.size, "num_attention_heads")
-        if num_kv_heads >= tp.size:
-            self.num_kv_heads = _divide(num_kv_heads, tp.size, "num_key_value_heads")
-            self.kv_head_start = tp.rank * self.num_kv_heads
-        else:
-            _divide(tp.size, num_kv_heads, "tensor-parallel size vs num_key_value_heads")
-            self.num_kv_heads = 1
-            self.kv_head_start = tp.rank // (tp.size // num_kv_heads)
+        # The KV transfer plans route heads by the same rule, so a rank's cache holds what the plans expect.
+        self.kv_head_start, self.num_kv_heads = local_kv_heads(num_kv_heads, tp.size, tp.rank)
         self.full_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
         local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         nn.Module.__init__(self)

@@ -1,11 +1,16 @@
-"""RMSNorm with an optional fused residual add, computed in float32 like the reference implementation."""
+"""RMSNorm as a layer: owns the weight and its loader; the arithmetic is the kernels' one torch reference."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from splitserve.kernels.add_rmsnorm import rmsnorm_torch
+
 
 class RMSNorm(nn.Module):
+    """Holds `weight` and `eps`. A norm that follows a residual add runs inside `comm.fused_norm` (the fused
+    add + RMSNorm dispatch) with these same two values; `forward` serves only the first layer's input norm."""
+
     def __init__(self, hidden: int, eps: float, dtype=None, device=None):
         super().__init__()
         self.eps = eps
@@ -16,15 +21,5 @@ class RMSNorm(nn.Module):
             raise ValueError(f"weight '{name}': expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
         param.data.copy_(loaded)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rmsnorm_torch(x, self.weight, self.eps)
