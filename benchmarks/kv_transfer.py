@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from splitserve.comm.kv_plan import plan_heads
-from splitserve.comm.kv_transfer import (KVReceiver, KVSender, TransferOrder, map_shared_cache, transfer_key,
-                                         write_layer)
-from splitserve.comm.links import RECEIVER, SENDER, Link, LinkId
+from splitserve.comm.kv_plan import LinkId, TransferOrder, plan_heads
+from splitserve.comm.kv_reservations import transfer_key
+from splitserve.comm.kv_transfer import KVReceiver, KVSender, map_shared_cache, write_layer
+from splitserve.comm.links import RECEIVER, SENDER, Link
 from splitserve.workers.config import load_config
 from splitserve.workers.presets import resolve_model
 
@@ -69,7 +69,7 @@ def _sender(port, cfg_dir, tokens, transport, shm_file, reps, ready, out):
         for layer in range(cfg.num_layers):
             sender.layer_done(layer)
         results = sender.end()
-        while store.get(key) != b"done":
+        while not store.get(key).startswith(b"done"):
             time.sleep(0.0001)
         if rep:
             times.append(time.perf_counter() - start)

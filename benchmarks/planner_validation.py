@@ -211,7 +211,7 @@ def fit_mixed_decode(args, lengths: list[tuple[int, int]]) -> tuple[Coefficients
     for contexts in batches:
         seqs = profiler._sequences(llm, contexts, computed_all_but_last=True)
         batch = build_batch(seqs, llm.blocks)
-        seconds = profiler._time(lambda: llm.prefill.runner.forward_logits(batch), args.repeats)
+        seconds = profiler._time(lambda: llm.runner.forward_logits(batch), args.repeats)
         for s in seqs:
             llm.blocks.free(s.seq_id)
         samples.append((len(contexts), sum(contexts), seconds))

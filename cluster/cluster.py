@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -14,13 +13,13 @@ from typing import AsyncIterator, Sequence
 
 from splitserve.cluster.config import ClusterConfig, config_from_dict, load_config
 from splitserve.cluster.launcher import Launcher
-from splitserve.cluster.router import Request, RequestState, Router, StreamChunk
+from splitserve.cluster.request import Request, RequestState, StreamChunk, TokenEvent
+from splitserve.cluster.router import Router
 from splitserve.workers.config import load_config as load_model_config
 from splitserve.workers.detokenizer import IncrementalDetokenizer
-from splitserve.workers.instance_leader import DecodeTarget
 from splitserve.workers.presets import resolve_model
 from splitserve.workers.sampling_params import SamplingParams, pair_with_params
-from splitserve.workers.stop import StopChecker
+from splitserve.workers.stop import TextStream
 from splitserve.workers.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class Cluster:
             self.config = load_config(config)
         self.model_dir = str(resolve_model(self.config.model))
         self.model_config = load_model_config(self.model_dir)
-        self.max_model_len = self.config.engine.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = self.config.engine.context_len(self.model_config.max_position_embeddings)
         try:
             self.tokenizer = load_tokenizer(self.model_dir)
         except FileNotFoundError:
@@ -73,10 +72,8 @@ class Cluster:
         names = {role: [n for n, i in self.instances.items() if i.spec.role == role]
                  for role in ("prefill", "decode", "colocated")}
         self.router = Router(names["prefill"], names["decode"], names["colocated"])
-        self.requests: dict[int, Request] = {}
         self.by_id: dict[str, Request] = {}
         self.instance_stats: dict[str, dict] = {}
-        self._tids = itertools.count(1)
         self._running = True
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="cluster-loop", daemon=True)
@@ -203,19 +200,18 @@ class Cluster:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the context length ({self.max_model_len})")
-        queued = sum(1 for r in self.requests.values() if r.state is RequestState.QUEUED)
+        queued = sum(1 for r in self.by_id.values() if r.state is RequestState.QUEUED)
         if queued >= self.config.max_queued_requests:
             raise QueueFull(f"admission queue is full ({queued} requests waiting)")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.by_id:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
-        if params.stop and detok is None:
+        if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer")
-        eos = self.model_config.eos_token_ids
-        req = Request(next(self._tids), request_id, ids, params, dataclasses.replace(params, stop=()),
-                      StopChecker(params, eos, detok), asyncio.Queue())
-        self.requests[req.tid] = req
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
+        req = Request(request_id, ids, params, dataclasses.replace(params, stop=()),
+                      TextStream.for_params(params, detok), frozenset(self.model_config.eos_token_ids),
+                      asyncio.Queue())
         self.by_id[request_id] = req
         asyncio.ensure_future(self._dispatch(req), loop=self.loop)
         return req
@@ -239,9 +235,13 @@ class Cluster:
             raise _unwrap(e) from None
 
     def _tell(self, name: str | None, method: str, *args) -> None:
-        """Fire-and-forget command to a leader (aborts, first tokens)."""
+        """Fire-and-forget command to a leader (aborts)."""
         if name is not None:
             self.instances[name].leader.lead.remote(method, *args)
+
+    def _abort_engines(self, req: Request) -> None:
+        for name in {req.prefill, req.decode} - {None}:
+            self._tell(name, "abort", req.request_id, req.attempt)
 
     async def _dispatch(self, req: Request) -> None:
         try:
@@ -251,42 +251,42 @@ class Cluster:
 
     async def _dispatch_colocated(self, req: Request) -> None:
         name = self.router.pick_colocated()
-        req.attempts += 1
+        req.attempt += 1
         req.prefill = req.decode = name
         req.timing.dispatched = time.perf_counter()
         req.move(RequestState.PREFILLING)
-        self.router.prompt_started(name, len(req.prompt_ids))
-        await self._call(name, "submit", req.tid, req.prompt_ids, req.engine_params, None)
+        self._prompt_started(req, name)
+        await self._call(name, "submit", req.request_id, req.attempt, req.prompt_ids, req.engine_params, None)
 
     async def _dispatch_disaggregated(self, req: Request) -> None:
-        req.attempts += 1
+        req.attempt += 1
         n = len(req.prompt_ids)
         need = -(-(n + 1) // self.config.engine.block_size)
+        first_token = req.token_ids[0] if req.token_ids else None  # a retry: the client already has it
         while not req.state.final:
             # Load is counted before awaiting, so concurrent dispatches spread over the instances.
             prefill = self.router.pick_prefill()
-            self.router.prompt_started(prefill, n)
-            table, decode = None, None
+            self._prompt_started(req, prefill)
+            target, decode = None, None
             for decode in self.router.decode_order():
                 self.router.reserved(decode, need)
-                table = await self._call(decode, "reserve", req.tid, req.prompt_ids, req.engine_params,
-                                         self.instances[prefill].spec.tp)
-                if table is not None:
+                target = await self._call(decode, "reserve", req.request_id, req.attempt, req.prompt_ids,
+                                          req.engine_params, self.instances[prefill].spec.tp, first_token)
+                if target is not None:
                     break
                 self.router.reserved(decode, -need)
-            if table is None:
-                self.router.prompt_done(prefill, n)
+            if target is None:
+                self._prompt_done(req)
                 await asyncio.sleep(0.01)  # no decode instance has room yet; they report free blocks as they go
                 continue
             if req.state.final:  # aborted while reserving
-                self.router.prompt_done(prefill, n)
-                self._tell(decode, "abort", req.tid)
+                self._tell(decode, "abort", req.request_id, req.attempt)
                 return
             req.prefill, req.decode = prefill, decode
             req.timing.dispatched = time.perf_counter()
             req.move(RequestState.PREFILLING)
-            target = DecodeTarget(decode, self.instances[decode].spec.tp, table, self.config.engine.block_size)
-            await self._call(prefill, "submit", req.tid, req.prompt_ids, req.engine_params, target)
+            await self._call(prefill, "submit", req.request_id, req.attempt, req.prompt_ids, req.engine_params,
+                             target)
             return
 
     # ------------------------------------------------------------------------------------------ events
@@ -315,97 +315,83 @@ class Cluster:
             for event in result["events"]:
                 self._handle(name, event)
 
+    def _current(self, request_id: str, attempt: int) -> Request | None:
+        """The request an event is about, unless it has finished or the event is from an earlier attempt."""
+        req = self.by_id.get(request_id)
+        return req if req is not None and req.attempt == attempt and not req.state.final else None
+
     def _handle(self, name: str, event: tuple) -> None:
         kind = event[0]
-        if kind in ("prefilled", "tokens"):
-            for tid, token, finished, reason in event[1]:
-                req = self.requests.get(tid)
-                if req is not None and not req.state.final:
-                    self._on_token(req, name, token, finished, reason, first=kind == "prefilled")
+        if kind == "tokens":
+            for request_id, attempt, *token in event[1]:
+                req = self._current(request_id, attempt)
+                if req is not None:
+                    self._on_token(req, name, TokenEvent(*token))
         elif kind == "kv_ready":
-            req = self.requests.get(event[1])
-            if req is not None and req.state is RequestState.TRANSFERRING:
+            req = self._current(event[1], event[2])
+            if req is not None:
                 req.timing.kv_ready = time.perf_counter()
                 req.move(RequestState.DECODING)
+                self._on_token(req, name, TokenEvent(0, event[3], False, None, None))
         elif kind == "failed":
-            req = self.requests.get(event[1])
-            if req is not None and not req.state.final:
-                self._on_failure(req, event[2])
+            req = self._current(event[1], event[2])
+            if req is not None:
+                self._on_failure(req, event[3])
         elif kind == "instance_failed":
             self._fail_instance(name, f"instance {name} failed: {event[1]}")
 
-    def _on_token(self, req: Request, name: str, token: int, engine_finished: bool, reason, first: bool) -> None:
-        if first and req.stop.token_ids:
-            # A retried prefill: the client already has the first token, so decoding continues from it.
-            req.move(RequestState.TRANSFERRING)
-            self._tell(req.decode, "start_decode", req.tid, req.stop.token_ids[0])
-            return
-        now = time.perf_counter()
-        if req.timing.first_token is None:
-            req.timing.first_token = now
-            self.router.prompt_done(req.prefill, len(req.prompt_ids))
-        req.timing.last_token = now
-        result = req.stop.append(token)
-        text = result.text_delta
-        if engine_finished and not result.finished:  # e.g. the context limit, which only the engine knows
-            result = req.stop.finish(reason or "length")
-            text += result.text_delta
-        if result.finished:
-            if not engine_finished:  # a stop string: the engine side is still running it
-                self._tell(req.decode if not first else req.prefill, "abort", req.tid)
-            if first and self.router.decode and req.decode:
-                self._tell(req.decode, "abort", req.tid)  # release the reservation
-            self._finish(req, RequestState.FINISHED, token, text, result.finish_reason)
-            return
-        req.chunks.put_nowait(StreamChunk(req.request_id, [token], text))
-        if first and self.router.decode:
-            req.move(RequestState.TRANSFERRING)
-            self._tell(req.decode, "start_decode", req.tid, token)
-        elif req.state is RequestState.PREFILLING:
-            req.move(RequestState.DECODING)
+    def _on_token(self, req: Request, name: str, event: TokenEvent) -> None:
+        self._prompt_done(req)
+        from_prefill = name == req.prefill and name != req.decode
+        if from_prefill:
+            if req.state is RequestState.PREFILLING and not event.finished:
+                req.move(RequestState.TRANSFERRING)  # the decode side admits it once every layer is there
+        elif req.state is RequestState.PREFILLING and name == req.decode:
+            req.move(RequestState.DECODING)  # a colocated instance
+        if req.on_token(event):  # a stop string: the engine that made the token is still running it
+            self._tell(name, "abort", req.request_id, req.attempt)
+            if from_prefill:
+                self._tell(req.decode, "abort", req.request_id, req.attempt)  # its reservation
+        if req.state.final:
+            self._forget(req)
 
     def _on_failure(self, req: Request, error: str) -> None:
         retryable = error.startswith("KV transfer failed")
-        self._tell(req.prefill, "abort", req.tid)
-        self._tell(req.decode, "abort", req.tid)
-        if retryable and req.attempts <= self.config.kv_transfer.retries:
+        self._abort_engines(req)
+        if retryable and req.attempt <= self.config.kv_transfer.retries:
             log.warning("request %s: %s; retrying from prefill", req.request_id, error)
-            # A fresh engine id per attempt: late events and aborts of the failed attempt cannot touch this one.
-            del self.requests[req.tid]
-            req.tid = next(self._tids)
-            self.requests[req.tid] = req
             req.move(RequestState.QUEUED)
             asyncio.ensure_future(self._dispatch(req), loop=self.loop)
         else:
-            attempts = f" after {req.attempts} attempts" if retryable else ""
+            attempts = f" after {req.attempt} attempts" if retryable else ""
             self._fail(req, f"{error}{attempts}")
 
-    def _finish(self, req: Request, state: RequestState, token: int | None, text: str, reason: str | None,
-                error: str | None = None) -> None:
-        req.timing.finished = time.perf_counter()
-        req.move(state)
-        req.error = error
-        metrics = req.timing.metrics(len(req.stop.token_ids))
-        metrics.update(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.stop.token_ids),
-                       attempts=req.attempts, prefill_instance=req.prefill, decode_instance=req.decode)
-        req.chunks.put_nowait(StreamChunk(req.request_id, [] if token is None else [token], text, True, reason,
-                                          error, metrics))
-        self.requests.pop(req.tid, None)
+    def _prompt_started(self, req: Request, name: str) -> None:
+        self.router.prompt_started(name, len(req.prompt_ids))
+        req.prompt_on = name
+
+    def _prompt_done(self, req: Request) -> None:
+        if req.prompt_on is not None:
+            self.router.prompt_done(req.prompt_on, len(req.prompt_ids))
+            req.prompt_on = None
+
+    def _forget(self, req: Request) -> None:
+        self._prompt_done(req)
         self.by_id.pop(req.request_id, None)
 
     def _fail(self, req: Request, error: str) -> None:
         if not req.state.final:
-            self._tell(req.prefill, "abort", req.tid)
-            self._tell(req.decode, "abort", req.tid)
-            self._finish(req, RequestState.FAILED, None, "", "error", error)
+            self._abort_engines(req)
+            req.finish(RequestState.FAILED, "error", error=error)
+            self._forget(req)
 
     def _fail_instance(self, name: str, error: str) -> None:
-        for req in list(self.requests.values()):
+        for req in list(self.by_id.values()):
             if name in (req.prefill, req.decode):
                 self._fail(req, error)
 
     async def _fail_all(self, error: str) -> None:
-        for req in list(self.requests.values()):
+        for req in list(self.by_id.values()):
             self._fail(req, error)
 
     async def _abort_id(self, request_id: str) -> bool:
@@ -418,13 +404,13 @@ class Cluster:
     async def _abort(self, req: Request) -> None:
         if req.state.final:
             return
-        self._tell(req.prefill, "abort", req.tid)
-        self._tell(req.decode, "abort", req.tid)
-        self._finish(req, RequestState.ABORTED, None, "", "abort")
+        self._abort_engines(req)
+        req.finish(RequestState.ABORTED, "abort")
+        self._forget(req)
 
     async def _stats(self) -> dict:
         states: dict[str, int] = {}
-        for req in self.requests.values():
+        for req in self.by_id.values():
             states[req.state.value] = states.get(req.state.value, 0) + 1
         return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, "sp": i.spec.sp,
                                   **self.instance_stats.get(n, {})}

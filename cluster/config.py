@@ -10,38 +10,17 @@ from typing import Any
 
 import yaml
 
+from splitserve.workers.engine_config import (TP_NORM_METHODS, TRANSFER_MODES, TRANSPORTS,  # noqa: F401 (re-exported)
+                                              EngineConfig, TransferConfig, choice, positive_float, positive_int)
+
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-TRANSPORTS = ("p2p", "shm")
-TRANSFER_MODES = ("layerwise", "after_prefill")
 SP_ALGORITHMS = ("ring", "token_ring")
-# Kept free of torch here; a test checks it equals splitserve.comm.fused_norm.METHODS.
-TP_NORM_METHODS = ("reference", "rs_ag", "symmetric", "symmetric_oneshot", "symmetric_rs", "auto")
-
-
-def _positive_int(path: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"config: '{path}' must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive_float(path: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"config: '{path}' must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _choice(path: str, value, options) -> str:
-    if value not in options:
-        raise ValueError(f"config: '{path}' must be one of {list(options)}, got {value!r}")
-    return value
-
 
 def _no_pipeline(path: str, pp) -> None:
-    _positive_int(f"{path}.pp", pp)
+    positive_int(f"{path}.pp", pp)
     if pp != 1:
         raise ValueError(f"config: '{path}.pp' > 1 (pipeline parallelism) is not available yet")
-
 
 @dataclass(frozen=True)
 class PrefillConfig:
@@ -52,16 +31,15 @@ class PrefillConfig:
     pp: int = 1
 
     def validate(self, path: str) -> None:
-        _positive_int(f"{path}.instances", self.instances, 0)
-        _positive_int(f"{path}.tp", self.tp)
-        _positive_int(f"{path}.sp", self.sp)
+        positive_int(f"{path}.instances", self.instances, 0)
+        positive_int(f"{path}.tp", self.tp)
+        positive_int(f"{path}.sp", self.sp)
         _no_pipeline(path, self.pp)
-        _choice(f"{path}.sp_algorithm", self.sp_algorithm, SP_ALGORITHMS)
+        choice(f"{path}.sp_algorithm", self.sp_algorithm, SP_ALGORITHMS)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.sp
-
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -70,59 +48,17 @@ class DecodeConfig:
     pp: int = 1
 
     def validate(self, path: str) -> None:
-        _positive_int(f"{path}.instances", self.instances, 0)
-        _positive_int(f"{path}.tp", self.tp)
+        positive_int(f"{path}.instances", self.instances, 0)
+        positive_int(f"{path}.tp", self.tp)
         _no_pipeline(path, self.pp)
 
     @property
     def world_size(self) -> int:
         return self.tp
 
-
 @dataclass(frozen=True)
 class ColocatedConfig(DecodeConfig):
     instances: int = 0
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_bytes: int = 64 << 20  # per rank, on CPU
-    gpu_memory_fraction: float = 0.9
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None
-    tp_norm_method: str = "reference"  # how TP all-reduce + RMSNorm run (see comm/fused_norm.py)
-    overlap_min_tokens: int | None = None  # split forwards of at least this many tokens to overlap TP comm
-
-    def validate(self, path: str) -> None:
-        _positive_int(f"{path}.block_size", self.block_size)
-        _choice(f"{path}.tp_norm_method", self.tp_norm_method, TP_NORM_METHODS)
-        if self.overlap_min_tokens is not None:
-            _positive_int(f"{path}.overlap_min_tokens", self.overlap_min_tokens, 2)
-        _positive_int(f"{path}.kv_cache_bytes", self.kv_cache_bytes)
-        _positive_float(f"{path}.gpu_memory_fraction", self.gpu_memory_fraction)
-        if self.gpu_memory_fraction > 1:
-            raise ValueError(f"config: '{path}.gpu_memory_fraction' must be <= 1, got {self.gpu_memory_fraction}")
-        _positive_int(f"{path}.max_num_seqs", self.max_num_seqs)
-        _positive_int(f"{path}.max_num_batched_tokens", self.max_num_batched_tokens)
-        if self.max_model_len is not None:
-            _positive_int(f"{path}.max_model_len", self.max_model_len)
-
-
-@dataclass(frozen=True)
-class TransferConfig:
-    transport: str = "p2p"  # p2p: gloo/NCCL send/recv over links; shm: same-host shared memory
-    mode: str = "layerwise"  # layerwise: push layer l while layer l+1 computes; after_prefill: push at the end
-    timeout_s: float = 30.0
-    retries: int = 1
-
-    def validate(self, path: str) -> None:
-        _choice(f"{path}.transport", self.transport, TRANSPORTS)
-        _choice(f"{path}.mode", self.mode, TRANSFER_MODES)
-        _positive_float(f"{path}.timeout_s", self.timeout_s)
-        _positive_int(f"{path}.retries", self.retries, 0)
-
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -138,11 +74,10 @@ class RayConfig:
         if not isinstance(self.role_resources, bool):
             raise ValueError(f"config: '{path}.role_resources' must be true or false, got {self.role_resources!r}")
         if self.num_cpus is not None:
-            _positive_int(f"{path}.num_cpus", self.num_cpus)
+            positive_int(f"{path}.num_cpus", self.num_cpus)
         if self.num_gpus is not None:
-            _positive_int(f"{path}.num_gpus", self.num_gpus, 0)
-        _positive_float(f"{path}.placement_timeout_s", self.placement_timeout_s)
-
+            positive_int(f"{path}.num_gpus", self.num_gpus, 0)
+        positive_float(f"{path}.placement_timeout_s", self.placement_timeout_s)
 
 @dataclass(frozen=True)
 class AutoPlacement:
@@ -159,15 +94,15 @@ class AutoPlacement:
     seed: int = 0
 
     def validate(self, path: str) -> None:
-        _positive_float(f"{path}.ttft_s", self.ttft_s)
-        _positive_float(f"{path}.tpot_s", self.tpot_s)
-        _positive_float(f"{path}.attainment", self.attainment)
+        positive_float(f"{path}.ttft_s", self.ttft_s)
+        positive_float(f"{path}.tpot_s", self.tpot_s)
+        positive_float(f"{path}.attainment", self.attainment)
         if self.attainment > 1:
             raise ValueError(f"config: '{path}.attainment' must be <= 1, got {self.attainment}")
         if self.rate is not None:
-            _positive_float(f"{path}.rate", self.rate)
-        _positive_int(f"{path}.requests", self.requests, 20)
-        _positive_int(f"{path}.seed", self.seed, 0)
+            positive_float(f"{path}.rate", self.rate)
+        positive_int(f"{path}.requests", self.requests, 20)
+        positive_int(f"{path}.seed", self.seed, 0)
         for name in ("workload", "hardware", "profile"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -175,7 +110,6 @@ class AutoPlacement:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
 
 def _auto_placement(placement) -> AutoPlacement | None:
     if placement == "auto":
@@ -188,7 +122,6 @@ def _auto_placement(placement) -> AutoPlacement | None:
     auto = _build(AutoPlacement, options, "placement.auto")
     auto.validate("placement.auto")
     return auto
-
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -209,11 +142,11 @@ class ClusterConfig:
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"config: 'model' must be a preset name or a directory, got {self.model!r}")
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("device", self.device, DEVICES)
+        choice("dtype", self.dtype, DTYPES)
+        choice("device", self.device, DEVICES)
         for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray"):
             getattr(self, f).validate(f)
-        _positive_int("max_queued_requests", self.max_queued_requests)
+        positive_int("max_queued_requests", self.max_queued_requests)
         if self.placement is not None and not isinstance(self.placement, dict) and self.placement != "auto":
             raise ValueError(f"config: 'placement' must be 'auto' or a mapping, got {self.placement!r}")
         object.__setattr__(self, "_auto", _auto_placement(self.placement))
@@ -241,7 +174,6 @@ class ClusterConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
 def _build(cls, data: Any, path: str):
     if data is None:
         return cls()
@@ -258,7 +190,6 @@ def _build(cls, data: Any, path: str):
         kwargs[name] = _build(sub, value, f"{path}.{name}" if path else name) if sub else value
     return cls(**kwargs)
 
-
 _SECTIONS = {"prefill": PrefillConfig, "decode": DecodeConfig, "colocated": ColocatedConfig, "engine": EngineConfig,
              "kv_transfer": TransferConfig, "ray": RayConfig}
 
@@ -271,10 +202,8 @@ decode: {instances: 1, tp: 1}
 colocated: {instances: 0, tp: 1}
 """
 
-
 def config_from_dict(data: dict | None) -> ClusterConfig:
     return _build(ClusterConfig, data or {}, "")
-
 
 def load_config(source: str | Path | None = None) -> ClusterConfig:
     """From a YAML file path; None gives the embedded default (local Ray, tiny, 1 prefill + 1 decode, CPU)."""

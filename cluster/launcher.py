@@ -172,8 +172,6 @@ class Launcher:
 
     def _specs(self) -> list[InstanceSpec]:
         c = self.config
-        engine = dict(c.engine.__dict__)
-        transfer = dict(c.kv_transfer.__dict__)
         specs = []
         for role, section in (("prefill", c.prefill), ("decode", c.decode), ("colocated", c.colocated)):
             # Decode must know the prefill SP degree: every SP rank pushes its own blocks over its own links.
@@ -181,7 +179,7 @@ class Launcher:
                      "decode": {"prefill_sp": c.prefill.sp}}.get(role, {})
             for i in range(section.instances):
                 specs.append(InstanceSpec(self.cluster_id, f"{role}-{i}", role, section.tp, self.model_dir,
-                                          c.dtype, c.device, engine, transfer, **extra))
+                                          c.dtype, c.device, c.engine, c.kv_transfer, **extra))
         return specs
 
     def _place(self, ray, spec: InstanceSpec) -> InstanceHandle:

@@ -47,7 +47,7 @@ def _sequences(llm: LLM, lengths: list[int], computed_all_but_last: bool):
 
 def measure(llm: LLM, prefill_batches, decode_points, repeats: int = 3):
     """([(lengths, seconds)], [(batch, total context, seconds)]) for forwards that write into the real cache."""
-    runner = llm.prefill.runner
+    runner = llm.runner
     prefill, decode = [], []
     for lengths in prefill_batches:
         seqs = _sequences(llm, lengths, computed_all_but_last=False)

@@ -1,8 +1,21 @@
-"""Which slice of KV heads goes from which prefill rank to which decode rank, for any pair of TP degrees
-(KV heads split or replicated on either side). Pure Python."""
+"""What moves where in a KV transfer: which slice of KV heads goes from which prefill rank to which decode rank
+for any pair of TP degrees (KV heads split or replicated on either side), which SP rank holds which block, and the
+orders one prefill step gives its ranks. Pure Python."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LinkId:
+    prefill_instance: str
+    prefill_rank: int
+    decode_instance: str
+    decode_rank: int
+
+    @property
+    def key(self) -> str:
+        return f"link/{self.prefill_instance}/{self.prefill_rank}/{self.decode_instance}/{self.decode_rank}"
 
 
 def local_kv_heads(num_kv_heads: int, tp: int, rank: int) -> tuple[int, int]:
@@ -83,3 +96,56 @@ def sp_block_owners(num_tokens: int, block_size: int, sp: int) -> list[int]:
         chunk = block // chunk_blocks
         owners.append(chunk if chunk < sp else 2 * sp - 1 - chunk)
     return owners
+
+
+# ------------------------------------------------------------------------------------------ one step's orders
+
+@dataclass(frozen=True)
+class DecodeTarget:
+    """Where one request's KV goes: the decode instance, its TP degree, the blocks it reserved, and the transfer
+    id it issued for them (unique among that instance's transfers; it names the transfer on the wire)."""
+
+    instance: str
+    tp: int
+    block_table: tuple[int, ...]
+    transfer_id: int
+
+
+@dataclass(frozen=True)
+class PrefillLayout:
+    name: str
+    tp: int
+    sp: int
+    num_kv_heads: int
+    block_size: int
+
+
+@dataclass
+class TransferOrder:
+    """One request's KV from one prefill rank to one decode rank (metadata only)."""
+
+    transfer_id: int
+    link: LinkId
+    src_blocks: list[int]
+    dst_blocks: list[int]
+    slices: list[HeadSlice]
+
+
+def transfer_orders(layout: PrefillLayout, num_tokens: int, src_table: list[int],
+                    target: DecodeTarget) -> list[TransferOrder]:
+    """Every prefill rank's share of one request's KV. Under SP each block was written by one SP rank, which
+    pushes it; SP rank s owns global ranks s·TP + p. A rank that owns no block of a short prompt still gets an
+    empty order: the decode side expects one completion per link."""
+    used = -(-num_tokens // layout.block_size)
+    src, dst = src_table[:used], list(target.block_table[:used])
+    plan = plan_heads(layout.num_kv_heads, layout.tp, target.tp)
+    owners = sp_block_owners(num_tokens, layout.block_size, layout.sp)
+    orders = []
+    for s in range(layout.sp):
+        mine = [i for i, owner in enumerate(owners) if owner == s]
+        for p, q in sorted({(h.src_rank, h.dst_rank) for h in plan}):
+            link = LinkId(layout.name, s * layout.tp + p, target.instance, q)
+            slices = [h for h in plan if (h.src_rank, h.dst_rank) == (p, q)]
+            orders.append(TransferOrder(target.transfer_id, link, [src[i] for i in mine], [dst[i] for i in mine],
+                                        slices))
+    return orders

@@ -5,8 +5,9 @@ on one side is block i on the other). A sequence-parallel prefill pads each prom
 blocks (`kv_plan.sp_padded_len`): each block is then held by one SP rank, which pushes it, and an SP rank that holds
 no block of a short prompt sends an order without blocks (handshake and done only). Per transfer on a link: header (+ decode blocks) -> the decode side answers go/skip (skip when the reservation
 was cancelled, so nothing is ever written into freed blocks) -> per layer, K/V of the planned heads (p2p: one
-message per layer; shm: written straight into the decode rank's cache, mapped from shared memory) -> done.
-Completion and failure are published in the decode instance's store under `transfer_key`."""
+message per layer; shm: written straight into the decode rank's cache, mapped from shared memory) -> done (with
+the first token, from the prefill leader). Completion and failure are published in the decode instance's store
+as the flags of `comm/kv_reservations.py`. Transfers are named by the transfer id the decode side issued."""
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from splitserve.comm.kv_plan import HeadSlice
-from splitserve.comm.links import Link, LinkBroken, LinkId, LinkTimeout
+from splitserve.comm.kv_plan import LinkId, TransferOrder
+from splitserve.comm.kv_reservations import TransferState, done_value, transfer_key
+from splitserve.comm.links import Link, LinkBroken, LinkTimeout
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +33,13 @@ _HEADER_LEN = 512  # int64s: the fields, then the decode blocks and head slices 
 _TAG_STRIDE = 1024  # per-transfer tag space: one tag per layer, then slots and done
 
 
-def _tag(tid: int, offset: int) -> int:
-    return 16 + (tid % 1_000_000) * _TAG_STRIDE + offset
-
-
-def transfer_key(tid: int, dst_rank: int, src_rank: int) -> str:
-    return f"kv/{tid}/{dst_rank}/{src_rank}"
-
-
-@dataclass
-class TransferOrder:
-    """One request's KV from one prefill rank to one decode rank (metadata only)."""
-
-    tid: int
-    link: LinkId
-    src_blocks: list[int]
-    dst_blocks: list[int]
-    slices: list[HeadSlice]
+def _tag(transfer_id: int, offset: int) -> int:
+    return 16 + (transfer_id % 1_000_000) * _TAG_STRIDE + offset
 
 
 @dataclass
 class SendResult:
-    tid: int
+    transfer_id: int
     ok: bool
     error: str | None = None
 
@@ -100,8 +87,10 @@ class KVSender:
     def layer_done(self, layer: int) -> None:
         self._jobs.put(("layer", layer))
 
-    def end(self) -> list[SendResult]:
-        self._jobs.put(("end", None))
+    def end(self, first_tokens: dict[tuple[str, int], tuple[int, bool]] | None = None) -> list[SendResult]:
+        """Finishes this forward's pushes; `first_tokens` ((decode instance, transfer id) -> (token, finished)),
+        known to the prefill leader, ride on the done messages."""
+        self._jobs.put(("end", first_tokens or {}))
         return self._results.get()
 
     def _run(self) -> None:
@@ -116,8 +105,11 @@ class KVSender:
                     self._guard(job, self._send_layer, job, arg)
             else:
                 for job in active:
-                    self._guard(job, self._finish, job)
-                self._results.put([SendResult(j["order"].tid, j["error"] is None, j["error"]) for j in active])
+                    order = job["order"]
+                    first = arg.get((order.link.decode_instance, order.transfer_id), (-1, False))
+                    self._guard(job, self._finish, job, first)
+                self._results.put([SendResult(j["order"].transfer_id, j["error"] is None, j["error"])
+                                   for j in active])
                 active = []
 
     @staticmethod
@@ -135,14 +127,14 @@ class KVSender:
         meta = order.dst_blocks + [v for s in order.slices for v in (s.dst_head, s.num_heads)]
         inline = len(meta) <= _HEADER_LEN - _HEADER_FIELDS
         header = torch.zeros(_HEADER_LEN, dtype=torch.long)
-        header[:_HEADER_FIELDS] = torch.tensor([MAGIC, order.tid, n, len(self.caches), len(order.slices), int(inline), 0, 0])
+        header[:_HEADER_FIELDS] = torch.tensor([MAGIC, order.transfer_id, n, len(self.caches), len(order.slices), int(inline), 0, 0])
         if inline:
             header[_HEADER_FIELDS : _HEADER_FIELDS + len(meta)] = torch.tensor(meta, dtype=torch.long)
         # Not waited for one by one: the ack proves they arrived; `_finish` collects them with the data.
         job["works"].append((link.isend(header, HEADER_TAG), header))
         if not inline:
             extra = torch.tensor(meta, dtype=torch.long)
-            job["works"].append((link.isend(extra, _tag(order.tid, _TAG_STRIDE - 2)), extra))
+            job["works"].append((link.isend(extra, _tag(order.transfer_id, _TAG_STRIDE - 2)), extra))
         try:
             ack = link.recv(torch.zeros(1, dtype=torch.long), ACK_TAG, deadline)
             job["go"] = bool(ack.item())
@@ -174,16 +166,17 @@ class KVSender:
             copy_blocks(self.caches[layer], self.shm_caches(order.link)[layer], order)
         else:
             link = self.links[order.link]
-            job["works"].append((link.isend(data, _tag(order.tid, layer)), data))
+            job["works"].append((link.isend(data, _tag(order.transfer_id, layer)), data))
 
-    def _finish(self, job: dict) -> None:
+    def _finish(self, job: dict, first_token: tuple[int, bool]) -> None:
         if job["stall"]:
             job["error"] = "transfer stalled (fault injection)"
             return
         link = self.links[job["order"].link]
         for _ in link.completions(job["works"], job["deadline"]):
             pass
-        link.send(torch.tensor([len(self.caches)]), _tag(job["order"].tid, _TAG_STRIDE - 1), job["deadline"])
+        done = torch.tensor([len(self.caches), first_token[0], int(first_token[1])])
+        link.send(done, _tag(job["order"].transfer_id, _TAG_STRIDE - 1), job["deadline"])
 
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -244,25 +237,26 @@ class KVReceiver:
     def _receive(self, header: torch.Tensor) -> None:
         """Handshake here; the data of an accepted transfer arrives in its own thread, so the next header (the
         sender handshakes every order of a forward before pushing layers) is taken at once."""
-        magic, tid, n, num_layers, num_slices, inline = header[:6].tolist()
+        magic, transfer_id, n, num_layers, num_slices, inline = header[:6].tolist()
         assert magic == MAGIC and num_layers == len(self.caches), "peer speaks another protocol or model"
         deadline = time.monotonic() + self.timeout_s
-        key = transfer_key(tid, self.link.id.decode_rank, self.link.id.prefill_rank)
+        key = transfer_key(transfer_id, self.link.id.decode_rank, self.link.id.prefill_rank)
         size = n + 2 * num_slices
         try:
             if inline:
                 meta = header[_HEADER_FIELDS : _HEADER_FIELDS + size].clone()
             else:
-                meta = self.link.recv(torch.zeros(size, dtype=torch.long), _tag(tid, _TAG_STRIDE - 2), deadline)
-            go = self.store.compare_set(key, "pending", "receiving") == b"receiving"
+                meta = self.link.recv(torch.zeros(size, dtype=torch.long), _tag(transfer_id, _TAG_STRIDE - 2), deadline)
+            receiving = TransferState.RECEIVING.value
+            go = self.store.compare_set(key, TransferState.PENDING.value, receiving) == receiving.encode()
             self.link.send(torch.tensor([int(go)]), ACK_TAG, deadline)
         except (LinkTimeout, LinkBroken) as e:
             self._failed(key, e)
             return
         if go:
-            threading.Thread(target=self._receive_data, args=(tid, key, meta, n, deadline), daemon=True).start()
+            threading.Thread(target=self._receive_data, args=(transfer_id, key, meta, n, deadline), daemon=True).start()
 
-    def _receive_data(self, tid: int, key: str, meta: torch.Tensor, n: int, deadline: float) -> None:
+    def _receive_data(self, transfer_id: int, key: str, meta: torch.Tensor, n: int, deadline: float) -> None:
         blocks = meta[:n].tolist()
         heads, offset = [], 0
         for head, count in meta[n:].view(-1, 2).tolist():
@@ -270,22 +264,23 @@ class KVReceiver:
             offset += count
         try:
             if self.transport == "p2p" and n:
-                self._receive_layers(tid, blocks, heads, offset, deadline)
-            self.link.recv(torch.zeros(1, dtype=torch.long), _tag(tid, _TAG_STRIDE - 1), deadline)
-            self.store.set(key, "done")
+                self._receive_layers(transfer_id, blocks, heads, offset, deadline)
+            done = self.link.recv(torch.zeros(3, dtype=torch.long), _tag(transfer_id, _TAG_STRIDE - 1), deadline)
+            _, token, finished = done.tolist()
+            self.store.set(key, done_value(token, bool(finished)))
         except (LinkTimeout, LinkBroken) as e:
             self._failed(key, e)
 
     def _failed(self, key: str, error: Exception) -> None:
-        self.store.set(key, f"failed: {error}")
+        self.store.set(key, f"{TransferState.FAILED.value}: {error}")
         if isinstance(error, LinkBroken):
             self.broken = str(error)
 
-    def _receive_layers(self, tid, blocks, heads, num_heads, deadline) -> None:
+    def _receive_layers(self, transfer_id, blocks, heads, num_heads, deadline) -> None:
         ref = self.caches[0]
         shape = (2, len(blocks), ref.shape[2], num_heads, ref.shape[-1])
         bufs = [torch.empty(shape, dtype=self.caches[0].dtype, device=self.caches[0].device) for _ in self.caches]
-        items = [(self.link.irecv(buf, _tag(tid, layer)), buf) for layer, buf in enumerate(bufs)]
+        items = [(self.link.irecv(buf, _tag(transfer_id, layer)), buf) for layer, buf in enumerate(bufs)]
         for layer in self.link.completions(items, deadline):
             write_layer(self.caches[layer], bufs[layer], blocks, heads)
 

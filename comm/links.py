@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from splitserve.comm.kv_plan import LinkId  # noqa: F401 (links are named by it)
 
 # Connections stay open across idle periods; deadlines are enforced by `wait_for`, not by the backend.
 _BACKEND_TIMEOUT = timedelta(days=7)
@@ -22,18 +23,6 @@ class LinkTimeout(TimeoutError):
 
 class LinkBroken(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class LinkId:
-    prefill_instance: str
-    prefill_rank: int
-    decode_instance: str
-    decode_rank: int
-
-    @property
-    def key(self) -> str:
-        return f"link/{self.prefill_instance}/{self.prefill_rank}/{self.decode_instance}/{self.decode_rank}"
 
 
 class Link:

@@ -42,14 +42,16 @@ def references(model_dir, prompts, params) -> list[list[int]]:
 
 
 def wait_for_idle(cluster, timeout: float = 20.0) -> dict:
-    """Until every instance reports all blocks free and no transfer pending (or the timeout)."""
+    """Until every instance reports all blocks free and no transfer pending; fails with the stats on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         stats = cluster.stats()["instances"]
         idle = all("num_blocks" in s and s["free_blocks"] == s["num_blocks"] and not s["pending_transfers"]
                    for s in stats.values())
-        if idle or time.monotonic() > deadline:
+        if idle:
             return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"instances not idle after {timeout} s: {stats}")
         time.sleep(0.1)
 
 

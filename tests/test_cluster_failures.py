@@ -7,7 +7,7 @@ import pytest
 
 from cluster_helpers import config, ray_runtime, references, wait_for_idle, workload, write_checkpoint  # noqa: F401
 from splitserve.cluster.cluster import Cluster
-from splitserve.cluster.router import RequestState
+from splitserve.cluster.request import RequestState
 from splitserve.workers.sampling_params import SamplingParams
 
 TIMEOUT_S = 3.0
@@ -32,9 +32,9 @@ def cluster(ray_runtime, ckpt):
 def _wait_state(cluster, request_id, states, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        req = cluster.by_id.get(request_id)
-        if req is not None and req.state in states:
-            return req.state
+        state = cluster.request_state(request_id)
+        if state in states:
+            return state
         time.sleep(0.01)
     raise AssertionError(f"{request_id} never reached {states}")
 
@@ -43,11 +43,6 @@ def _assert_idle(cluster):
     stats = wait_for_idle(cluster, timeout=TIMEOUT_S + 10)
     for name, s in stats.items():
         assert s["free_blocks"] == s["num_blocks"] and s["pending_transfers"] == 0, (name, s)
-
-
-def _start(cluster, prompt, params, request_id):
-    """Submits on the cluster's loop and returns at once (the request runs in the background)."""
-    return cluster._on_loop_sync(cluster._submit_async(prompt, params, request_id))
 
 
 def test_transfer_failure_is_retried_then_succeeds(cluster, ckpt):
@@ -75,7 +70,7 @@ def test_abort_in_every_state_frees_both_sides(cluster):
     long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     # PREFILLING: the prefill leader is paused, so the request waits there with a decode reservation.
     cluster.leader_call("prefill-0", "pause", True)
-    _start(cluster, list(range(5, 40)), long, "in-prefill")
+    cluster.submit(list(range(5, 40)), long, "in-prefill")
     assert _wait_state(cluster, "in-prefill", {RequestState.PREFILLING}) is RequestState.PREFILLING
     assert cluster.leader_call("decode-0", "stats")["free_blocks"] < 12  # reserved before prefill
     assert cluster.abort("in-prefill")
@@ -84,27 +79,29 @@ def test_abort_in_every_state_frees_both_sides(cluster):
 
     # QUEUED: a paused decode instance holds a long request; the next one finds no room to reserve.
     cluster.leader_call("decode-0", "pause", True)
-    _start(cluster, list(range(5, 60)), long, "holder")  # 8 blocks of 12 once admitted
+    cluster.submit(list(range(5, 60)), long, "holder")  # 7 blocks of 12
     _wait_state(cluster, "holder", {RequestState.DECODING})
-    _start(cluster, list(range(5, 60)), long, "queued")
-    time.sleep(0.3)
-    assert cluster.by_id["queued"].state is RequestState.QUEUED
+    # It needs 7 blocks and 5 are free, so it must stay QUEUED however long dispatch takes.
+    assert cluster.leader_call("decode-0", "stats")["free_blocks"] == 5
+    cluster.submit(list(range(5, 60)), long, "queued")
+    time.sleep(0.3)  # dispatch tries (and fails) to reserve meanwhile
+    assert cluster.request_state("queued") is RequestState.QUEUED
     assert cluster.abort("queued")
     # DECODING (admitted, paused): aborting frees the decode side.
-    assert cluster.by_id["holder"].state is RequestState.DECODING
+    assert cluster.request_state("holder") is RequestState.DECODING
     assert cluster.abort("holder")
     cluster.leader_call("decode-0", "pause", False)
     _assert_idle(cluster)
 
     # TRANSFERRING: the transfer stalls after the handshake; the blocks are freed once the receiver gives up.
     cluster.rank_call("prefill-0", 0, "inject_transfer_faults", 1)
-    _start(cluster, list(range(5, 40)), long, "in-transfer")
+    cluster.submit(list(range(5, 40)), long, "in-transfer")
     _wait_state(cluster, "in-transfer", {RequestState.TRANSFERRING})
     assert cluster.abort("in-transfer")
     _assert_idle(cluster)
 
     # DECODING while running.
-    _start(cluster, list(range(5, 40)), SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True), "running")
+    cluster.submit(list(range(5, 40)), SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True), "running")
     _wait_state(cluster, "running", {RequestState.DECODING})
     assert cluster.abort("running")
     _assert_idle(cluster)
@@ -123,7 +120,7 @@ def test_streaming_client_that_leaves_aborts_the_request(cluster):
 
     chunks = asyncio.run(read_two())
     assert len(chunks) == 2 and not chunks[-1].finished
-    assert "leaver" not in cluster.by_id
+    assert cluster.request_state("leaver") is None
     _assert_idle(cluster)
 
 

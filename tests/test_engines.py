@@ -90,7 +90,7 @@ def test_out_of_vocab_prompt_and_param_count(llm):
 
 def test_chunked_prefill_attention_equals_full_prefill(llm):
     """A prompt computed in two chunks (the second attending to the cached first) gives the same logits."""
-    model, caches = llm.model, llm.prefill.runner.kv_caches
+    model, caches = llm.model, llm.runner.kv_caches
     ids = torch.tensor(random_prompts([37], seed=8)[0])
     blocks = llm.blocks
     table = blocks.allocate("chunk", 37)

@@ -27,6 +27,20 @@ class EngineCore:
             self.prefill.add(seq, front=True)
         return outputs + decode.outputs
 
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        self.prefill.add(seq, front)
+
+    def admit(self, seq: Sequence) -> None:
+        """A sequence whose KV arrived from elsewhere (a prefill instance) joins the running batch."""
+        self.decode.add(seq)
+
+    def check_fits(self, seq: Sequence) -> None:
+        self.prefill.check_fits(seq)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.prefill.num_waiting
+
     @property
     def num_running(self) -> int:
         return self.decode.num_running

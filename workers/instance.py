@@ -10,18 +10,19 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from splitserve.comm.kv_transfer import KVReceiver, KVSender, TransferOrder, map_shared_cache, remove_shared_cache, shm_path
-from splitserve.comm.links import RECEIVER, SENDER, Link, LinkId
+from splitserve.comm.kv_plan import LinkId, TransferOrder
+from splitserve.comm.kv_transfer import KVReceiver, KVSender, map_shared_cache, remove_shared_cache, shm_path
+from splitserve.comm.links import RECEIVER, SENDER, Link
 from splitserve.comm.sequence_parallel import SPGroup
 from splitserve.comm.tensor_parallel import TPGroup
 from splitserve.workers.batch import ForwardBatch
-from splitserve.workers.kv_cache import allocate_kv_cache, cuda_budget, num_blocks_for_budget
-from splitserve.workers.llm import resolve_device
-from splitserve.workers.loader import load_model, resolve_dtype
+from splitserve.workers.engine_builder import ROLES, kv_cache_blocks
+from splitserve.workers.engine_config import EngineConfig, TransferConfig
+from splitserve.workers.kv_cache import allocate_kv_cache
+from splitserve.workers.loader import load_model, resolve_device, resolve_dtype
+from splitserve.workers.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
-
-ROLES = ("prefill", "decode", "colocated")
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,8 @@ class InstanceSpec:
     model_dir: str
     dtype: str = "float32"
     device: str = "cpu"
-    engine: dict = field(default_factory=dict)  # EngineConfig fields
-    transfer: dict = field(default_factory=dict)  # TransferConfig fields
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     sp: int = 1  # prefill only: sequence-parallel ranks, each with `tp` ranks (global rank = sp_rank·tp + tp_rank)
     sp_algorithm: str = "ring"
     prefill_sp: int = 1  # decode only: the SP degree of the prefill instances that push KV here
@@ -88,23 +89,21 @@ class RankWorker:
             self.tp, self.sp = sp_tp_groups(self.rank, spec.sp, spec.tp)
         self.dtype = resolve_dtype(spec.dtype)
         self.model = load_model(spec.model_dir, self.dtype, self.device, self.tp)
-        self.model.configure_tp(spec.engine.get("tp_norm_method", "reference"), spec.engine.get("overlap_min_tokens"))
+        self.model.configure_tp(spec.engine.tp_norm_method, spec.engine.overlap_min_tokens)
         self._allocate_cache()
+        self.runner = ModelRunner(self.model, self.caches, self.model.cfg.eos_token_ids, self.device)
         return {"num_blocks": self.num_blocks, "kv_heads": self.model.num_kv_heads}
 
     def _allocate_cache(self) -> None:
-        cfg, eng = self.model.cfg, self.spec.engine
-        block_size = eng.get("block_size", 16)
+        cfg, block_size = self.model.cfg, self.spec.engine.block_size
         kv_heads = self.model.num_kv_heads
-        budget = (cuda_budget(eng.get("gpu_memory_fraction", 0.9), self.device) if self.device.type == "cuda"
-                  else eng.get("kv_cache_bytes", 64 << 20))
-        blocks = num_blocks_for_budget(budget, cfg.num_layers, block_size, kv_heads, cfg.head_dim, self.dtype)
+        blocks = kv_cache_blocks(self.spec.engine, self.model, self.device, self.dtype)
         # All ranks of an instance must agree on the block count: the leader's block manager governs them all.
         count = torch.tensor([blocks], dtype=torch.long, device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
         self.num_blocks = int(count.item())
         shape = (2, self.num_blocks, block_size, kv_heads, cfg.head_dim)
-        if self.spec.role == "decode" and self.spec.transfer.get("transport") == "shm" and self.device.type == "cpu":
+        if self.spec.role == "decode" and self.spec.transfer.transport == "shm" and self.device.type == "cpu":
             self._shm_file = shm_path(self.spec.cluster_id, self.spec.name, self.rank)
             self.caches = map_shared_cache(self._shm_file, cfg.num_layers, shape, self.dtype, create=True)
         else:
@@ -135,11 +134,10 @@ class RankWorker:
             raise errors[0]
         transfer = self.spec.transfer
         if side == SENDER:
-            self.sender = KVSender(self.caches, self.links, transfer.get("transport", "p2p"),
-                                   transfer.get("timeout_s", 30.0), self._peer_cache)
+            self.sender = KVSender(self.caches, self.links, transfer.transport, transfer.timeout_s, self._peer_cache)
         else:
-            self.receivers = [KVReceiver(link, self.caches, self.store, transfer.get("transport", "p2p"),
-                                         transfer.get("timeout_s", 30.0)) for link in self.links.values()]
+            self.receivers = [KVReceiver(link, self.caches, self.store, transfer.transport, transfer.timeout_s)
+                              for link in self.links.values()]
         return len(self.links)
 
     def _peer_cache(self, link_id: LinkId) -> list[torch.Tensor]:
@@ -178,17 +176,18 @@ class RankWorker:
             kind, batch, orders = box[0]
             if kind == "stop":
                 return
-            self.forward(batch, orders)
+            self.execute(batch, orders)
             self.finish_sends()  # a follower reports nothing, so nothing is gained by finishing later
 
-    def forward(self, batch: ForwardBatch, orders: list[TransferOrder]) -> torch.Tensor:
-        """One forward of this rank's shard; starts pushing this rank's share of the KV of `orders`. The pushes
-        are finished by `finish_sends`, after the first tokens are out (TTFT does not wait for the last layer)."""
+    def execute(self, batch: ForwardBatch, orders: list[TransferOrder]) -> torch.Tensor:
+        """One step of this rank's shard, on the leader and on every follower; starts pushing this rank's share
+        of the KV of `orders`. The pushes are finished by `finish_sends`, after the first tokens are out (TTFT
+        does not wait for the last layer)."""
         self.finish_sends()  # earlier pushes read blocks that this forward may overwrite
         mine = [o for o in orders if o.link.prefill_rank == self.rank]
         if not mine or self.sender is None:
             return self._forward_logits(batch)
-        layerwise = self.spec.transfer.get("mode", "layerwise") == "layerwise"
+        layerwise = self.spec.transfer.mode == "layerwise"
         if layerwise:
             self.sender.begin(mine)
             logits = self._forward_logits(batch, lambda cache: self.sender.layer_done(self._layer_of[id(cache)]))
@@ -200,12 +199,14 @@ class RankWorker:
         self._sending = True
         return logits
 
-    def finish_sends(self) -> None:
+    def finish_sends(self, first_tokens: dict[tuple[str, int], tuple[int, bool]] | None = None) -> None:
+        """Waits for this rank's pushes; the leader passes the first tokens ((decode instance, transfer id) ->
+        (token, finished))."""
         if self._sending:
-            for result in self.sender.end():
+            for result in self.sender.end(first_tokens):
                 if not result.ok:  # the decode side decides the request's fate; this side only records why
-                    log.warning("KV push of request %d from %s rank %d failed: %s", result.tid, self.spec.name,
-                                self.rank, result.error)
+                    log.warning("KV push of transfer %d from %s rank %d failed: %s", result.transfer_id,
+                                self.spec.name, self.rank, result.error)
             self._sending = False
 
     def _forward_logits(self, batch: ForwardBatch, hook=None) -> torch.Tensor:
@@ -220,14 +221,6 @@ class RankWorker:
 
             self._sp_runner = SPPrefillRunner(self.model, self.caches, self.sp, self.spec.sp_algorithm, self.device)
         return self._sp_runner
-
-    @property
-    def runner(self):
-        if not hasattr(self, "_runner"):
-            from splitserve.workers.model_runner import ModelRunner
-
-            self._runner = ModelRunner(self.model, self.caches, self.model.cfg.eos_token_ids, self.device)
-        return self._runner
 
     # ------------------------------------------------------------------------------------------ control
     def inject_transfer_faults(self, count: int) -> None:

@@ -9,13 +9,12 @@ from typing import Sequence as Seq
 import torch
 
 from splitserve.comm.tensor_parallel import SINGLE, TPGroup
-from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.detokenizer import IncrementalDetokenizer
-from splitserve.workers.kv_cache import allocate_kv_cache, cuda_budget, num_blocks_for_budget
-from splitserve.workers.loader import load_model, resolve_dtype
+from splitserve.workers.engine_builder import build_engine, kv_cache_blocks
+from splitserve.workers.engine_config import EngineConfig
+from splitserve.workers.kv_cache import allocate_kv_cache
+from splitserve.workers.loader import load_model, resolve_device, resolve_dtype
 from splitserve.workers.model_runner import ModelRunner
-from splitserve.workers.engine_core import EngineCore
-from splitserve.workers.splitfuse_engine import SplitFuseEngine
 from splitserve.workers.prefill_engine import EngineOutput
 from splitserve.workers.presets import resolve_model
 from splitserve.workers.sampling_params import SamplingParams, pair_with_params
@@ -42,54 +41,37 @@ class RequestOutput:
         return (self.e2e_s - self.ttft_s) / (n - 1) if n > 1 else 0.0
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device: must be auto, cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device: cuda requested but no CUDA device is available")
-    return torch.device(device)
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    return value
+_DEFAULTS = EngineConfig()
 
 
 class LLM:
     def __init__(self, model: str = "tiny", dtype: str = "float32", device: str = "auto", tp: TPGroup = SINGLE,
-                 block_size: int = 16, kv_cache_bytes: int = 256 << 20, gpu_memory_fraction: float = 0.9,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 4096, max_model_len: int | None = None,
-                 tp_norm_method: str = "reference", overlap_min_tokens: int | None = None,
+                 block_size: int = _DEFAULTS.block_size, kv_cache_bytes: int = _DEFAULTS.kv_cache_bytes,
+                 gpu_memory_fraction: float = _DEFAULTS.gpu_memory_fraction, max_num_seqs: int = _DEFAULTS.max_num_seqs,
+                 max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens, max_model_len: int | None = None,
+                 tp_norm_method: str = _DEFAULTS.tp_norm_method, overlap_min_tokens: int | None = None,
                  chunked_prefill: bool = False):
-        """`chunked_prefill`: fuse prompt chunks with decode tokens in one forward per step (Dynamic SplitFuse)
-        instead of alternating prompt batches and decode steps."""
+        """Engine options are `EngineConfig`'s, with its defaults. `chunked_prefill`: fuse prompt chunks with
+        decode tokens in one forward per step (Dynamic SplitFuse) instead of alternating prompt batches and
+        decode steps."""
+        config = EngineConfig(block_size, kv_cache_bytes, gpu_memory_fraction, max_num_seqs, max_num_batched_tokens,
+                              max_model_len, tp_norm_method, overlap_min_tokens).validate()
         self.model_dir = resolve_model(model)
         self.device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
         self.model = load_model(self.model_dir, torch_dtype, self.device, tp)
-        self.model.configure_tp(tp_norm_method, overlap_min_tokens)
+        self.model.configure_tp(config.tp_norm_method, config.overlap_min_tokens)
         cfg = self.model.cfg
         self.tokenizer = load_tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
-        self.max_model_len = _positive("max_model_len", max_model_len or cfg.max_position_embeddings)
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings ({cfg.max_position_embeddings})")
-        _positive("block_size", block_size)
-        budget = cuda_budget(gpu_memory_fraction, self.device) if self.device.type == "cuda" else kv_cache_bytes
-        kv_heads = self.model.num_kv_heads
-        num_blocks = num_blocks_for_budget(budget, cfg.num_layers, block_size, kv_heads, cfg.head_dim, torch_dtype)
-        self.blocks = BlockManager(num_blocks, block_size)
-        caches = allocate_kv_cache(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, torch_dtype, self.device)
+        self.max_model_len = config.context_len(cfg.max_position_embeddings)
+        num_blocks = kv_cache_blocks(config, self.model, self.device, torch_dtype)
+        caches = allocate_kv_cache(cfg.num_layers, num_blocks, config.block_size, self.model.num_kv_heads,
+                                   cfg.head_dim, torch_dtype, self.device)
         self.eos_token_ids = cfg.eos_token_ids
-        runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
-        engine = SplitFuseEngine if chunked_prefill else EngineCore
-        self.core = engine(runner, self.blocks, _positive("max_num_seqs", max_num_seqs),
-                           _positive("max_num_batched_tokens", max_num_batched_tokens), self.max_model_len)
-        # Where prompts are queued: the prefill engine, or the fused engine itself.
-        self.prefill = self.core if chunked_prefill else self.core.prefill
+        self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
+        self.core = build_engine("colocated", self.runner, num_blocks, config, self.max_model_len,
+                                 chunked_prefill=chunked_prefill)
+        self.blocks = self.core.blocks
         self._ids = itertools.count()
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -110,12 +92,9 @@ class LLM:
     def _admit(self, prompts, plist) -> list[Sequence]:
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, plist)]
         for seq in seqs:  # validate every prompt before any runs, so a bad one admits nothing
-            if seq.num_tokens >= self.max_model_len:
-                raise ValueError(f"prompt: {seq.num_tokens} tokens leave no room to generate within "
-                                 f"max_model_len={self.max_model_len}")
-            self.prefill.check_fits(seq)
+            self.core.check_fits(seq)
         for seq in seqs:
-            self.prefill.add(seq)
+            self.core.add(seq)
         return seqs
 
     def stream(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None):

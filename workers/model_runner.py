@@ -11,11 +11,14 @@ from splitserve.workers.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], eos_token_ids, device):
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], eos_token_ids, device, execute=None):
+        """`execute(batch, seqs) -> logits` replaces the plain forward of one step: an instance leader passes one
+        that sends the step to its follower ranks and runs this rank's shard."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = torch.device(device)
         self.sampler = Sampler(eos_token_ids)
+        self.execute = execute or (lambda batch, seqs: self.forward_logits(batch))
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -41,10 +44,6 @@ class ModelRunner:
         meta.on_kv_written = on_kv_written
         hidden = self.model(self._tensor(batch.input_ids), self._tensor(batch.positions), self.kv_caches, meta)
         return self.model.compute_logits(hidden[self._tensor(batch.sample_rows)])
-
-    def execute(self, batch: ForwardBatch, seqs: list[Sequence]) -> torch.Tensor:
-        """The forward of one step; an instance leader overrides this to drive its followers too."""
-        return self.forward_logits(batch)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         for seq in seqs:

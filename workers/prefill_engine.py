@@ -20,6 +20,12 @@ class EngineOutput:
     result: StepResult
 
 
+def check_context(num_tokens: int, context_len: int) -> None:
+    """The one context-length rule of the engines: a prompt must leave room for at least one new token."""
+    if num_tokens >= context_len:
+        raise ValueError(f"prompt: {num_tokens} tokens leave no room to generate within max_model_len={context_len}")
+
+
 def append_and_check(seq: Sequence, token_id: int, max_model_len: int) -> EngineOutput:
     result = seq.append_token(token_id)
     if not result.finished and seq.num_tokens >= max_model_len:
@@ -37,17 +43,23 @@ class PrefillEngine:
         self.scheduler = PrefillScheduler(blocks, max_batched_tokens, max_seqs)
 
     def add(self, seq: Sequence, front: bool = False) -> None:
-        if seq.num_tokens >= self.max_model_len:
-            raise ValueError(f"prompt: {seq.num_tokens} tokens leave no room to generate within "
-                             f"max_model_len={self.max_model_len}")
-        self.scheduler.add(seq, front)
+        check_context(seq.num_tokens, self.max_model_len)
+        self.scheduler.add(seq, front)  # which checks that the prompt fits the cache
 
     def check_fits(self, seq: Sequence) -> None:
+        check_context(seq.num_tokens, self.max_model_len)
         self.scheduler.check_fits(seq)
 
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return 0  # a prompt batch runs within one step
+
+    def has_unfinished(self) -> bool:
+        return self.num_waiting > 0
 
     def step(self, reserve_blocks: int = 0) -> list[EngineOutput]:
         """Prefills one batch; `reserve_blocks` stay free for sequences already decoding on this cache."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from splitserve.workers.batch import build_batch
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.model_runner import ModelRunner
-from splitserve.workers.prefill_engine import EngineOutput, append_and_check
+from splitserve.workers.prefill_engine import EngineOutput, append_and_check, check_context
 from splitserve.workers.scheduler import SplitFuseScheduler
 from splitserve.workers.sequence import Sequence
 
@@ -19,12 +19,11 @@ class SplitFuseEngine:
         self.scheduler = SplitFuseScheduler(blocks, max_num_batched_tokens, max_num_seqs)
 
     def add(self, seq: Sequence, front: bool = False) -> None:
-        if seq.num_tokens >= self.max_model_len:
-            raise ValueError(f"prompt: {seq.num_tokens} tokens leave no room to generate within "
-                             f"max_model_len={self.max_model_len}")
-        self.scheduler.prompts.add(seq, front)
+        check_context(seq.num_tokens, self.max_model_len)
+        self.scheduler.prompts.add(seq, front)  # which checks that the prompt fits the cache
 
     def check_fits(self, seq: Sequence) -> None:
+        check_context(seq.num_tokens, self.max_model_len)
         self.scheduler.prompts.check_fits(seq)
 
     @property

@@ -1,5 +1,7 @@
-"""Per-request output state: decides when a request finishes (eos, stop ids, stop strings, max_tokens)
-and streams text deltas that never show the beginning of a stop string that may still complete."""
+"""When a request finishes, in two parts that run where their inputs are: `TokenRules` (eos, stop token ids,
+min/max tokens) run in the engine that samples the tokens; `TextStream` (incremental text, stop strings, holding
+back the start of a stop string that may still complete) runs where the text is made: the frontend of a cluster,
+or the engine itself in-process (`StopChecker` joins the two there)."""
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -15,24 +17,50 @@ class StepResult:
     stop_reason: str | int | None  # the stop string or stop token id; None for eos and length
 
 
-class StopChecker:
+def makes_text(token_id: int, eos_token_ids, finish_reason: str | None, stop_reason) -> bool:
+    """Whether a sampled token shows in the output text: eos never does, nor a stop token that ended the request."""
+    return token_id not in eos_token_ids and not (finish_reason == "stop" and stop_reason == token_id)
 
-    def __init__(self, params: SamplingParams, eos_token_ids: Iterable[int],
-                 detokenizer: IncrementalDetokenizer | None):
-        if params.stop and detokenizer is None:
-            raise ValueError("stop strings need a detokenizer")
+
+class TokenRules:
+    """The token-level stop rules of one request."""
+
+    def __init__(self, params: SamplingParams, eos_token_ids: Iterable[int]):
         self.params = params
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.detokenizer = detokenizer
-        self.token_ids: list[int] = []
-        self.finished = False
-        self.finish_reason: str | None = None
-        self.stop_reason: str | int | None = None
+
+    def check(self, token_ids: list[int]) -> tuple[str, int | None] | None:
+        """(finish reason, stop reason) once the newest token ends the request, else None."""
+        token = token_ids[-1]
+        if len(token_ids) >= self.params.min_tokens:
+            if token in self.eos_token_ids and not self.params.ignore_eos:
+                return "stop", None
+            if token in self.params.stop_token_ids:
+                return "stop", token
+        if len(token_ids) >= self.params.max_tokens:
+            return "length", None
+        return None
+
+
+class TextStream:
+    """Output text of one request, delta by delta, cut at the first stop string."""
+
+    def __init__(self, stop: tuple[str, ...] = (), include_stop_str: bool = False,
+                 detokenizer: IncrementalDetokenizer | None = None):
+        if stop and detokenizer is None:
+            raise ValueError("stop strings need a detokenizer")
+        self.stop, self.include_stop_str, self.detokenizer = tuple(stop), include_stop_str, detokenizer
+        self.stopped_by: str | None = None  # the stop string found, once found
+        self.closed = False
         self._emitted: list[str] = []  # deltas returned so far
         # Text not yet returned: the held-back suffix plus the newest text. A stop string can only
         # complete inside it, because any possible start of one is held back.
         self._pending = ""
-        self._longest_stop = max((len(s) for s in params.stop), default=0)
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
+
+    @classmethod
+    def for_params(cls, params: SamplingParams, detokenizer: IncrementalDetokenizer | None) -> "TextStream":
+        return cls(params.stop, params.include_stop_str_in_output, detokenizer)
 
     @property
     def text(self) -> str:
@@ -41,72 +69,91 @@ class StopChecker:
             self._emitted = ["".join(self._emitted)]
         return "".join(self._emitted) + self._pending
 
-    def append(self, token_id: int) -> StepResult:
-        if self.finished:
-            raise RuntimeError(f"request already finished ({self.finish_reason}); cannot append tokens")
-        self.token_ids.append(token_id)
-        if self._is_stop_token(token_id):
-            self._finish("stop", token_id if token_id in self.params.stop_token_ids else None)
-        elif token_id not in self.eos_token_ids:  # eos text never reaches the output
-            self._add_text(self._detokenize(token_id))
-        if not self.finished and len(self.token_ids) >= self.params.max_tokens:
-            self._finish("length", None)
-        return StepResult(self._take_delta(), self.finished, self.finish_reason, self.stop_reason)
+    def add_token(self, token_id: int) -> None:
+        if self.detokenizer is not None and not self.closed:
+            self._add(self.detokenizer.step([token_id]))
 
-    def finish(self, reason: str) -> StepResult:
-        """Ends the request for a reason outside its own rules (the context limit, an abort) and releases
-        any text still held back."""
-        if not self.finished:
-            self._finish(reason, None)
-        return StepResult(self._take_delta(), True, self.finish_reason, self.stop_reason)
+    def close(self) -> None:
+        """No more tokens: incomplete trailing bytes will never complete, so show them as the decoder does."""
+        if self.detokenizer is not None and not self.closed:
+            self._add(self.detokenizer.flush())
+        self.closed = True
 
-    def _is_stop_token(self, token_id: int) -> bool:
-        if len(self.token_ids) < self.params.min_tokens:
-            return False
-        if token_id in self.eos_token_ids and not self.params.ignore_eos:
-            return True
-        return token_id in self.params.stop_token_ids
-
-    def _detokenize(self, token_id: int) -> str:
-        return "" if self.detokenizer is None else self.detokenizer.step([token_id])
-
-    def _finish(self, reason: str, stop_reason: str | int | None) -> None:
-        if self.detokenizer is not None:
-            # Incomplete trailing bytes will never complete now; show them as the decoder does.
-            self._add_text(self.detokenizer.flush())
-        if not self.finished:
-            self.finished, self.finish_reason, self.stop_reason = True, reason, stop_reason
-
-    def _add_text(self, delta: str) -> None:
-        if not delta or self.finished:
-            return
-        self._pending += delta
-        found = self._find_stop()
-        if found is not None:
-            pos, stop = found
-            self._pending = self._pending[:pos + (len(stop) if self.params.include_stop_str_in_output else 0)]
-            self.finished, self.finish_reason, self.stop_reason = True, "stop", stop
-
-    def _find_stop(self) -> tuple[int, str] | None:
-        best = None
-        for stop in self.params.stop:
-            pos = self._pending.find(stop)
-            if pos != -1 and (best is None or pos < best[0]):
-                best = (pos, stop)
-        return best
-
-    def _take_delta(self) -> str:
-        held = 0 if self.finished else self._held_back()
+    def take_delta(self) -> str:
+        held = 0 if self.closed or self.stopped_by is not None else self._held_back()
         delta = self._pending[:len(self._pending) - held]
         self._pending = self._pending[len(delta):]
         if delta:
             self._emitted.append(delta)
         return delta
 
+    def _add(self, delta: str) -> None:
+        if not delta or self.stopped_by is not None:
+            return
+        self._pending += delta
+        found = self._find_stop()
+        if found is not None:
+            pos, stop = found
+            self._pending = self._pending[:pos + (len(stop) if self.include_stop_str else 0)]
+            self.stopped_by = stop
+            self.closed = True
+
+    def _find_stop(self) -> tuple[int, str] | None:
+        best = None
+        for stop in self.stop:
+            pos = self._pending.find(stop)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, stop)
+        return best
+
     def _held_back(self) -> int:
         """Length of the longest suffix of the pending text that could still grow into a stop string."""
         for n in range(min(self._longest_stop - 1, len(self._pending)), 0, -1):
             tail = self._pending[-n:]
-            if any(stop.startswith(tail) for stop in self.params.stop):
+            if any(stop.startswith(tail) for stop in self.stop):
                 return n
         return 0
+
+
+class StopChecker:
+    """An engine's view of one request: its token rules, and its text when the engine has a detokenizer."""
+
+    def __init__(self, params: SamplingParams, eos_token_ids: Iterable[int],
+                 detokenizer: IncrementalDetokenizer | None):
+        self.params = params
+        self.rules = TokenRules(params, eos_token_ids)
+        self.eos_token_ids = self.rules.eos_token_ids
+        self.stream = TextStream.for_params(params, detokenizer)
+        self.token_ids: list[int] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    def append(self, token_id: int) -> StepResult:
+        if self.finished:
+            raise RuntimeError(f"request already finished ({self.finish_reason}); cannot append tokens")
+        self.token_ids.append(token_id)
+        ended = self.rules.check(self.token_ids)
+        reason, stop_reason = ended if ended else (None, None)
+        if makes_text(token_id, self.eos_token_ids, reason, stop_reason):
+            self.stream.add_token(token_id)
+        if self.stream.stopped_by is not None:  # a stop string ends the request before any length limit
+            reason, stop_reason = "stop", self.stream.stopped_by
+        if reason is not None:
+            self._finish(reason, stop_reason)
+        return StepResult(self.stream.take_delta(), self.finished, self.finish_reason, self.stop_reason)
+
+    def finish(self, reason: str) -> StepResult:
+        """Ends the request for a reason outside its own rules (the context limit, an abort) and releases
+        any text still held back."""
+        if not self.finished:
+            self._finish(reason, None)
+        return StepResult(self.stream.take_delta(), True, self.finish_reason, self.stop_reason)
+
+    def _finish(self, reason: str, stop_reason: str | int | None) -> None:
+        self.stream.close()
+        self.finished, self.finish_reason, self.stop_reason = True, reason, stop_reason
