@@ -1,24 +1,11 @@
-"""Shared pieces of the cluster tests: one local Ray per module, configs, references from transformers."""
+"""Shared pieces of the cluster tests: configs, workloads, references from transformers, waiting for idle KV."""
 from __future__ import annotations
 
-import os
 import random
 import time
 
-import pytest
-
 from hf_checkpoints import hf_greedy, hf_model, write_checkpoint
 from splitserve.workers.sampling_params import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def ray_runtime():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, namespace="splitserve-tests", log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def config(model_dir, **sections) -> dict:
@@ -28,18 +15,15 @@ def config(model_dir, **sections) -> dict:
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return base
 
-
 def workload(n: int, seed: int = 0, vocab: int = 512):
     rng = random.Random(seed)
     prompts = [[rng.randrange(2, vocab) for _ in range(rng.randint(3, 60))] for _ in range(n)]
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 12), ignore_eos=True) for _ in range(n)]
     return prompts, params
 
-
 def references(model_dir, prompts, params) -> list[list[int]]:
     hf = hf_model(model_dir)
     return [hf_greedy(hf, p, sp.max_tokens) for p, sp in zip(prompts, params)]
-
 
 def wait_for_idle(cluster, timeout: float = 20.0) -> dict:
     """Until every instance reports all blocks free and no transfer pending; fails with the stats on timeout."""
@@ -54,5 +38,4 @@ def wait_for_idle(cluster, timeout: float = 20.0) -> dict:
             raise AssertionError(f"instances not idle after {timeout} s: {stats}")
         time.sleep(0.1)
 
-
-__all__ = ["config", "references", "ray_runtime", "wait_for_idle", "workload", "write_checkpoint"]
+__all__ = ["config", "references", "wait_for_idle", "workload", "write_checkpoint"]

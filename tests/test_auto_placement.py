@@ -1,7 +1,6 @@
 """`placement: auto`: the layout is planned at start-up from the Ray cluster's GPUs, and the planned cluster serves
 the transformers tokens."""
 import dataclasses
-import os
 
 import pytest
 
@@ -50,13 +49,9 @@ def test_auto_options_are_validated_by_name():
 
 
 @pytest.fixture(scope="module")
-def two_gpu_ray():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, namespace="splitserve-tests", log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def two_gpu_ray(own_ray):
+    own_ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, namespace="splitserve-tests", log_to_driver=False)
+    yield own_ray
 
 
 def test_auto_plan_launches_and_matches_transformers(two_gpu_ray, tmp_path):

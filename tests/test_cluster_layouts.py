@@ -2,7 +2,7 @@
 kv_heads < TP, colocated TP1/TP2, layer-wise vs after-prefill transfer, p2p and shared-memory transports."""
 import pytest
 
-from cluster_helpers import config, ray_runtime, references, wait_for_idle, workload, write_checkpoint  # noqa: F401
+from cluster_helpers import config, references, wait_for_idle, workload, write_checkpoint
 from splitserve.cluster.cluster import Cluster
 
 

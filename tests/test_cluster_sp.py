@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cluster_helpers import config, ray_runtime, references, wait_for_idle, write_checkpoint  # noqa: F401
+from cluster_helpers import config, references, wait_for_idle, write_checkpoint
 from splitserve.cluster.cluster import Cluster
 from splitserve.cluster.config import config_from_dict
 from splitserve.comm.kv_plan import sp_block_owners, sp_padded_len

@@ -1,6 +1,5 @@
 """`ray.role_resources`: every rank also asks for `splitserve_<role>`, so instances land only on nodes that advertise
 their role (the Helm chart's worker groups do); a cluster without those resources is refused with the fix."""
-import os
 
 import pytest
 
@@ -14,8 +13,8 @@ def test_rank_bundle():
     assert rank_bundle("decode", True) == {"GPU": 1, "splitserve_decode": 1}
 
 
-def test_local_ray_advertises_role_resources_and_instances_use_them(tmp_path):
-    import ray
+def test_local_ray_advertises_role_resources_and_instances_use_them(own_ray, tmp_path):
+    ray = own_ray
 
     assert not ray.is_initialized()
     ckpt = write_checkpoint("llama", tmp_path / "llama", seed=71)
@@ -30,9 +29,8 @@ def test_local_ray_advertises_role_resources_and_instances_use_them(tmp_path):
     assert not ray.is_initialized()  # the launcher stopped the Ray it started
 
 
-def test_cluster_without_role_resources_is_refused(tmp_path):
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+def test_cluster_without_role_resources_is_refused(own_ray, tmp_path):
+    ray = own_ray
 
     ckpt = write_checkpoint("llama", tmp_path / "llama", seed=71)
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, namespace="splitserve-tests", log_to_driver=False)
