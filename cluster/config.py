@@ -3,7 +3,6 @@ rejected with the offending key's full path."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SP_ALGORITHMS = ("ring", "token_ring")
 
+
 def _no_pipeline(path: str, pp) -> None:
     positive_int(f"{path}.pp", pp)
     if pp != 1:
         raise ValueError(f"config: '{path}.pp' > 1 (pipeline parallelism) is not available yet")
+
 
 @dataclass(frozen=True)
 class PrefillConfig:
@@ -41,6 +42,7 @@ class PrefillConfig:
     def world_size(self) -> int:
         return self.tp * self.sp
 
+
 @dataclass(frozen=True)
 class DecodeConfig:
     instances: int = 1
@@ -56,9 +58,11 @@ class DecodeConfig:
     def world_size(self) -> int:
         return self.tp
 
+
 @dataclass(frozen=True)
 class ColocatedConfig(DecodeConfig):
     instances: int = 0
+
 
 @dataclass(frozen=True)
 class RayConfig:
@@ -78,6 +82,7 @@ class RayConfig:
         if self.num_gpus is not None:
             positive_int(f"{path}.num_gpus", self.num_gpus, 0)
         positive_float(f"{path}.placement_timeout_s", self.placement_timeout_s)
+
 
 @dataclass(frozen=True)
 class AutoPlacement:
@@ -111,6 +116,7 @@ class AutoPlacement:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
 def _auto_placement(placement) -> AutoPlacement | None:
     if placement == "auto":
         return AutoPlacement()
@@ -122,6 +128,7 @@ def _auto_placement(placement) -> AutoPlacement | None:
     auto = _build(AutoPlacement, options, "placement.auto")
     auto.validate("placement.auto")
     return auto
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -174,6 +181,7 @@ class ClusterConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
 def _build(cls, data: Any, path: str):
     if data is None:
         return cls()
@@ -190,6 +198,7 @@ def _build(cls, data: Any, path: str):
         kwargs[name] = _build(sub, value, f"{path}.{name}" if path else name) if sub else value
     return cls(**kwargs)
 
+
 _SECTIONS = {"prefill": PrefillConfig, "decode": DecodeConfig, "colocated": ColocatedConfig, "engine": EngineConfig,
              "kv_transfer": TransferConfig, "ray": RayConfig}
 
@@ -202,8 +211,10 @@ decode: {instances: 1, tp: 1}
 colocated: {instances: 0, tp: 1}
 """
 
+
 def config_from_dict(data: dict | None) -> ClusterConfig:
     return _build(ClusterConfig, data or {}, "")
+
 
 def load_config(source: str | Path | None = None) -> ClusterConfig:
     """From a YAML file path; None gives the embedded default (local Ray, tiny, 1 prefill + 1 decode, CPU)."""

@@ -69,7 +69,6 @@ def links_needed(num_kv_heads: int, src_tp: int, dst_tp: int) -> set[tuple[int, 
     return {(s.src_rank, s.dst_rank) for s in plan_heads(num_kv_heads, src_tp, dst_tp)}
 
 
-
 def links_needed_sp(num_kv_heads: int, src_tp: int, dst_tp: int, src_sp: int) -> set[tuple[int, int]]:
     """Links of an SP × TP prefill instance: its rank sp_rank·TP + tp_rank plays the TP plan's prefill rank tp_rank
     once per SP rank (each SP rank holds different tokens of the same heads)."""

@@ -15,15 +15,18 @@ def config(model_dir, **sections) -> dict:
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return base
 
+
 def workload(n: int, seed: int = 0, vocab: int = 512):
     rng = random.Random(seed)
     prompts = [[rng.randrange(2, vocab) for _ in range(rng.randint(3, 60))] for _ in range(n)]
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 12), ignore_eos=True) for _ in range(n)]
     return prompts, params
 
+
 def references(model_dir, prompts, params) -> list[list[int]]:
     hf = hf_model(model_dir)
     return [hf_greedy(hf, p, sp.max_tokens) for p, sp in zip(prompts, params)]
+
 
 def wait_for_idle(cluster, timeout: float = 20.0) -> dict:
     """Until every instance reports all blocks free and no transfer pending; fails with the stats on timeout."""
@@ -37,5 +40,6 @@ def wait_for_idle(cluster, timeout: float = 20.0) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"instances not idle after {timeout} s: {stats}")
         time.sleep(0.1)
+
 
 __all__ = ["config", "references", "wait_for_idle", "workload", "write_checkpoint"]

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from cluster_helpers import config, references, wait_for_idle, workload, write_checkpoint
+from cluster_helpers import config, references, wait_for_idle, write_checkpoint
 from splitserve.cluster.cluster import Cluster
 from splitserve.cluster.request import RequestState
 from splitserve.workers.sampling_params import SamplingParams

@@ -6,7 +6,6 @@ import itertools
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
-import torch
 
 from splitserve.comm.tensor_parallel import SINGLE, TPGroup
 from splitserve.workers.detokenizer import IncrementalDetokenizer
