@@ -6,44 +6,39 @@ DEADLINE_EXCEEDED / CANCELLED (the request is aborted and its KV blocks freed on
 
 The server listens before the model is loaded: health reports liveness ("" SERVING) at once and readiness
 (`splitserve.v1.InferenceService`) once every instance is up. SIGTERM drains: readiness goes NOT_SERVING, new
-requests get UNAVAILABLE, in-flight requests finish (up to `drain_timeout_s`, then they are aborted)."""
+requests get UNAVAILABLE, in-flight requests finish (up to `drain_timeout_s`, then they are aborted).
+
+This module is the server's life cycle (listen, load, drain, stop) and its entry points (`serve`,
+`BackgroundServer`); the RPCs are in `server_handlers`, request checks in `server_validation`, bearer auth in
+`server_auth`."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import threading
-import time
-import uuid
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitserve.cluster.cluster import Cluster, QueueFull
+from splitserve.cluster.cluster import Cluster
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.metrics import ServerMetrics
-from splitserve.proto.v1 import inference_pb2 as pb
-from splitserve.workers.sampling_params import SamplingParams
+from splitserve.cluster.server_auth import BearerAuthInterceptor
+from splitserve.cluster.server_handlers import SERVICE_NAME, InferenceService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
-HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
-MAX_REQUEST_ID_LEN = 256
-DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 CLUSTER_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
 class ServerOptions:
+    """Where and how the server listens; checked once, at construction."""
+
     host: str = "127.0.0.1"
     port: int = 50051              # 0 picks a free port
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
@@ -70,149 +65,6 @@ class ServerOptions:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
 
 
-class InvalidArgument(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-# ------------------------------------------------------------------------------------------- request checks
-def _wire_twin():
-    """GenerateRequest with every string field as bytes: parses anything the real type would reject for invalid
-    UTF-8, so the offending field can be named."""
-    fdp = descriptor_pb2.FileDescriptorProto()
-    pb.DESCRIPTOR.CopyToProto(fdp)
-    fdp.name = "splitserve/proto/v1/inference_wire.proto"
-    fdp.package = "splitserve.v1.wire"
-    fdp.ClearField("service")
-    for msg in fdp.message_type:
-        for f in msg.field:
-            if f.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
-                f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
-            if f.type_name.startswith(".splitserve.v1."):
-                f.type_name = ".splitserve.v1.wire." + f.type_name.rsplit(".", 1)[1]
-    for enum in fdp.enum_type:  # keep enum value names unique in the twin's package
-        for value in enum.value:
-            value.name = "WIRE_" + value.name
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("splitserve.v1.wire.GenerateRequest"))
-
-
-_WireGenerateRequest = _wire_twin()
-
-
-def _find_bad_utf8(msg, prefix: str = "") -> str | None:
-    for field, value in msg.ListFields():
-        path = f"{prefix}{field.name}"
-        if field.type == field.TYPE_BYTES:
-            values = value if field.is_repeated else [value]
-            for i, v in enumerate(values):
-                try:
-                    v.decode("utf-8")
-                except UnicodeDecodeError:
-                    return f"{path}[{i}]" if field.is_repeated else path
-        elif field.type == field.TYPE_MESSAGE and not field.is_repeated:
-            found = _find_bad_utf8(value, f"{path}.")
-            if found:
-                return found
-    return None
-
-
-@dataclass
-class _Malformed:
-    """Stands in for a request the protobuf parser rejected; the handler answers INVALID_ARGUMENT."""
-
-    error: str
-
-
-def parse_generate_request(data: bytes):
-    try:
-        return pb.GenerateRequest.FromString(data)
-    except DecodeError:
-        pass
-    try:
-        field = _find_bad_utf8(_WireGenerateRequest.FromString(data))
-    except Exception:  # a deserializer that raises makes gRPC answer INTERNAL; never let it
-        field = None
-    if field is not None:
-        field = {"text": "prompt.text"}.get(field, field)
-        return _Malformed(f"{field}: is not valid UTF-8")
-    return _Malformed("request: is not a valid GenerateRequest message")
-
-
-def sampling_from_proto(p: pb.SamplingParams, *, vocab_size: int, default_max_tokens: int) -> SamplingParams:
-    """SamplingParams from the wire (unset optional fields take their defaults); errors name `sampling.<field>`."""
-    for i, t in enumerate(p.stop_token_ids):
-        if t >= vocab_size:
-            raise InvalidArgument(f"sampling.stop_token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab_size})")
-    for i, s in enumerate(p.stop):
-        if not s:
-            raise InvalidArgument(f"sampling.stop[{i}]", "must not be empty")
-    if p.HasField("max_tokens") and p.max_tokens == 0:
-        raise InvalidArgument("sampling.max_tokens", "must be >= 1, got 0")
-    kwargs = dict(
-        max_tokens=p.max_tokens if p.HasField("max_tokens") else default_max_tokens,
-        min_tokens=p.min_tokens,
-        temperature=p.temperature if p.HasField("temperature") else 1.0,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k, min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
-        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-        stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
-        seed=p.seed if p.HasField("seed") else None, include_stop_str_in_output=p.include_stop_str_in_output)
-    try:
-        return SamplingParams(**kwargs)
-    except (TypeError, ValueError) as e:
-        text = str(e)
-        name = text.split(" ", 1)[0].rstrip(":")
-        if name in kwargs:  # the dataclass's messages start with the field name
-            raise InvalidArgument(f"sampling.{name}", text[len(name):].lstrip(": ")) from None
-        raise InvalidArgument("sampling", text) from None
-
-
-# ------------------------------------------------------------------------------------------------ auth
-class _AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every method but health needs `authorization: Bearer <token>` (probes cannot send headers)."""
-
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(HEALTH_PREFIX):
-            return handler
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
-            return handler
-        return _denied(handler, "authorization: missing or wrong bearer token" if given
-                       else "authorization: a bearer token is required")
-
-
-def _denied(handler, message: str):
-    async def deny_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def deny_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny_unary, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny_unary, **kw)
-    return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
-
-
-# ---------------------------------------------------------------------------------------------- server
-def _timing(metrics: dict) -> pb.Timing:
-    fields = ("queue_s", "ttft_s", "mean_itl_s", "prefill_s", "kv_transfer_s", "decode_s", "e2e_s")
-    return pb.Timing(**{k: float(metrics[k]) for k in fields if metrics.get(k) is not None})
-
-
 class InferenceServer:
     """Serves one deployment. Give `config` to have the server build (and own) its Cluster, or `cluster` to serve
     an existing one (left running on stop)."""
@@ -228,9 +80,8 @@ class InferenceServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics: ServerMetrics | None = None
-        self.active: dict[str, asyncio.Task] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.roles: dict[str, str] = {}  # instance name -> role, once loaded
+        self.service = InferenceService(self)
         self._stopped = asyncio.Event()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -239,9 +90,9 @@ class InferenceServer:
     async def start(self) -> int:
         """Binds and starts answering (health, reflection; the API answers UNAVAILABLE until `load`)."""
         opts = self.options
-        interceptors = [_AuthInterceptor(opts.auth_token)] if opts.auth_token else []
+        interceptors = [BearerAuthInterceptor(opts.auth_token)] if opts.auth_token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        self.server.add_generic_rpc_handlers((self._handlers(),))
+        self.server.add_generic_rpc_handlers((self.service.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
@@ -270,7 +121,7 @@ class InferenceServer:
             self.cluster = await loop.run_in_executor(None, Cluster, self.config)
         cfg = self.cluster.config
         self.model_name = Path(cfg.model).name or cfg.model
-        self.roles = {name: inst.spec.role for name, inst in self.cluster.instances.items()}
+        self.roles = self.cluster.roles()
         self.metrics = ServerMetrics(self.model_name, snapshot=self._metrics_snapshot)
         if self.options.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.options.metrics_host or self.options.host,
@@ -287,14 +138,14 @@ class InferenceServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         timeout = self.options.drain_timeout_s if timeout is None else timeout
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self.service.idle.wait(), timeout)
             return 0
         except asyncio.TimeoutError:
-            left = list(self.active)
+            left = list(self.service.active)
             log.warning("drain: %d requests still running after %.0fs; aborting them", len(left), timeout)
             for request_id in left:
                 await self.cluster.abort_async(request_id)
-            await asyncio.wait_for(self._idle.wait(), 10)
+            await asyncio.wait_for(self.service.idle.wait(), 10)
             return len(left)
 
     async def stop(self, drain: bool = True) -> None:
@@ -334,190 +185,16 @@ class InferenceServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    # ----------------------------------------------------------------------------------------- handlers
-    def _handlers(self):
-        methods = {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                self.Generate, request_deserializer=parse_generate_request,
-                response_serializer=pb.GenerateResponse.SerializeToString),
-            "Abort": grpc.unary_unary_rpc_method_handler(
-                self.Abort, request_deserializer=pb.AbortRequest.FromString,
-                response_serializer=pb.AbortResponse.SerializeToString),
-            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
-                response_serializer=pb.ModelInfo.SerializeToString),
-            "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
-                response_serializer=pb.ServerInfo.SerializeToString),
-        }
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
-
-    async def _require_ready(self, context) -> None:
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
-        if not self.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting: the model is not loaded yet")
-
-    def _validate(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
-        cluster = self.cluster
-        vocab = cluster.model_config.vocab_size
-        which = request.WhichOneof("prompt")
-        if which is None:
-            raise InvalidArgument("prompt", "set text or token_ids")
-        if which == "text":
-            if not request.text:
-                raise InvalidArgument("prompt.text", "must not be empty")
-            if cluster.tokenizer is None:
-                raise InvalidArgument("prompt.text", "this model has no tokenizer; send prompt.token_ids")
-            ids = cluster.encode(request.text)
-            if not ids:
-                raise InvalidArgument("prompt.text", "encodes to no tokens")
-        else:
-            ids = list(request.token_ids.ids)
-            if not ids:
-                raise InvalidArgument("prompt.token_ids", "must not be empty")
-            for i, t in enumerate(ids):
-                if t >= vocab:
-                    raise InvalidArgument(f"prompt.token_ids[{i}]", f"{t} is outside the vocabulary (size {vocab})")
-        context_len = cluster.max_model_len
-        if len(ids) >= context_len:
-            raise InvalidArgument("prompt", f"{len(ids)} tokens leave no room for output in the context "
-                                            f"({context_len} tokens)")
-        params = sampling_from_proto(request.sampling, vocab_size=vocab,
-                                     default_max_tokens=min(DEFAULT_MAX_TOKENS, context_len - len(ids)))
-        if len(ids) + params.max_tokens > context_len:
-            raise InvalidArgument("sampling.max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
-                                                         f"({params.max_tokens}) exceeds the context ({context_len})")
-        if len(request.request_id) > MAX_REQUEST_ID_LEN:
-            raise InvalidArgument("request_id", f"longer than {MAX_REQUEST_ID_LEN} characters")
-        return ids, params
-
-    async def Generate(self, request, context):
-        if isinstance(request, _Malformed):
-            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.error)
-        await self._require_ready(context)
-        try:
-            ids, params = self._validate(request)
-        except InvalidArgument as e:
-            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self.active:
-            await self._fail(context, grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already running")
-        self.active[request_id] = asyncio.current_task()
-        self._idle.clear()
-        chunks = self.cluster.stream(ids, params, request_id)
-        try:
-            async for msg in self._responses(chunks, request_id, request.stream, context):
-                yield msg
-        except asyncio.CancelledError:
-            expired = context.time_remaining() is not None and context.time_remaining() <= 0
-            self.metrics.observe_failed("DEADLINE_EXCEEDED" if expired else "CANCELLED")
-            raise
-        finally:
-            await chunks.aclose()  # aborts the request on every instance if it is still running
-            self.active.pop(request_id, None)
-            if not self.active:
-                self._idle.set()
-
-    async def _responses(self, chunks, request_id: str, stream: bool, context):
-        try:
-            first = await chunks.__anext__()
-        except QueueFull as e:
-            await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"admission queue: {e}")
-        except ValueError as e:  # checks the cluster makes itself (a backstop to _validate)
-            code = (grpc.StatusCode.ALREADY_EXISTS if str(e).startswith("request_id:")
-                    else grpc.StatusCode.INVALID_ARGUMENT)
-            await self._fail(context, code, str(e))
-        tokens: list[int] = []
-        text: list[str] = []
-        last_token_at = None
-        chunk = first
-        while True:
-            if chunk.token_ids:
-                now = time.perf_counter()
-                if last_token_at is not None and chunk.finish_reason != "error":
-                    self.metrics.observe_itl(now - last_token_at, self._decode_role())
-                last_token_at = now
-            if chunk.finished:
-                break
-            if stream:
-                yield pb.GenerateResponse(request_id=request_id, token_ids=chunk.token_ids, text=chunk.text)
-            else:
-                tokens += chunk.token_ids
-                text.append(chunk.text)
-            chunk = await chunks.__anext__()
-        if chunk.error is not None:
-            await self._fail(context, grpc.StatusCode.UNAVAILABLE, f"request failed: {chunk.error}")
-        m = chunk.metrics or {}
-        self.metrics.observe_finished(m, chunk.finish_reason, self.roles.get(m.get("prefill_instance")),
-                                      self.roles.get(m.get("decode_instance")))
-        ids = (tokens + chunk.token_ids) if not stream else chunk.token_ids
-        body = "".join(text) + chunk.text if not stream else chunk.text
-        yield pb.GenerateResponse(
-            request_id=request_id, token_ids=ids, text=body, finished=True, finish_reason=FINISH[chunk.finish_reason],
-            usage=pb.Usage(prompt_tokens=m.get("prompt_tokens", 0), completion_tokens=m.get("completion_tokens", 0)),
-            timing=_timing(m), prefill_instance=m.get("prefill_instance") or "",
-            decode_instance=m.get("decode_instance") or "", attempts=m.get("attempts", 0))
-
-    def _decode_role(self) -> str:
-        return "colocated" if self.cluster.router.colocated else "decode"
-
-    async def _fail(self, context, code: grpc.StatusCode, message: str):
-        if self.metrics is not None:
-            self.metrics.observe_failed(code.name)
-        await context.abort(code, message)
-
-    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        await self._require_ready(context)
-        if not request.request_id:
-            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
-        return pb.AbortResponse(found=await self.cluster.abort_async(request.request_id))
-
-    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
-        await self._require_ready(context)
-        c = self.cluster
-        mc = c.model_config
-        return pb.ModelInfo(model=c.config.model, architecture=mc.architecture, max_context=c.max_model_len,
-                            vocab_size=mc.vocab_size, eos_token_ids=list(mc.eos_token_ids),
-                            has_tokenizer=c.tokenizer is not None, dtype=c.config.dtype, num_layers=mc.num_layers,
-                            hidden_size=mc.hidden_size)
-
-    async def GetServerInfo(self, request, context) -> pb.ServerInfo:
-        info = pb.ServerInfo(version=_version(), ready=self.ready, draining=self.draining)
-        if self.cluster is None or not self.ready:
-            return info
-        stats = await self.cluster.stats_async()
-        roles: dict[str, pb.RoleSummary] = {}
-        used = total = 0
-        for name, s in stats["instances"].items():
-            info.instances.append(pb.InstanceInfo(
-                name=name, role=s["role"], tp=s["tp"], sp=s["sp"], num_blocks=s.get("num_blocks", 0),
-                free_blocks=s.get("free_blocks", 0), kv_usage=s.get("usage", 0.0), running=s.get("running", 0),
-                waiting=s.get("waiting", 0)))
-            summary = roles.setdefault(s["role"], pb.RoleSummary(role=s["role"], tp=s["tp"], sp=s["sp"]))
-            summary.instances += 1
-            if s["role"] in ("decode", "colocated"):
-                used += s.get("num_blocks", 0) - s.get("free_blocks", 0)
-                total += s.get("num_blocks", 0)
-        info.roles.extend(roles.values())
-        info.queue_depth = stats["requests"].get("queued", 0)
-        info.max_queue_depth = self.cluster.config.max_queued_requests
-        info.requests_in_flight = sum(stats["requests"].values())
-        info.kv_usage = used / total if total else 0.0
-        return info
+    @property
+    def active_requests(self) -> int:
+        """Generate calls in flight."""
+        return len(self.service.active)
 
     def _metrics_snapshot(self) -> dict | None:
         cluster = self.cluster
-        if cluster is None or not cluster._running:
+        if cluster is None or not cluster.running:
             return None
         return cluster.stats(timeout=5)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("splitserve")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -578,6 +255,14 @@ class BackgroundServer:
     @property
     def port(self) -> int:
         return self.server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
+    @property
+    def active_requests(self) -> int:
+        return self.server.active_requests
 
     @property
     def target(self) -> str:

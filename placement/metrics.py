@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from splitserve.placement.percentiles import percentile
+
 
 @dataclass(frozen=True)
 class SLO:
@@ -27,13 +29,6 @@ class SLO:
 
 def _fraction_within(values: Sequence[float], bound: float) -> float:
     return sum(1 for v in values if v <= bound) / len(values) if values else 0.0
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 @dataclass(frozen=True)
@@ -62,5 +57,10 @@ class SimResult:
         return sum(self.tpot) / len(self.tpot) if self.tpot else math.nan
 
     def summary(self) -> dict[str, float]:
-        return {"mean_ttft_s": self.mean_ttft(), "p90_ttft_s": percentile(self.ttft, 0.9),
-                "mean_tpot_s": self.mean_tpot(), "p90_tpot_s": percentile(self.tpot, 0.9)}
+        """Means and p90s in seconds (NaN without requests); attainment stays a fraction of requests."""
+        return {"mean_ttft_s": self.mean_ttft(), "p90_ttft_s": _p90(self.ttft),
+                "mean_tpot_s": self.mean_tpot(), "p90_tpot_s": _p90(self.tpot)}
+
+
+def _p90(values: Sequence[float]) -> float:
+    return percentile(values, 90) if values else math.nan

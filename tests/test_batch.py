@@ -1,13 +1,17 @@
 """Batch inference through the cluster: results equal transformers, at most --max-in-flight requests are in the
 cluster at once, bad lines go to the errors file with their line numbers, an interrupted batch resumes with every
 id exactly once, failed results can be retried, and a layout that cannot be placed says what is missing."""
+import io
 import json
+import sys
 
 import pytest
 import yaml
 
-from cluster_helpers import config, ray_runtime, references, workload, write_checkpoint  # noqa: F401
+from cluster_helpers import config, references, workload, write_checkpoint
 from splitserve.cluster.batch import main, run_batch
+from splitserve.cluster.batch_driver import Progress
+from splitserve.cluster.batch_summary import Stats
 from splitserve.cluster.cluster import Cluster
 
 
@@ -177,3 +181,32 @@ def test_placement_timeout_names_what_is_missing(cluster, ckpt):
                r"\(free GPUs per node: [\d.]+: [0-6]; instances placed before it: none\).*`ray status`")
     with pytest.raises(ValueError, match=message):
         Cluster(config(ckpt, prefill={"tp": 7}, ray={"placement_timeout_s": 1}))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("where", ["terminal", "log", "off"])
+def test_progress_bar_only_on_a_terminal(where, monkeypatch):
+    """A bar on a terminal; in job logs a status line every `every_s` seconds (and at the end); with progress off
+    nothing; messages always."""
+    stream = _Terminal() if where == "terminal" else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    stats = Stats(done=3, failed=1, output_tokens=10)
+    progress = Progress(5, enabled=where != "off", every_s=60.0)
+    progress.update(stats)
+    progress.message("batch: input line 2: id: missing")
+    progress.update(stats)
+    progress.close(stats)
+    out = stream.getvalue()
+    assert "batch: input line 2: id: missing\n" in out
+    status = "3 done, 1 failed, 0 skipped, 0 invalid, 0 in flight"
+    if where == "terminal":
+        assert "4/5" in out and status in out and "\r" in out
+    elif where == "log":  # the first update and the close; the second update is within every_s
+        lines = [line for line in out.splitlines() if line.startswith("4/5 lines: ")]
+        assert len(lines) == 2 and all(status in line for line in lines) and "\r" not in out
+    else:
+        assert out == "batch: input line 2: id: missing\n"

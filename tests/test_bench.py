@@ -2,9 +2,11 @@
 path against a small fake InferenceService on 127.0.0.1."""
 import argparse
 import asyncio
+import io
 import json
 import math
 import statistics
+import sys
 import threading
 
 import grpc
@@ -13,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitserve.cluster import bench
 from splitserve.cluster.bench import RequestRecord
+from splitserve.placement.percentiles import percentile
 from splitserve.proto.client import SERVICE_NAME
 from splitserve.proto.v1 import inference_pb2 as pb
 from splitserve.proto.v1 import inference_pb2_grpc as pb_grpc
@@ -109,10 +112,10 @@ def test_jsonl_workload(tmp_path):
 # ---------------------------------------------------------------------------------------------------- statistics
 
 def test_percentile_interpolates_linearly():
-    assert bench.percentile([4, 1, 3, 2], 50) == 2.5
-    assert bench.percentile([1, 2, 3, 4], 90) == pytest.approx(3.7)  # rank 0.9 * 3 = 2.7
-    assert bench.percentile([10, 20, 30, 40, 50], 99) == pytest.approx(49.6)
-    assert bench.percentile([7], 99) == 7
+    assert percentile([4, 1, 3, 2], 50) == 2.5
+    assert percentile([1, 2, 3, 4], 90) == pytest.approx(3.7)  # rank 0.9 * 3 = 2.7
+    assert percentile([10, 20, 30, 40, 50], 99) == pytest.approx(49.6)
+    assert percentile([7], 99) == 7
 
 
 def _records():
@@ -236,6 +239,13 @@ def _bench(argv):
     return bench.run(parser.parse_args(argv))
 
 
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so the progress bar draws."""
+
+    def isatty(self):
+        return True
+
+
 def _run(server_address, tmp_path, *extra, name="out.json"):
     out = tmp_path / name
     rc = _bench(["--server", server_address, "--token", TOKEN, "--no-progress", "--output", str(out), *extra])
@@ -282,19 +292,25 @@ def test_bench_counts_failures_by_status_code(server, tmp_path, monkeypatch, cap
     path.write_text('{"prompt": "a b c", "max_tokens": 3}\n{"prompt_token_ids": [20, 21], "max_tokens": 200}\n')
     monkeypatch.setenv("SPLITSERVE_AUTH_TOKEN", TOKEN)  # the default token
     out = tmp_path / "fail.json"
-    rc = _bench(["--server", address, "--dataset", "jsonl", "--dataset-path", str(path), "--num-prompts", "4",
-                 "--rate", "100", "--max-concurrency", "2", "--output", str(out), "--save-requests"])
+    terminal = _Terminal()
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stderr", terminal)
+        rc = _bench(["--server", address, "--dataset", "jsonl", "--dataset-path", str(path), "--num-prompts", "4",
+                     "--rate", "100", "--max-concurrency", "2", "--output", str(out), "--save-requests"])
     res = json.loads(out.read_text())["results"][0]
     assert rc == 0 and (res["completed"], res["failed"]) == (2, 2) and res["errors"] == {"INVALID_ARGUMENT": 2}
     assert res["total_output_tokens"] == 6 and res["total_input_tokens"] == 6 and res["slo_attainment"] == 0.5
     assert [r["ok"] for r in res["requests"]] == [True, False, True, False]
-    assert "rate 100 req/s" in capsys.readouterr().err  # the progress bar
+    bar = terminal.getvalue()
+    assert "rate 100 req/s" in bar and "4/4" in bar and "2 failed" in bar  # the progress bar, on a terminal
 
     monkeypatch.setenv("SPLITSERVE_AUTH_TOKEN", "wrong")
+    capsys.readouterr()
     rc = _bench(["--server", address, "--dataset", "jsonl", "--dataset-path", str(path), "--num-prompts", "2",
-                 "--no-progress", "--output", str(out)])
+                 "--output", str(out)])
     res = json.loads(out.read_text())["results"][0]
     assert rc == 1 and res["errors"] == {"UNAUTHENTICATED": 2}  # GetModelInfo is not checked by the fake
+    assert "rate" not in capsys.readouterr().err  # stderr is not a terminal here: no bar
 
 
 def test_bench_reports_an_unreachable_server_and_bad_options(capsys):

@@ -1,13 +1,16 @@
 """Simulator behaviour: determinism, KV-capacity limits, batching, and the workload generator's means."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from splitserve.placement.hardware import load_cluster
 from splitserve.placement.latency import AnalyticLatency
-from splitserve.placement.metrics import SLO
+from splitserve.placement.metrics import SLO, SimResult
 from splitserve.placement.parallel import Parallel
+from splitserve.placement.percentiles import percentile
 from splitserve.placement.profile import Coefficients, Profile, ProfileEntry, ProfileLatency
 from splitserve.placement.simulator import (simulate_colocated_trace, simulate_decode, simulate_disaggregated,
                                             simulate_prefill)
@@ -101,3 +104,17 @@ def test_pp_pipelines_prefill():
     pp1 = simulate_prefill(lat, Parallel(), arrivals, trace.prompts, 1, token_budget=0)
     pp2 = simulate_prefill(lat, Parallel(pp=2), arrivals, trace.prompts, 1, token_budget=0)
     assert pp1[-1] - arrivals[-1] > 10 * (pp2[-1] - arrivals[-1])
+
+
+def test_percentiles_interpolate_like_numpy_and_attainment_stays_a_fraction():
+    values = [0.4, 0.1, 0.3, 0.2, 0.9, 0.5, 0.7]
+    for q in (0, 10, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([1, 2, 3, 4], 90) == pytest.approx(3.7)  # between ranks: 0.9 * 3 = 2.7
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+    result = SimResult(ttft=(1.0, 2.0, 3.0, 4.0), tpot=(0.1, 0.1, 0.3, 0.1))
+    summary = result.summary()
+    assert summary["p90_ttft_s"] == pytest.approx(3.7) and summary["p90_tpot_s"] == pytest.approx(0.24)
+    assert result.attainment(SLO(ttft=3.0, tpot=0.2)) == 0.5  # requests 1 and 2 of 4 meet both targets
+    assert math.isnan(SimResult((), ()).summary()["p90_ttft_s"])

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster_helpers import config, ray_runtime, references, wait_for_idle, workload, write_checkpoint  # noqa: F401
+from cluster_helpers import config, references, wait_for_idle, workload, write_checkpoint
 from splitserve.cluster.cluster import Cluster
 from splitserve.cluster.server import BackgroundServer, ServerOptions
 from splitserve.proto.client import AsyncClient, Client, SERVICE_NAME, build_request
@@ -56,9 +56,9 @@ def _idle(cluster):
 
 def _no_requests_left(server, cluster, timeout=10.0):
     deadline = time.monotonic() + timeout
-    while (server.server.active or cluster.requests) and time.monotonic() < deadline:
+    while (server.active_requests or cluster.num_requests) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not server.server.active and not cluster.requests
+    assert not server.active_requests and not cluster.num_requests
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -356,7 +356,7 @@ def test_metrics_endpoint(client, server):
     before = client.server_info()
     assert before.ready
     client.generate([3, 4, 5], max_tokens=5, temperature=0.0, ignore_eos=True)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     model = server.server.model_name
 
     def value(line_prefix):
