@@ -182,6 +182,7 @@ class Cluster:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         ids = self.encode(prompt)
+        params.check_for_model(self.model_config.vocab_size, self.model_config.eos_token_ids)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the context length ({self.max_model_len})")

@@ -28,7 +28,9 @@ def transfer_key(transfer_id: int, dst_rank: int, src_rank: int) -> str:
 def done_value(first_token: int | None, finished: bool) -> str:
     """The DONE flag; a sender that sampled the first token (the prefill leader) adds it and whether it ended
     the request (then there is nothing to decode)."""
-    return "done" if first_token is None or first_token < 0 else f"done {first_token} {int(finished)}"
+    if first_token is None or (first_token < 0 and not finished):
+        return "done"
+    return f"done {first_token} {int(finished)}"
 
 
 def parse_flag(value: bytes) -> tuple[TransferState, str]:
@@ -119,9 +121,12 @@ class Reservations:
             return
         token, finished = res.first_token, False
         if token is None:
-            token_and_flag = next(d for s, d in flags if d)  # the leader's link always exists (plan_heads)
-            token, finished = (int(v) for v in token_and_flag.split())
-        if finished:
+            detail = next((d for s, d in flags if d), None)  # the leader's link always exists (plan_heads)
+            if detail is None:
+                result.failed.append((res, "no first token arrived with the KV"))
+                return
+            token, finished = (int(v) for v in detail.split())
+        if finished:  # the first token ended the request, or the prefill side failed it: nothing to decode
             result.finished.append(res)
         else:
             result.ready.append((res, token))

@@ -157,3 +157,32 @@ def test_splitfuse_preempts_and_recomputes_under_a_small_cache(ckpt, llm):
     assert [o.token_ids for o in outs] == expected
     assert sum(o.num_preemptions for o in outs) > 0
     assert small.blocks.num_free_blocks == small.blocks.num_blocks
+
+
+def test_a_request_whose_sampling_fails_fails_alone(llm, monkeypatch):
+    """Whatever slips past validation: the failing request finishes with an error, the batch goes on, KV is freed."""
+    from splitserve.workers import sampler as sampler_module
+
+    real = sampler_module.Sampler.__call__
+
+    def poisoned(self, logits, requests):
+        if any(r.params.seed == 666 for r in requests):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(self, logits, requests)
+
+    prompts = random_prompts([9, 14, 11], seed=4)
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    monkeypatch.setattr(sampler_module.Sampler, "__call__", poisoned)
+    bad = SamplingParams(temperature=1.0, seed=666, max_tokens=40)
+    outs = llm.generate(prompts, [GREEDY, bad, GREEDY])
+    assert [outs[0].token_ids, outs[2].token_ids] == [expected[0], expected[2]]
+    assert outs[1].finish_reason == "error" and outs[1].token_ids == [] and "inf, nan" in outs[1].error
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+
+
+def test_requests_that_can_never_produce_a_token_are_refused(llm):
+    vocab = llm.model.cfg.vocab_size
+    with pytest.raises(ValueError, match="stop_token_ids: with min_tokens=1 every token of the vocabulary"):
+        llm.generate([[3, 4]], SamplingParams(min_tokens=1, stop_token_ids=tuple(range(vocab))))
+    # With ignore_eos the eos stays allowed... unless it is a stop id too; min_tokens=0 can always stop at once.
+    assert llm.generate([[3, 4]], SamplingParams(max_tokens=2, stop_token_ids=tuple(range(vocab))))[0].token_ids

@@ -236,3 +236,18 @@ def test_extreme_valid_params_sample_a_token(params):
     logits = random_logits(1, 50, seed=9)
     out = Sampler([EOS])(logits, [req(prompt=range(10), **params)])
     assert len(out) == 1 and 0 <= out[0] < 50
+
+
+def test_huge_temperature_with_min_tokens_masking_still_samples():
+    # -inf (masked eos) / inf would be nan: the temperature is capped at float32's largest value.
+    logits = random_logits(1, 50, seed=9)
+    out = Sampler([EOS])(logits, [req(temperature=1e300, min_tokens=1, max_tokens=4, seed=3)])
+    assert len(out) == 1 and 0 <= out[0] < 50 and out[0] != EOS
+
+
+def test_position_seed_depends_on_seed_and_position_only():
+    from splitserve.workers.sampler import position_seed
+
+    seeds = {position_seed(seed, pos) for seed in (0, 1, -5, 2**40) for pos in range(50)}
+    assert len(seeds) == 200 and all(0 <= s < 2**64 for s in seeds)
+    assert position_seed(7, 3) == position_seed(7, 3)

@@ -19,6 +19,7 @@ from splitserve.comm.kv_reservations import Reservation, Reservations
 from splitserve.workers.engine_builder import build_engine
 from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.prefill_engine import EngineOutput
+from splitserve.workers.sampler import FAILED_TOKEN
 from splitserve.workers.sampling_params import SamplingParams
 from splitserve.workers.sequence import Sequence
 from splitserve.workers.stop import StopChecker
@@ -185,10 +186,15 @@ class InstanceLeader:
                 self._forget(out.seq.seq_id)
 
     def _report(self, outputs: list[EngineOutput]) -> None:
-        items = [(o.seq.seq_id, self.attempts.get(o.seq.seq_id, 0), len(o.seq.output_token_ids) - 1, o.token_id,
-                  o.result.finished, o.result.finish_reason, o.result.stop_reason) for o in outputs]
-        if items:
-            self._emit(("tokens", items))
+        items, failures = [], []
+        for o in outputs:
+            rid, attempt = o.seq.seq_id, self.attempts.get(o.seq.seq_id, 0)
+            if o.token_id == FAILED_TOKEN:
+                failures.append(("failed", rid, attempt, o.seq.error))
+            else:
+                items.append((rid, attempt, len(o.seq.output_token_ids) - 1, o.token_id, o.result.finished,
+                              o.result.finish_reason, o.result.stop_reason))
+        self._emit(*([("tokens", items)] if items else []), *failures)
 
     def _drain_commands(self, timeout: float) -> None:
         try:

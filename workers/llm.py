@@ -33,6 +33,7 @@ class RequestOutput:
     ttft_s: float
     e2e_s: float
     num_preemptions: int
+    error: str | None = None  # why the engine failed the request (finish_reason "error")
 
     @property
     def tpot_s(self) -> float:
@@ -78,6 +79,7 @@ class LLM:
 
     def make_sequence(self, prompt: str | Seq[int], params: SamplingParams) -> Sequence:
         ids = self.encode(prompt)
+        params.check_for_model(self.model.cfg.vocab_size, self.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         seq_id = str(next(self._ids))
         return Sequence(seq_id, ids, params, StopChecker(params, self.eos_token_ids, detok))
@@ -123,5 +125,6 @@ class LLM:
         return RequestOutput(
             request_id=seq.seq_id, prompt_token_ids=seq.prompt_token_ids, text=seq.stop.text,
             token_ids=seq.output_token_ids, finish_reason=seq.stop.finish_reason, stop_reason=seq.stop.stop_reason,
-            ttft_s=t.first_token - t.arrival, e2e_s=t.finished - t.arrival, num_preemptions=seq.num_preemptions,
+            ttft_s=(t.first_token or t.finished) - t.arrival, e2e_s=t.finished - t.arrival, num_preemptions=seq.num_preemptions,
+            error=seq.error,
         )

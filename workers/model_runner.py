@@ -6,7 +6,7 @@ import torch
 from splitserve.workers.batch import ForwardBatch
 from splitserve.workers.layers.attention import AttentionMetadata
 from splitserve.workers.model import CausalLM
-from splitserve.workers.sampler import SampleRequest, Sampler, make_generator
+from splitserve.workers.sampler import FAILED_TOKEN, SampleRequest, Sampler, make_generator, position_seed
 from splitserve.workers.sequence import Sequence
 
 
@@ -46,11 +46,27 @@ class ModelRunner:
         return self.model.compute_logits(hidden[self._tensor(batch.sample_rows)])
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        for seq in seqs:
-            if seq.generator is None and seq.params.seed is not None:
-                seq.generator = make_generator(seq.params.seed, self.device)
-        requests = [SampleRequest(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in seqs]
-        return self.sampler(logits, requests)
+        """One token per sequence. A request whose sampling fails gets FAILED_TOKEN and its reason in `seq.error`;
+        the rest of the batch keeps its tokens."""
+        requests = [SampleRequest(s.params, s.prompt_token_ids, s.output_token_ids, self._generator(s)) for s in seqs]
+        try:
+            return self.sampler(logits, requests)
+        except Exception:  # find the request at fault, one row at a time
+            return [self._sample_one(logits[i : i + 1], r, seq) for i, (r, seq) in enumerate(zip(requests, seqs))]
+
+    def _sample_one(self, logits: torch.Tensor, request: SampleRequest, seq: Sequence) -> int:
+        try:
+            return self.sampler(logits, [request])[0]
+        except Exception as e:
+            seq.error = f"sampling failed: {e}"
+            return FAILED_TOKEN
+
+    def _generator(self, seq: Sequence):
+        """A seeded request draws from a generator seeded by (seed, output position): its tokens do not depend on
+        which process sampled the earlier ones, so a migrated request continues exactly as it would have."""
+        if seq.params.seed is None:
+            return None
+        return make_generator(position_seed(seq.params.seed, len(seq.output_token_ids)), self.device)
 
     def run(self, batch: ForwardBatch, seqs: list[Sequence]) -> list[int]:
         """Next tokens of the sequences that reach their end in this forward (all of them unless chunked)."""

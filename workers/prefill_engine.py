@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from splitserve.workers.batch import build_batch
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.model_runner import ModelRunner
+from splitserve.workers.sampler import FAILED_TOKEN
 from splitserve.workers.scheduler import PrefillScheduler
 from splitserve.workers.sequence import Sequence
 from splitserve.workers.stop import StepResult
@@ -27,6 +28,10 @@ def check_context(num_tokens: int, context_len: int) -> None:
 
 
 def append_and_check(seq: Sequence, token_id: int, max_model_len: int) -> EngineOutput:
+    if token_id == FAILED_TOKEN:  # this request alone fails; its blocks are freed like any finished request's
+        result = seq.stop.finish("error")
+        seq.finish()
+        return EngineOutput(seq, token_id, result)
     result = seq.append_token(token_id)
     if not result.finished and seq.num_tokens >= max_model_len:
         tail = seq.finish_length()

@@ -8,6 +8,8 @@ import torch
 from splitserve.workers.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+FAILED_TOKEN = -1  # stands for a token that could not be sampled; the request fails, the batch goes on
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 MIN_TEMPERATURE = 1e-6
 
@@ -17,7 +19,16 @@ class SampleRequest:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-    generator: torch.Generator | None  # seeded from params.seed; None draws from the global RNG
+    generator: torch.Generator | None  # for a seeded request, seeded by (seed, position); None: the global RNG
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 64-bit seed for the draw at one output position (splitmix64 of seed and position): well spread, and the
+    same in every process."""
+    z = (seed * 0x9E37_79B9_7F4A_7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:
@@ -134,14 +145,19 @@ class Sampler:
             row[torch.tensor(ids, dtype=torch.long, device=row.device)] = _NEG_INF
 
     def _sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
-        def column(name, dtype):
-            return torch.tensor([getattr(r.params, name) for r in requests], dtype=dtype,
-                                device=logits.device)
+        def column(name, dtype, limit=None):
+            values = [getattr(r.params, name) for r in requests]
+            if limit is not None:
+                values = [min(v, limit) for v in values]
+            return torch.tensor(values, dtype=dtype, device=logits.device)
         # Shift by the row max first so a tiny temperature cannot overflow to inf - inf = nan.
         logits = logits - logits.max(dim=-1, keepdim=True).values
         # A temperature below MIN_TEMPERATURE (but above 0) samples as if it were MIN_TEMPERATURE: effectively
         # greedy, without dividing by a float32 zero.
-        logits = logits / column("temperature", torch.float32).clamp(min=MIN_TEMPERATURE).unsqueeze(-1)
+        # One past float32's largest would become inf, and a masked -inf / inf is nan: cap it (the draw is then
+        # uniform over the allowed tokens either way).
+        temperature = column("temperature", torch.float32, limit=_FLOAT32_MAX)
+        logits = logits / temperature.clamp(min=MIN_TEMPERATURE).unsqueeze(-1)
         logits = apply_top_k(logits, column("top_k", torch.long))
         logits = apply_top_p(logits, column("top_p", torch.float32))
         logits = apply_min_p(logits, column("min_p", torch.float32))

@@ -89,6 +89,18 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(stop))
         object.__setattr__(self, "stop_token_ids", tuple(ids))
 
+    def check_for_model(self, vocab_size: int, eos_token_ids) -> None:
+        """Rules that need the model: a request must be able to produce a token. With min_tokens > 0, eos and stop
+        token ids are masked until then, so they must leave some token of the vocabulary."""
+        if self.min_tokens == 0:
+            return
+        forbidden = {i for i in self.stop_token_ids if i < vocab_size}
+        if not self.ignore_eos:
+            forbidden |= {i for i in eos_token_ids if i < vocab_size}
+        if len(forbidden) >= vocab_size:
+            raise ValueError(f"stop_token_ids: with min_tokens={self.min_tokens} every token of the vocabulary "
+                             f"({vocab_size}) is a stop or eos token, so no token can be sampled")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

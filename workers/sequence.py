@@ -36,7 +36,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_preemptions = 0
         self.timing = SequenceTiming()
-        self.generator = None  # per-request RNG, created by the model runner on first use
+        self.error: str | None = None  # why the engine failed this request (it then finishes with reason "error")
 
     @property
     def num_tokens(self) -> int:
