@@ -7,6 +7,8 @@ import argparse
 import sys
 import time
 
+from tqdm import tqdm
+
 from splitserve.placement.hardware import load_cluster
 from splitserve.placement.latency import AnalyticLatency
 from splitserve.placement.metrics import SLO
@@ -68,19 +70,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _ProgressBar:
-    def __init__(self, width: int = 30):
-        self.stream = sys.stderr  # looked up now, not at import, so redirection (and pytest capture) applies
-        self.width, self.shown = width, False
+    """The search's progress as a tqdm bar on stderr; none when stderr is not a terminal."""
+
+    def __init__(self):
+        self.bar = tqdm(total=0, unit="layout", file=sys.stderr, disable=None, leave=False)
 
     def __call__(self, done: int, total: int, label: str) -> None:
-        filled = self.width * done // max(total, 1)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {label:<28.28}")
-        self.stream.flush()
-        self.shown = True
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.set_description_str(label, refresh=False)
+        self.bar.refresh()
 
     def close(self) -> None:
-        if self.shown:
-            self.stream.write("\n")
+        self.bar.close()
 
 
 def _table(result: SearchResult) -> str:

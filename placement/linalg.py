@@ -1,4 +1,4 @@
-"""Least squares by the normal equations, in pure Python (the planner takes no numpy)."""
+"""Least squares by the normal equations, in pure Python (small systems; no need for numpy here)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Search: agrees with brute force on small spaces, explains infeasibility, and produces a valid plan YAML."""
 
+import io
+import sys
+
 import pytest
 
 from splitserve.placement import cli
@@ -111,17 +114,35 @@ def test_bad_plan_yaml(text, field):
         Plan.from_yaml(text)
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+PLAN_ARGS = ["--model", "llama-2-7b", "--cluster", "1x4xA100-80GB", "--workload", "fixed:512:24", "--ttft", "250ms",
+             "--tpot", "0.05", "--attainment", "90", "--rate", "9", "--requests", "100", "--no-sp", "--max-pp", "1"]
+
+
 def test_cli_writes_plan(tmp_path, capsys):
     out = tmp_path / "plan.yaml"
-    code = cli.main(["--model", "llama-2-7b", "--cluster", "1x4xA100-80GB", "--workload", "fixed:512:24",
-                     "--ttft", "250ms", "--tpot", "0.05", "--attainment", "90", "--rate", "9", "--requests", "100",
-                     "--no-sp", "--max-pp", "1", "--output", str(out)])
+    code = cli.main(PLAN_ARGS + ["--output", str(out)])
     captured = capsys.readouterr()
     assert code == 0
     assert "req/s per device" in captured.out and "colocated" in captured.out
-    assert "[" in captured.err  # progress bar
+    assert captured.err == ""  # no progress bar when stderr is not a terminal
     plan = Plan.load(str(out))
     assert plan.model == "llama-2-7b" and plan.placement.cluster == "1x4xA100-80GB"
+
+
+def test_cli_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(PLAN_ARGS + ["--output", str(tmp_path / "a.yaml")]) == 0
+    assert "layout" in terminal.getvalue() and "/" in terminal.getvalue()  # tqdm's "n/total layout"
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert cli.main(PLAN_ARGS + ["--output", str(tmp_path / "b.yaml"), "--quiet"]) == 0
+    assert quiet.getvalue() == ""
 
 
 @pytest.mark.parametrize("args,message", [
