@@ -63,7 +63,7 @@ class Cluster:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="cluster-loop", daemon=True)
         self._thread.start()
-        self.dispatcher = Dispatcher(self.instances, self.config, self.loop)
+        self.dispatcher = Dispatcher(self.instances, self.config, self.loop, self.launcher)
         self._on_loop_sync(self.dispatcher.start())
 
     # ------------------------------------------------------------------------------------ public API
@@ -109,6 +109,11 @@ class Cluster:
     @property
     def running(self) -> bool:
         return self._running
+
+    @property
+    def ready(self) -> bool:
+        """Every role has a serving instance: what readiness reports."""
+        return self._running and self.dispatcher.fleet.ready()
 
     @property
     def colocated(self) -> bool:

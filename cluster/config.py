@@ -85,6 +85,27 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class FaultToleranceConfig:
+    restart: bool = True  # relaunch an instance whose rank died or whose loop stopped
+    max_restarts: int = 5  # per instance, over the cluster's life; then it stays dead
+    restart_backoff_s: float = 1.0  # before the first relaunch; doubles with each failed attempt
+    health_interval_s: float = 1.0  # how often every rank is checked; a dead rank is noticed within about this
+    migration_limit: int = 3  # how often one request may be moved off a dead instance
+    unavailable_timeout_s: float = 60.0  # how long a request waits for a role with no live instance
+    max_prompt_bytes: int = 1 << 20  # text prompts longer than this are refused before tokenising
+
+    def validate(self, path: str) -> None:
+        if not isinstance(self.restart, bool):
+            raise ValueError(f"config: '{path}.restart' must be true or false, got {self.restart!r}")
+        positive_int(f"{path}.max_restarts", self.max_restarts, 0)
+        positive_float(f"{path}.restart_backoff_s", self.restart_backoff_s)
+        positive_float(f"{path}.health_interval_s", self.health_interval_s)
+        positive_int(f"{path}.migration_limit", self.migration_limit, 0)
+        positive_float(f"{path}.unavailable_timeout_s", self.unavailable_timeout_s)
+        positive_int(f"{path}.max_prompt_bytes", self.max_prompt_bytes)
+
+
+@dataclass(frozen=True)
 class AutoPlacement:
     """`placement: auto` (these defaults) or `placement: {auto: {...}}`: plan the layout at start-up."""
 
@@ -141,6 +162,7 @@ class ClusterConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     kv_transfer: TransferConfig = field(default_factory=TransferConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     max_queued_requests: int = 1024
     # `auto` (or {auto: {...}}): plan the layout at start-up from Ray's GPUs; a mapping without `auto` is what
     # `splitserve plan` writes (devices, predictions) and is informational.
@@ -151,7 +173,7 @@ class ClusterConfig:
             raise ValueError(f"config: 'model' must be a preset name or a directory, got {self.model!r}")
         choice("dtype", self.dtype, DTYPES)
         choice("device", self.device, DEVICES)
-        for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray"):
+        for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray", "fault_tolerance"):
             getattr(self, f).validate(f)
         positive_int("max_queued_requests", self.max_queued_requests)
         if self.placement is not None and not isinstance(self.placement, dict) and self.placement != "auto":
@@ -200,7 +222,7 @@ def _build(cls, data: Any, path: str):
 
 
 _SECTIONS = {"prefill": PrefillConfig, "decode": DecodeConfig, "colocated": ColocatedConfig, "engine": EngineConfig,
-             "kv_transfer": TransferConfig, "ray": RayConfig}
+             "kv_transfer": TransferConfig, "ray": RayConfig, "fault_tolerance": FaultToleranceConfig}
 
 DEFAULT_YAML = """\
 model: tiny              # preset name, or a local Hugging Face checkpoint directory

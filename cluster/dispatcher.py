@@ -1,6 +1,7 @@
 """Routes admitted requests to instances and follows them to the end: dispatch (reserve on decode, then submit
 to prefill; or one colocated instance), one poller per instance leader turning its batched events into request
-updates, retries of failed transfers, aborts and failures. Runs on the cluster's event loop only."""
+updates, retries of failed transfers, migration off dead instances (the fleet reports deaths and relaunches),
+aborts and failures. Runs on the cluster's event loop only."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +9,7 @@ import logging
 import time
 
 from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.fleet import Fleet
 from splitserve.cluster.request import Request, RequestState, TokenEvent
 from splitserve.cluster.router import Router
 
@@ -19,17 +21,31 @@ def _unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+class InstanceUnavailable(RuntimeError):
+    """A call to an instance that died (the details go to the log, not to clients)."""
+
+
+def _actor_died(exc: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError)
+
+
 class Dispatcher:
     POLL_COALESCE_S = 0.01  # at most ~100 event messages a second per instance; tokens still stream per step
 
-    def __init__(self, instances: dict, config: ClusterConfig, loop: asyncio.AbstractEventLoop):
+    def __init__(self, instances: dict, config: ClusterConfig, loop: asyncio.AbstractEventLoop, launcher):
         self.instances, self.config, self.loop = instances, config, loop
         names = {role: [n for n, i in instances.items() if i.spec.role == role]
                  for role in ("prefill", "decode", "colocated")}
         self.router = Router(names["prefill"], names["decode"], names["colocated"])
+        self.fleet = Fleet(instances, config.fault_tolerance, loop, launcher.replace, launcher.stop_instance,
+                           self._on_dead, self._on_serving)
         self.by_id: dict[str, Request] = {}
         self.instance_stats: dict[str, dict] = {}
+        self.migrations: dict[str, int] = {}  # reason -> requests moved off a failed instance
         self.running = False
+        self._pollers: dict[str, asyncio.Task] = {}
 
     def add(self, req: Request) -> None:
         self.by_id[req.request_id] = req
@@ -37,29 +53,39 @@ class Dispatcher:
 
     async def start(self) -> None:
         self.running = True
-        self._pollers = [asyncio.ensure_future(self._poll(name), loop=self.loop) for name in self.instances]
+        for name in self.instances:
+            self._start_poller(name)
+        await self.fleet.start()
 
     async def stop(self, error: str) -> None:
-        """Fails what is in flight and stops polling."""
+        """Fails what is in flight and stops polling and watching."""
         self.running = False
+        await self.fleet.stop()
         for req in list(self.by_id.values()):
             self._fail(req, error)
         # A poll returns within its 0.5 s wait: let the ones in flight finish (cancelling a Ray call makes Ray
         # Client log callback errors), and cancel only what is still waiting after that.
-        _, pending = await asyncio.wait(self._pollers, timeout=2.0)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*self._pollers, return_exceptions=True)
+        pollers = list(self._pollers.values())
+        if pollers:
+            _, pending = await asyncio.wait(pollers, timeout=2.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pollers, return_exceptions=True)
 
     async def _call(self, name: str, method: str, *args):
+        handle = self.instances[name]
         try:
-            return await self.instances[name].leader.lead.remote(method, *args)
+            return await handle.leader.lead.remote(method, *args)
         except Exception as e:
+            if _actor_died(e):
+                log.warning("call %s on instance %s failed: %s", method, name, e)
+                self.fleet.died(name, "its leader's process died", handle)
+                raise InstanceUnavailable(f"instance {name} is unavailable") from None
             raise _unwrap(e) from None
 
     def _tell(self, name: str | None, method: str, *args) -> None:
-        """Fire-and-forget command to a leader (aborts)."""
-        if name is not None:
+        """Fire-and-forget command to a serving leader (aborts); a dead one has nothing left to abort."""
+        if name is not None and self.fleet.serving(name):
             self.instances[name].leader.lead.remote(method, *args)
 
     def _abort_engines(self, req: Request) -> None:
@@ -72,67 +98,137 @@ class Dispatcher:
         except Exception as e:  # never leave a caller waiting
             self._fail(req, f"{type(e).__name__}: {_unwrap(e)}")
 
-    async def _dispatch_colocated(self, req: Request) -> None:
-        name = self.router.pick_colocated()
-        req.attempt += 1
-        req.prefill = req.decode = name
-        req.timing.dispatched = time.perf_counter()
+    async def _wait_for(self, req: Request, role: str, since: float) -> bool:
+        """No serving instance of `role`: waits a little, or fails the request once it has waited too long."""
+        waited = time.monotonic() - since
+        if waited > self.config.fault_tolerance.unavailable_timeout_s:
+            self._fail(req, f"no live {role} instance for {waited:.0f} s")
+            return False
+        await asyncio.sleep(0.05)
+        return True
+
+    def _engine_prompt(self, req: Request) -> tuple[list[int], int]:
+        """What an attempt sends the engines: the prompt plus what earlier attempts already streamed."""
+        return req.prompt_ids + req.token_ids, len(req.token_ids)
+
+    def _started(self, req: Request) -> None:
+        req.timing.dispatched = req.timing.dispatched or time.perf_counter()
         req.move(RequestState.PREFILLING)
+
+    async def _dispatch_colocated(self, req: Request) -> None:
+        req.attempt += 1
+        attempt, since = req.attempt, time.monotonic()
+        prompt, resumed = self._engine_prompt(req)
+        while (name := self.router.pick_colocated()) is None:
+            if not await self._wait_for(req, "colocated", since):
+                return
+        req.prefill = req.decode = name
+        self._started(req)
         self._prompt_started(req, name)
-        await self._call(name, "submit", req.request_id, req.attempt, req.prompt_ids, req.engine_params, None)
+        await self._submit(req, attempt, name, prompt, None, resumed)
+
+    async def _submit(self, req: Request, attempt: int, name: str, prompt, target, resumed: int) -> None:
+        try:
+            await self._call(name, "submit", req.request_id, attempt, prompt, req.engine_params, target, resumed)
+        except InstanceUnavailable:
+            if req.attempt == attempt and not req.state.final:  # unless the death was handled already
+                self._migrate(req, f"instance {name} died")
 
     async def _dispatch_disaggregated(self, req: Request) -> None:
         req.attempt += 1
-        n = len(req.prompt_ids)
-        need = -(-(n + 1) // self.config.engine.block_size)
-        first_token = req.token_ids[0] if req.token_ids else None  # a retry: the client already has it
-        while not req.state.final:
+        attempt, since = req.attempt, time.monotonic()
+        prompt, resumed = self._engine_prompt(req)
+        need = -(-(len(prompt) + 1) // self.config.engine.block_size)
+        while not req.state.final and req.attempt == attempt:
+            prefill, decodes = self.router.pick_prefill(), self.router.decode_order()
+            if prefill is None or not decodes:
+                if not await self._wait_for(req, "prefill" if prefill is None else "decode", since):
+                    return
+                continue
             # Load is counted before awaiting, so concurrent dispatches spread over the instances.
-            prefill = self.router.pick_prefill()
             self._prompt_started(req, prefill)
-            target, decode = None, None
-            for decode in self.router.decode_order():
-                self.router.reserved(decode, need)
-                target = await self._call(decode, "reserve", req.request_id, req.attempt, req.prompt_ids,
-                                          req.engine_params, self.instances[prefill].spec.tp, first_token)
-                if target is not None:
-                    break
-                self.router.reserved(decode, -need)
+            target = await self._reserve(req, attempt, decodes, need, prompt, prefill, resumed)
             if target is None:
                 self._prompt_done(req)
                 await asyncio.sleep(0.01)  # no decode instance has room yet; they report free blocks as they go
                 continue
-            if req.state.final:  # aborted while reserving
-                self._tell(decode, "abort", req.request_id, req.attempt)
+            if req.state.final or req.attempt != attempt:  # aborted (or moved) while reserving
+                self._tell(target.instance, "abort", req.request_id, attempt)
                 return
-            req.prefill, req.decode = prefill, decode
-            req.timing.dispatched = time.perf_counter()
-            req.move(RequestState.PREFILLING)
-            await self._call(prefill, "submit", req.request_id, req.attempt, req.prompt_ids, req.engine_params,
-                             target)
+            req.prefill, req.decode = prefill, target.instance
+            self._started(req)
+            await self._submit(req, attempt, prefill, prompt, target, resumed)
             return
 
-    # ------------------------------------------------------------------------------------------ events
-    async def _poll(self, name: str) -> None:
-        while self.running:
+    async def _reserve(self, req, attempt, decodes, need, prompt, prefill, resumed):
+        for decode in decodes:
+            self.router.reserved(decode, need)
             try:
-                result = await self._call(name, "poll", 0.5, self.POLL_COALESCE_S)
+                target = await self._call(decode, "reserve", req.request_id, attempt, prompt, req.engine_params,
+                                          self.instances[prefill].spec.tp, resumed)
+            except InstanceUnavailable:
+                target = None
+            if target is not None:
+                return target
+            self.router.reserved(decode, -need)
+        return None
+
+    # ------------------------------------------------------------------------------------------ events
+    def _start_poller(self, name: str) -> None:
+        self._pollers[name] = asyncio.ensure_future(self._poll(name, self.instances[name]), loop=self.loop)
+
+    async def _poll(self, name: str, handle) -> None:
+        while self.running and self.instances.get(name) is handle:
+            try:
+                result = await handle.leader.lead.remote("poll", 0.5, self.POLL_COALESCE_S)
             except Exception as e:
                 if self.running:
                     log.error("instance %s is unreachable: %s", name, e)
-                    self._fail_instance(name, f"instance {name} is unreachable: {e}")
+                    self.fleet.died(name, "its leader stopped answering", handle)
                 return
             self.instance_stats[name] = result["stats"]
             self.router.report(name, result["stats"])
             for event in result["events"]:
-                self._handle(name, event)
+                self._handle(name, handle, event)
 
+    # ------------------------------------------------------------------------------------ lifecycle
+    def _on_dead(self, name: str, error: str) -> None:
+        self.router.set_serving(name, False)
+        self.instance_stats.pop(name, None)
+        for req in list(self.by_id.values()):
+            if req.state.final or name not in (req.prefill, req.decode):
+                continue
+            if req.prefill == name and req.decode != name and req.state is RequestState.DECODING:
+                continue  # its KV already moved: the decode instance carries on
+            self._migrate(req, f"instance {name} died")
+
+    def _on_serving(self, name: str) -> None:
+        self.router.set_serving(name, True)
+        self._start_poller(name)
+
+    def _migrate(self, req: Request, why: str) -> None:
+        """Resumes a request whose instance died on a healthy pair: prefill of prompt + tokens streamed so far,
+        then decoding goes on; the client's stream continues without a lost or repeated token."""
+        self._abort_engines(req)
+        self._prompt_done(req)
+        limit = self.config.fault_tolerance.migration_limit
+        if req.migrations >= limit:
+            self._fail(req, f"{why}; the request was moved {req.migrations} times already "
+                            f"(fault_tolerance.migration_limit = {limit})")
+            return
+        req.migrations += 1
+        self.migrations["instance_died"] = self.migrations.get("instance_died", 0) + 1
+        log.warning("request %s: %s; resuming after %d tokens", req.request_id, why, len(req.token_ids))
+        req.resume(RequestState.MIGRATING)
+        asyncio.ensure_future(self._dispatch(req), loop=self.loop)
+
+    # ------------------------------------------------------------------------------------------ events
     def _current(self, request_id: str, attempt: int) -> Request | None:
         """The request an event is about, unless it has finished or the event is from an earlier attempt."""
         req = self.by_id.get(request_id)
         return req if req is not None and req.attempt == attempt and not req.state.final else None
 
-    def _handle(self, name: str, event: tuple) -> None:
+    def _handle(self, name: str, handle, event: tuple) -> None:
         kind = event[0]
         if kind == "tokens":
             for request_id, attempt, *token in event[1]:
@@ -144,13 +240,14 @@ class Dispatcher:
             if req is not None:
                 req.timing.kv_ready = time.perf_counter()
                 req.move(RequestState.DECODING)
-                self._on_token(req, name, TokenEvent(0, event[3], False, None, None))
+                self._on_token(req, name, TokenEvent(event[3], event[4], False, None, None))
         elif kind == "failed":
             req = self._current(event[1], event[2])
             if req is not None:
                 self._on_failure(req, event[3])
         elif kind == "instance_failed":
-            self._fail_instance(name, f"instance {name} failed: {event[1]}")
+            log.error("instance %s stopped: %s", name, event[1])
+            self.fleet.died(name, f"its loop stopped ({event[1].split(':')[0]})", handle)
 
     def _on_token(self, req: Request, name: str, event: TokenEvent) -> None:
         self._prompt_done(req)
@@ -170,9 +267,11 @@ class Dispatcher:
     def _on_failure(self, req: Request, error: str) -> None:
         retryable = error.startswith("KV transfer failed")
         self._abort_engines(req)
-        if retryable and req.attempt <= self.config.kv_transfer.retries:
+        if retryable and req.retries < self.config.kv_transfer.retries:
             log.warning("request %s: %s; retrying from prefill", req.request_id, error)
-            req.move(RequestState.QUEUED)
+            req.retries += 1
+            self._prompt_done(req)
+            req.resume(RequestState.QUEUED)
             asyncio.ensure_future(self._dispatch(req), loop=self.loop)
         else:
             attempts = f" after {req.attempt} attempts" if retryable else ""
@@ -197,11 +296,6 @@ class Dispatcher:
             req.finish(RequestState.FAILED, "error", error=error)
             self._forget(req)
 
-    def _fail_instance(self, name: str, error: str) -> None:
-        for req in list(self.by_id.values()):
-            if name in (req.prefill, req.decode):
-                self._fail(req, error)
-
     async def abort_id(self, request_id: str) -> bool:
         req = self.by_id.get(request_id)
         if req is None:
@@ -220,6 +314,7 @@ class Dispatcher:
         states: dict[str, int] = {}
         for req in self.by_id.values():
             states[req.state.value] = states.get(req.state.value, 0) + 1
-        return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, "sp": i.spec.sp,
+        return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, "sp": i.spec.sp, **self.fleet.describe(n),
                                   **self.instance_stats.get(n, {})}
-                              for n, i in self.instances.items()}, "requests": states}
+                              for n, i in self.instances.items()}, "requests": states,
+                "restarts": dict(self.fleet.restarts_by_role), "migrations": dict(self.migrations)}

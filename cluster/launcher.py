@@ -86,6 +86,9 @@ class Launcher:
         self.attached = False  # placing on an existing cluster's real resources
         self.link_store = None
         self._link_store_actor = None
+        self._link_address: tuple[str, int] | None = None
+        self._generation = 0  # link connections made so far: each gets fresh rendezvous keys
+        self.closed = False
 
     # ----------------------------------------------------------------------------------------------- ray
     def init_ray(self):
@@ -213,19 +216,45 @@ class Launcher:
             self._check_resources(ray)
             for spec in self._specs():
                 self.instances.append(self._place(ray, spec))
-            self._init_groups(ray)
-            self._connect_links(ray)
-            self._get(ray, [a.call.remote("start") for inst in self.instances for a in inst.actors], "starting")
+            self._bring_up(ray, self.instances)
         except BaseException:
             self.shutdown()
             raise
         return self.instances
 
-    def _init_groups(self, ray) -> None:
-        hosts = self._get(ray, [inst.leader.node_ip.remote() for inst in self.instances], "locating leaders")
+    def replace(self, name: str) -> InstanceHandle:
+        """Relaunches one instance (new ranks, placement group, process group, links to every live peer) after its
+        predecessor died; blocking. The predecessor's actors are killed first."""
+        ray = _ray()
+        index = next(i for i, inst in enumerate(self.instances) if inst.name == name)
+        self._remove(ray, self.instances[index])
+        if self.closed:
+            raise RuntimeError("the cluster is shutting down")
+        handle = self._place(ray, self.instances[index].spec)
+        self.instances[index] = handle
+        try:
+            self._bring_up(ray, [handle])
+        except BaseException:
+            self._remove(ray, handle)
+            raise
+        return handle
+
+    def stop_instance(self, name: str) -> None:
+        """Kills what is left of a dead instance (its surviving ranks, its placement group)."""
+        for inst in self.instances:
+            if inst.name == name:
+                self._remove(_ray(), inst)
+
+    def _bring_up(self, ray, new: list[InstanceHandle]) -> None:
+        self._init_groups(ray, new)
+        self._connect_links(ray, new)
+        self._get(ray, [a.call.remote("start") for inst in new for a in inst.actors], "starting")
+
+    def _init_groups(self, ray, instances: list[InstanceHandle]) -> None:
+        hosts = self._get(ray, [inst.leader.node_ip.remote() for inst in instances], "locating leaders")
         ports = self._get(ray, [inst.leader.call.remote("create_store", host)
-                                for inst, host in zip(self.instances, hosts)], "creating stores")
-        self._get(ray, [a.call.remote("init", host, port) for inst, host, port in zip(self.instances, hosts, ports)
+                                for inst, host in zip(instances, hosts)], "creating stores")
+        self._get(ray, [a.call.remote("init", host, port) for inst, host, port in zip(instances, hosts, ports)
                  for a in inst.actors], "loading models and forming process groups")
 
     def _get(self, ray, refs, what: str):
@@ -236,26 +265,30 @@ class Launcher:
             raise RuntimeError(f"start-up: {what} took longer than {self.STARTUP_TIMEOUT_S:.0f}s; "
                                "check the actors' logs (`ray logs`)") from None
 
-    def _connect_links(self, ray) -> None:
-        prefills = [i for i in self.instances if i.spec.role == "prefill"]
-        decodes = [i for i in self.instances if i.spec.role == "decode"]
-        if not prefills:
+    def _connect_links(self, ray, new: list[InstanceHandle]) -> None:
+        """Links of every prefill -> decode pair in which at least one side is new."""
+        fresh = {i.name for i in new}
+        pairs = [(p, d) for p in self.instances if p.spec.role == "prefill"
+                 for d in self.instances if d.spec.role == "decode" and {p.name, d.name} & fresh]
+        if not pairs:
             return
-        host, port = self._start_link_store(ray)
+        host, port = self._link_address or self._start_link_store(ray)
+        self._link_address = (host, port)
+        self._generation += 1
         kv_heads = load_model_config(self.model_dir).num_kv_heads
         per_actor: dict[tuple[str, int], list[LinkId]] = {}
-        for p in prefills:
-            for d in decodes:
-                for pr, dr in sorted(links_needed_sp(kv_heads, p.spec.tp, d.spec.tp, p.spec.sp)):
-                    link = LinkId(p.name, pr, d.name, dr)
-                    per_actor.setdefault((p.name, pr), []).append(link)
-                    per_actor.setdefault((d.name, dr), []).append(link)
+        for p, d in pairs:
+            for pr, dr in sorted(links_needed_sp(kv_heads, p.spec.tp, d.spec.tp, p.spec.sp)):
+                link = LinkId(p.name, pr, d.name, dr)
+                per_actor.setdefault((p.name, pr), []).append(link)
+                per_actor.setdefault((d.name, dr), []).append(link)
         by_name = {i.name: i for i in self.instances}
-        self._get(ray, [by_name[name].actors[rank].call.remote("connect_links", host, port, links)
+        self._get(ray, [by_name[name].actors[rank].call.remote("connect_links", host, port, links, self._generation)
                         for (name, rank), links in per_actor.items()], "connecting prefill -> decode links")
         if self.config.kv_transfer.transport == "shm":
-            shapes = {d.name: self._get(ray, [a.call.remote("cache_shape") for a in d.actors], "reading cache shapes")
-                      for d in decodes}
+            decodes = {d.name: d for _, d in pairs}
+            shapes = {name: self._get(ray, [a.call.remote("cache_shape") for a in d.actors], "reading cache shapes")
+                      for name, d in decodes.items()}
             calls = []
             for (name, rank), links in per_actor.items():
                 if by_name[name].spec.role == "prefill":
@@ -276,20 +309,30 @@ class Launcher:
         self._link_store_actor = ray.remote(num_cpus=0)(_LinkStoreHost).remote()
         return tuple(self._get(ray, self._link_store_actor.start.remote(), "starting the link store"))
 
+    def _remove(self, ray, inst: InstanceHandle) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for a in inst.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already gone
+                pass
+        try:
+            remove_placement_group(inst.placement_group)
+        except Exception:  # already removed
+            pass
+
     def shutdown(self) -> None:
+        self.closed = True
         ray = _ray()
         if not ray.is_initialized():
             return
-        from ray.util.placement_group import remove_placement_group
-
         for inst in self.instances:
             try:
                 ray.get([a.call.remote("stop") for a in inst.actors], timeout=10)
             except Exception:  # best effort: the actors are killed next
                 pass
-            for a in inst.actors:
-                ray.kill(a)
-            remove_placement_group(inst.placement_group)
+            self._remove(ray, inst)
         self.instances = []
         if self._link_store_actor is not None:
             ray.kill(self._link_store_actor)

@@ -18,6 +18,7 @@ class RequestState(enum.Enum):
     PREFILLING = "prefilling"
     TRANSFERRING = "transferring"
     DECODING = "decoding"
+    MIGRATING = "migrating"  # its instance died: it resumes on a healthy pair from prompt + tokens streamed
     FINISHED = "finished"
     ABORTED = "aborted"
     FAILED = "failed"
@@ -32,9 +33,11 @@ ALLOWED = {
     RequestState.QUEUED: {RequestState.PREFILLING} | _ENDS,
     # PREFILLING -> DECODING: a colocated instance, or the decode side admitted before the first token arrived.
     # -> QUEUED: a failed transfer is retried from prefill.
-    RequestState.PREFILLING: {RequestState.TRANSFERRING, RequestState.DECODING, RequestState.QUEUED} | _ENDS,
-    RequestState.TRANSFERRING: {RequestState.DECODING, RequestState.QUEUED} | _ENDS,
-    RequestState.DECODING: _ENDS,
+    RequestState.PREFILLING: {RequestState.TRANSFERRING, RequestState.DECODING, RequestState.QUEUED,
+                              RequestState.MIGRATING} | _ENDS,
+    RequestState.TRANSFERRING: {RequestState.DECODING, RequestState.QUEUED, RequestState.MIGRATING} | _ENDS,
+    RequestState.DECODING: {RequestState.MIGRATING} | _ENDS,
+    RequestState.MIGRATING: {RequestState.PREFILLING} | _ENDS,
 }
 
 
@@ -99,6 +102,8 @@ class Request:
     prefill: str | None = None
     decode: str | None = None
     attempt: int = 0  # dispatches so far; engines tag their events with it
+    retries: int = 0  # of failed KV transfers
+    migrations: int = 0  # moves off a dead instance
     prompt_on: str | None = None  # the instance counting this prompt as pending work, until its first token
     error: str | None = None
     timing: Timing = field(default_factory=Timing)
@@ -111,6 +116,12 @@ class Request:
         if self.state.final or new not in ALLOWED[self.state]:
             raise AssertionError(f"request {self.request_id}: {self.state.value} -> {new.value} is not a transition")
         self.state = new
+
+    def resume(self, state: RequestState) -> None:
+        """Back to dispatch (a retry or a migration): the next attempt continues from the tokens received so far;
+        tokens that arrived early from the abandoned attempt are dropped."""
+        self.move(state)
+        self._early.clear()
 
     def on_token(self, event: TokenEvent) -> bool:
         """Takes one output token in order: a duplicate is ignored, one that arrives early waits for its turn.
@@ -148,6 +159,7 @@ class Request:
         self.error = error
         metrics = self.timing.metrics(len(self.token_ids))
         metrics.update(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.token_ids),
-                       attempts=self.attempt, prefill_instance=self.prefill, decode_instance=self.decode)
+                       attempts=self.attempt, migrations=self.migrations, prefill_instance=self.prefill,
+                       decode_instance=self.decode)
         text = self.text.take_delta() if state is RequestState.FINISHED else ""
         self.chunks.put_nowait(StreamChunk(self.request_id, list(tokens), text, True, reason, error, metrics))

@@ -1,5 +1,5 @@
-"""Instance choice: the prefill instance with the fewest pending prompt tokens, the decode
-instance with the most free KV blocks after the reservations made since its last report. No Ray here."""
+"""Instance choice among the serving instances: the prefill instance with the fewest pending prompt tokens, the
+decode instance with the most free KV blocks after the reservations made since its last report. No Ray here."""
 from __future__ import annotations
 
 
@@ -9,15 +9,32 @@ class Router:
         self.free_blocks = {name: 0 for name in decode + colocated}
         self.reserved_since_report = {name: 0 for name in decode + colocated}
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
+        self.serving = set(prefill + decode + colocated)
 
-    def pick_prefill(self) -> str:
-        return min(self.prefill, key=lambda n: (self.pending_tokens[n], n))
+    def set_serving(self, name: str, serving: bool) -> None:
+        """Out of service: never picked. Back in service: its load counts start afresh."""
+        if serving:
+            self.serving.add(name)
+            if name in self.pending_tokens:
+                self.pending_tokens[name] = 0
+            if name in self.free_blocks:
+                self.free_blocks[name], self.reserved_since_report[name] = 0, 0
+        else:
+            self.serving.discard(name)
 
-    def pick_colocated(self) -> str:
-        return min(self.colocated, key=lambda n: (self.pending_tokens[n] - self.free_blocks[n], n))
+    def available(self, names: list[str]) -> list[str]:
+        return [n for n in names if n in self.serving]
+
+    def pick_prefill(self) -> str | None:
+        return min(self.available(self.prefill), key=lambda n: (self.pending_tokens[n], n), default=None)
+
+    def pick_colocated(self) -> str | None:
+        return min(self.available(self.colocated), key=lambda n: (self.pending_tokens[n] - self.free_blocks[n], n),
+                   default=None)
 
     def decode_order(self) -> list[str]:
-        return sorted(self.decode, key=lambda n: (-(self.free_blocks[n] - self.reserved_since_report[n]), n))
+        return sorted(self.available(self.decode),
+                      key=lambda n: (-(self.free_blocks[n] - self.reserved_since_report[n]), n))
 
     def report(self, name: str, stats: dict) -> None:
         if name in self.free_blocks:

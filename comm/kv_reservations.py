@@ -3,7 +3,7 @@
 Each reservation gets a transfer id and one flag per link in the decode instance's store. A flag moves
 PENDING -> RECEIVING (a sender's handshake was accepted) -> DONE (every layer is in place) or FAILED, or
 PENDING -> CANCELLED (the request was aborted before its transfer began, so nothing is ever written into its
-blocks). The DONE flag of the link from prefill rank 0 carries the first token, so the decode side admits the
+blocks). The DONE flag of the link from prefill rank 0 carries the token prefill sampled, so the decode side admits the
 request without waiting for the frontend. The leader reads every flag in one store round trip per loop (`check`);
 this class only decides, the leader frees blocks and reports. Pure Python."""
 from __future__ import annotations
@@ -47,12 +47,12 @@ class Reservation:
     prompt_ids: list[int]
     params: object  # SamplingParams, passed through to the decode engine
     keys: list[str]
-    first_token: int | None = None  # known up front when an earlier attempt already streamed it
+    resumed: int = 0  # the last prompt tokens are output of an earlier attempt (see workers.sequence)
 
 
 @dataclass
 class CheckResult:
-    ready: list[tuple[Reservation, int]] = field(default_factory=list)  # (reservation, first token): admit
+    ready: list[tuple[Reservation, int]] = field(default_factory=list)  # (reservation, new token): admit
     finished: list[Reservation] = field(default_factory=list)  # the first token ended the request: release
     failed: list[tuple[Reservation, str]] = field(default_factory=list)  # release and report
     drained: list[Reservation] = field(default_factory=list)  # cancelled and no longer written: release
@@ -119,13 +119,11 @@ class Reservations:
         if failures:
             result.failed.append((res, failures[0]))
             return
-        token, finished = res.first_token, False
-        if token is None:
-            detail = next((d for s, d in flags if d), None)  # the leader's link always exists (plan_heads)
-            if detail is None:
-                result.failed.append((res, "no first token arrived with the KV"))
-                return
-            token, finished = (int(v) for v in detail.split())
+        detail = next((d for s, d in flags if d), None)  # the leader's link always exists (plan_heads)
+        if detail is None:
+            result.failed.append((res, "no first token arrived with the KV"))
+            return
+        token, finished = (int(v) for v in detail.split())
         if finished:  # the first token ended the request, or the prefill side failed it: nothing to decode
             result.finished.append(res)
         else:

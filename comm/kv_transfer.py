@@ -57,6 +57,7 @@ def map_shared_cache(path: str, num_layers: int, shape_per_layer: tuple, dtype: 
         numel *= d
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if create:
+        remove_shared_cache(path)  # a predecessor's file (a relaunched rank) may still be mapped by peers
         with open(path, "wb") as f:
             f.truncate(nbytes)
     flat = torch.from_file(path, shared=True, size=numel, dtype=dtype)

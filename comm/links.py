@@ -28,12 +28,14 @@ class LinkBroken(RuntimeError):
 class Link:
     """One side of a link. The prefill side is rank 0 of the pair, the decode side rank 1."""
 
-    def __init__(self, link_id: LinkId, side: int, store: dist.Store, device: torch.device):
+    def __init__(self, link_id: LinkId, side: int, store: dist.Store, device: torch.device, generation: int = 0):
+        """`generation` names this connection in the store: a link rebuilt to a relaunched peer must not meet the
+        keys its predecessor left there."""
         self.id = link_id
         self.side = side
         self.peer = 1 - side
         self.device = device
-        prefixed = dist.PrefixStore(link_id.key, store)
+        prefixed = dist.PrefixStore(f"{link_id.key}/{generation}", store)
         if device.type == "cuda":
             self.group = dist.ProcessGroupNCCL(prefixed, side, 2)
         else:

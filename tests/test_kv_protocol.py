@@ -66,8 +66,8 @@ def test_flags_round_trip():
     assert parse_flag(b"cancelled") == (TransferState.CANCELLED, "")
 
 
-def _reserve(res: Reservations, rid="r", links=((0, 0), (1, 0)), first=None):
-    return res.open(Reservation(rid, 1, [1, 2, 3], None, [], first), links)
+def _reserve(res: Reservations, rid="r", links=((0, 0), (1, 0))):
+    return res.open(Reservation(rid, 1, [1, 2, 3], None, []), links)
 
 
 def test_ready_once_every_link_is_done_with_the_first_token_from_rank_0():
@@ -84,17 +84,17 @@ def test_ready_once_every_link_is_done_with_the_first_token_from_rank_0():
     assert len(res) == 0 and not store.data  # flags are deleted once decided
 
 
-def test_a_first_token_known_up_front_wins_and_finished_requests_release():
+def test_finished_or_failed_first_tokens_release_and_a_missing_token_fails():
     store = FakeStore()
     res = Reservations(store)
-    retry = _reserve(res, "retry", first=5)
-    done = _reserve(res, "done")
-    for tid in (retry, done):
-        store.set(transfer_key(tid, 0, 0), done_value(8, tid == done))
+    ok, done, failed, missing = (_reserve(res, name) for name in ("ok", "done", "failed", "missing"))
+    for tid, token, finished in ((ok, 8, False), (done, 8, True), (failed, -1, True), (missing, -1, False)):
+        store.set(transfer_key(tid, 0, 0), done_value(token, finished))
         store.set(transfer_key(tid, 0, 1), done_value(-1, False))
     result = res.check()
-    assert [(r.request_id, token) for r, token in result.ready] == [("retry", 5)]
-    assert [r.request_id for r in result.finished] == ["done"]
+    assert [(r.request_id, token) for r, token in result.ready] == [("ok", 8)]
+    assert [r.request_id for r in result.finished] == ["done", "failed"]
+    assert [r.request_id for r, _ in result.failed] == ["missing"]
 
 
 def test_failure_of_any_link_fails_the_reservation():

@@ -3,6 +3,7 @@ leader) broadcasts, and every rank pushes (prefill) or accepts (decode) its shar
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -64,6 +65,7 @@ class RankWorker:
         self.receivers: list[KVReceiver] = []
         self.links: dict[LinkId, Link] = {}
         self._peer_caches: dict[LinkId, list[torch.Tensor]] = {}
+        self.peer_cache_shapes: dict[LinkId, tuple] = {}
         self.leader = None
         self._sending = False  # pushes started by the last forward and not yet finished
         self._shm_file: str | None = None
@@ -111,17 +113,19 @@ class RankWorker:
                                             self.dtype, self.device)
         self._layer_of = {id(c): i for i, c in enumerate(self.caches)}
 
-    def connect_links(self, host: str, port: int, link_ids: list[LinkId]) -> int:
-        """Builds every link of this rank at once (each blocks until its peer joins), then starts the KV threads."""
+    def connect_links(self, host: str, port: int, link_ids: list[LinkId], generation: int = 0) -> int:
+        """Builds links of this rank at once (each blocks until its peer joins): all of them at start-up, or those
+        to a relaunched peer later (they replace the dead peer's). Starts the KV threads that serve them."""
         side = SENDER if self.spec.role == "prefill" else RECEIVER
         errors: list[BaseException] = []
+        new: dict[LinkId, Link] = {}
 
         def connect(link_id):
             try:
                 # One store client per link: a client blocked in one rendezvous's wait would hold back this
                 # rank's writes for the others, and two ranks can then wait on each other for good.
                 store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=60))
-                self.links[link_id] = Link(link_id, side, store, self.device)
+                new[link_id] = Link(link_id, side, store, self.device, generation)
             except BaseException as e:  # reported below, never lost in a thread
                 errors.append(e)
 
@@ -132,13 +136,16 @@ class RankWorker:
             t.join()
         if errors:
             raise errors[0]
+        for link_id in new:
+            self._peer_caches.pop(link_id, None)  # a relaunched decode rank has a new cache file
+        self.links.update(new)  # the sender reads this very dict
         transfer = self.spec.transfer
-        if side == SENDER:
+        if side == SENDER and self.sender is None:
             self.sender = KVSender(self.caches, self.links, transfer.transport, transfer.timeout_s, self._peer_cache)
-        else:
-            self.receivers = [KVReceiver(link, self.caches, self.store, transfer.transport, transfer.timeout_s)
-                              for link in self.links.values()]
-        return len(self.links)
+        elif side == RECEIVER:
+            self.receivers += [KVReceiver(link, self.caches, self.store, transfer.transport, transfer.timeout_s)
+                               for link in new.values()]
+        return len(new)
 
     def _peer_cache(self, link_id: LinkId) -> list[torch.Tensor]:
         """The decode rank's cache, mapped from shared memory (same host only)."""
@@ -150,7 +157,7 @@ class RankWorker:
         return self._peer_caches[link_id]
 
     def set_peer_cache_shapes(self, shapes: dict) -> None:
-        self.peer_cache_shapes = shapes
+        self.peer_cache_shapes.update(shapes)
 
     def cache_shape(self) -> tuple:
         return tuple(self.caches[0].shape)
@@ -227,6 +234,9 @@ class RankWorker:
         """Test hook: the next `count` transfers from this rank stall after the handshake."""
         if self.sender is not None:
             self.sender.faults = count
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def stop(self) -> None:
         if self.leader is not None:

@@ -68,15 +68,14 @@ class InstanceLeader:
         return future.result(timeout=60) if wait else None
 
     def submit(self, request_id: str, attempt: int, prompt_ids: list[int], params: SamplingParams,
-               target: DecodeTarget | None = None) -> None:
-        self._call(self._submit, request_id, attempt, prompt_ids, params, target)
+               target: DecodeTarget | None = None, resumed: int = 0) -> None:
+        """`resumed`: the last `resumed` prompt tokens are output streamed by an earlier attempt."""
+        self._call(self._submit, request_id, attempt, prompt_ids, params, target, resumed)
 
     def reserve(self, request_id: str, attempt: int, prompt_ids: list[int], params: SamplingParams,
-                prefill_tp: int, first_token: int | None = None) -> DecodeTarget | None:
-        """Blocks for a request's KV before its prefill starts; None when they are not free now. `first_token`
-        is given when an earlier attempt already streamed it."""
-        return self._call(self._reserve, request_id, attempt, prompt_ids, params, prefill_tp, first_token,
-                          wait=True)
+                prefill_tp: int, resumed: int = 0) -> DecodeTarget | None:
+        """Blocks for a request's KV before its prefill starts; None when they are not free now."""
+        return self._call(self._reserve, request_id, attempt, prompt_ids, params, prefill_tp, resumed, wait=True)
 
     def abort(self, request_id: str, attempt: int) -> None:
         self._call(self._abort, request_id, attempt)
@@ -106,14 +105,14 @@ class InstanceLeader:
                 self.events.extend(events)
                 self.cond.notify_all()
 
-    def _sequence(self, request_id, prompt_ids, params) -> Sequence:
-        return Sequence(request_id, prompt_ids, params, StopChecker(params, self.eos, None))
+    def _sequence(self, request_id, prompt_ids, params, resumed) -> Sequence:
+        return Sequence(request_id, prompt_ids, params, StopChecker(params, self.eos, None), resumed)
 
-    def _submit(self, request_id, attempt, prompt_ids, params, target):
+    def _submit(self, request_id, attempt, prompt_ids, params, target, resumed):
         if request_id in self.attempts:  # an earlier attempt whose abort has not arrived yet
             self._abort(request_id, self.attempts[request_id])
         try:
-            self.engine.add(self._sequence(request_id, prompt_ids, params))
+            self.engine.add(self._sequence(request_id, prompt_ids, params, resumed))
         except ValueError as e:
             self._emit(("failed", request_id, attempt, str(e)))
             return
@@ -121,7 +120,7 @@ class InstanceLeader:
         if target is not None:
             self.targets[request_id] = target
 
-    def _reserve(self, request_id, attempt, prompt_ids, params, prefill_tp, first_token):
+    def _reserve(self, request_id, attempt, prompt_ids, params, prefill_tp, resumed):
         n = len(prompt_ids)
         if self.blocks.blocks_needed(n + 1) > self.blocks.num_blocks:
             raise ValueError(f"prompt: {n} tokens do not fit the decode instance's KV cache "
@@ -131,7 +130,7 @@ class InstanceLeader:
             return None
         table = self.blocks.allocate(request_id, n)
         links = links_needed_sp(self.num_kv_heads, prefill_tp, self.spec.tp, self.spec.prefill_sp)
-        res = Reservation(request_id, attempt, list(prompt_ids), params, [], first_token)
+        res = Reservation(request_id, attempt, list(prompt_ids), params, [], resumed)
         return DecodeTarget(self.spec.name, self.spec.tp, tuple(table), self.reservations.open(res, links))
 
     def _abort(self, request_id, attempt):
@@ -157,13 +156,13 @@ class InstanceLeader:
         for res, token in result.ready:
             self._admit(res, token)
 
-    def _admit(self, res: Reservation, first_token: int) -> None:
-        seq = self._sequence(res.request_id, res.prompt_ids, res.params)
+    def _admit(self, res: Reservation, token: int) -> None:
+        seq = self._sequence(res.request_id, res.prompt_ids, res.params, res.resumed)
         seq.num_computed_tokens = len(res.prompt_ids)
-        seq.append_token(first_token)
+        seq.append_token(token)
         self.engine.admit(seq)
         self.attempts[res.request_id] = res.attempt
-        self._emit(("kv_ready", res.request_id, res.attempt, first_token))
+        self._emit(("kv_ready", res.request_id, res.attempt, res.resumed, token))
 
     def _execute(self, batch, seqs: list[Sequence]):
         """One step: the batch and its transfer orders to every rank (metadata only), then this rank's shard."""

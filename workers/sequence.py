@@ -24,18 +24,23 @@ class SequenceTiming:
 
 
 class Sequence:
-    def __init__(self, seq_id: str, prompt_token_ids: list[int], params: SamplingParams, stop: StopChecker):
-        if not prompt_token_ids:
+    def __init__(self, seq_id: str, prompt_token_ids: list[int], params: SamplingParams, stop: StopChecker,
+                 resumed: int = 0):
+        """`resumed`: the last tokens of `prompt_token_ids` are output an earlier attempt already produced (a
+        request moved off a failed instance); they count as output for stop rules, penalties and seeds."""
+        if len(prompt_token_ids) <= resumed:
             raise ValueError("prompt: must contain at least one token")
         self.seq_id = seq_id
         self.token_ids = list(prompt_token_ids)
-        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids) - resumed
         self.params = params
         self.stop = stop
         self.num_computed_tokens = 0  # tokens whose K/V sit in the cache
         self.status = SequenceStatus.WAITING
         self.num_preemptions = 0
         self.timing = SequenceTiming()
+        if resumed:
+            stop.resume(self.output_token_ids)
         self.error: str | None = None  # why the engine failed this request (it then finishes with reason "error")
 
     @property

@@ -147,6 +147,10 @@ class StopChecker:
             self._finish(reason, stop_reason)
         return StepResult(self.stream.take_delta(), self.finished, self.finish_reason, self.stop_reason)
 
+    def resume(self, token_ids: list[int]) -> None:
+        """Output produced before this engine took the request over (its text, if any, was shown elsewhere)."""
+        self.token_ids = list(token_ids)
+
     def finish(self, reason: str) -> StepResult:
         """Ends the request for a reason outside its own rules (the context limit, an abort) and releases
         any text still held back."""
