@@ -189,7 +189,10 @@ class Dispatcher:
             self.instance_stats[name] = result["stats"]
             self.router.report(name, result["stats"])
             for event in result["events"]:
-                self._handle(name, handle, event)
+                try:
+                    self._handle(name, handle, event)
+                except Exception:  # a bug in handling one event must not stop the instance's poller
+                    log.exception("instance %s: event %s could not be handled", name, event[:1])
 
     # ------------------------------------------------------------------------------------ lifecycle
     def _on_dead(self, name: str, error: str) -> None:

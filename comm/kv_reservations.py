@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import random
 from dataclasses import dataclass, field
 
 
@@ -63,7 +64,9 @@ class Reservations:
         self.store = store
         self.pending: dict[int, Reservation] = {}
         self.draining: dict[int, Reservation] = {}
-        self._ids = itertools.count(1)
+        # Ids differ between incarnations of an instance (a relaunch starts elsewhere in a 2^40 range), so nothing
+        # addressed to a predecessor's transfer can be taken for a new one.
+        self._ids = itertools.count(random.randrange(1, 1 << 40))
 
     def __len__(self) -> int:
         return len(self.pending) + len(self.draining)

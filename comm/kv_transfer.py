@@ -92,7 +92,9 @@ class KVSender:
         """Finishes this forward's pushes; `first_tokens` ((decode instance, transfer id) -> (token, finished)),
         known to the prefill leader, ride on the done messages."""
         self._jobs.put(("end", first_tokens or {}))
-        return self._results.get()
+        # Every wait in the sender thread has the transfer deadline; past twice that, the thread is gone and the
+        # instance cannot go on (its loop stops and the instance is replaced).
+        return self._results.get(timeout=2 * self.timeout_s + 30)
 
     def _run(self) -> None:
         active: list[dict] = []
@@ -100,7 +102,7 @@ class KVSender:
             kind, arg = self._jobs.get()
             if kind == "begin":
                 deadline = time.monotonic() + self.timeout_s
-                active = [self._start(order, deadline) for order in arg]
+                active = [self._start_guarded(order, deadline) for order in arg]
             elif kind == "layer":
                 for job in active:
                     self._guard(job, self._send_layer, job, arg)
@@ -118,12 +120,20 @@ class KVSender:
         if job["error"] is None and job["go"]:
             try:
                 fn(*args)
-            except (LinkTimeout, LinkBroken, RuntimeError) as e:
+            except Exception as e:  # LinkTimeout, LinkBroken, a backend error: this transfer fails, not the thread
                 job["error"] = str(e)
 
+    def _start_guarded(self, order: TransferOrder, deadline: float) -> dict:
+        try:
+            return self._start(order, deadline)
+        except Exception as e:  # e.g. a send to a peer whose process died: this transfer fails, the thread goes on
+            return {"order": order, "go": False, "error": f"{type(e).__name__}: {e}"}
+
     def _start(self, order: TransferOrder, deadline: float) -> dict:
-        job = {"order": order, "deadline": deadline, "go": False, "error": None, "works": [], "stall": False}
+        # The job keeps the link it started on: a link rebuilt to a relaunched peer must never carry its messages.
         link = self.links[order.link]
+        job = {"order": order, "link": link, "deadline": deadline, "go": False, "error": None, "works": [],
+               "stall": False}
         n = len(order.dst_blocks)
         meta = order.dst_blocks + [v for s in order.slices for v in (s.dst_head, s.num_heads)]
         inline = len(meta) <= _HEADER_LEN - _HEADER_FIELDS
@@ -166,14 +176,13 @@ class KVSender:
         if self.transport == "shm":
             copy_blocks(self.caches[layer], self.shm_caches(order.link)[layer], order)
         else:
-            link = self.links[order.link]
-            job["works"].append((link.isend(data, _tag(order.transfer_id, layer)), data))
+            job["works"].append((job["link"].isend(data, _tag(order.transfer_id, layer)), data))
 
     def _finish(self, job: dict, first_token: tuple[int, bool]) -> None:
         if job["stall"]:
             job["error"] = "transfer stalled (fault injection)"
             return
-        link = self.links[job["order"].link]
+        link = job["link"]
         for _ in link.completions(job["works"], job["deadline"]):
             pass
         done = torch.tensor([len(self.caches), first_token[0], int(first_token[1])])
@@ -233,7 +242,10 @@ class KVReceiver:
                 self.broken = str(e)
                 log.warning("link closed: %s", e)
                 return
-            self._receive(header)
+            try:
+                self._receive(header)
+            except Exception:  # one bad transfer must not stop this link's receiver (its flag stays, and times out)
+                log.exception("link %s: a transfer could not be accepted", self.link.id.key)
 
     def _receive(self, header: torch.Tensor) -> None:
         """Handshake here; the data of an accepted transfer arrives in its own thread, so the next header (the
@@ -251,7 +263,7 @@ class KVReceiver:
             receiving = TransferState.RECEIVING.value
             go = self.store.compare_set(key, TransferState.PENDING.value, receiving) == receiving.encode()
             self.link.send(torch.tensor([int(go)]), ACK_TAG, deadline)
-        except (LinkTimeout, LinkBroken) as e:
+        except Exception as e:  # LinkTimeout, LinkBroken, a backend error
             self._failed(key, e)
             return
         if go:
@@ -269,12 +281,12 @@ class KVReceiver:
             done = self.link.recv(torch.zeros(3, dtype=torch.long), _tag(transfer_id, _TAG_STRIDE - 1), deadline)
             _, token, finished = done.tolist()
             self.store.set(key, done_value(token, bool(finished)))
-        except (LinkTimeout, LinkBroken) as e:
+        except Exception as e:  # LinkTimeout, LinkBroken, a backend error: the reservation fails and is released
             self._failed(key, e)
 
     def _failed(self, key: str, error: Exception) -> None:
         self.store.set(key, f"{TransferState.FAILED.value}: {error}")
-        if isinstance(error, LinkBroken):
+        if isinstance(error, (LinkBroken, RuntimeError)):
             self.broken = str(error)
 
     def _receive_layers(self, transfer_id, blocks, heads, num_heads, deadline) -> None:
