@@ -86,3 +86,66 @@ def test_decode_leader_killed_1p1d(ray_runtime, ckpt, load):
         # The relaunched instance serves like the first one.
         again = cluster.generate(prompts[:4], params[:4], timeout=120)
         assert [o.token_ids for o in again] == expected[:4]
+
+
+def test_decode_leader_killed_three_times_2p2d(ray_runtime, ckpt, load):
+    prompts, params, expected = load
+    cfg = config(ckpt, prefill={"instances": 2}, decode={"instances": 2}, fault_tolerance=FAST)
+    with Cluster(cfg) as cluster:
+        for round_ in range(1, 4):
+            outputs, _, _ = _generate_with_kill(cluster, prompts, params, ("decode-0", 0))
+            _check(cluster, outputs, expected, ("decode-0", 0), restarts=round_)
+        assert cluster.stats()["instances"]["decode-1"]["restarts"] == 0
+
+
+def test_decode_tp_follower_killed(ray_runtime, ckpt, load):
+    prompts, params, expected = load
+    with Cluster(config(ckpt, decode={"tp": 2}, fault_tolerance=FAST)) as cluster:
+        outputs, _, _ = _generate_with_kill(cluster, prompts, params, ("decode-0", 1))
+        _check(cluster, outputs, expected, ("decode-0", 1))
+
+
+@pytest.fixture(scope="module")
+def long_prompts(ckpt):
+    """Prompts long enough that a kill can land while they are being prefilled or pushed."""
+    prompts = random_prompts([150 + 23 * i for i in range(12)], seed=8)
+    params = [SamplingParams(temperature=0.0, max_tokens=30, min_tokens=30) for _ in prompts]
+    return prompts, params, references(ckpt, prompts, params)
+
+
+@pytest.mark.parametrize("layout, victim, when", [
+    ({}, ("prefill-0", 0), ("prefilling",)),  # the prefill leader, mid-prefill
+    ({"prefill": {"tp": 2}}, ("prefill-0", 1), ("prefilling", "transferring")),  # a rank pushing its KV share
+    ({"prefill": {"sp": 2}}, ("prefill-0", 1), ("prefilling", "transferring")),  # a sequence-parallel rank
+], ids=["prefill-leader", "prefill-tp-rank", "prefill-sp-rank"])
+def test_prefill_rank_killed(ray_runtime, ckpt, long_prompts, layout, victim, when):
+    prompts, params, expected = long_prompts
+    with Cluster(config(ckpt, fault_tolerance=FAST, **layout)) as cluster:
+        outputs, _, _ = _generate_with_kill(cluster, prompts, params, victim, when=when, at_least=1)
+        _check(cluster, outputs, expected, victim)
+
+
+def test_seeded_sampling_survives_migration(ray_runtime, ckpt, load):
+    prompts, _, _ = load
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i, max_tokens=100, min_tokens=100)
+              for i in range(len(prompts))]
+    with Cluster(config(ckpt, fault_tolerance=FAST)) as cluster:
+        uninterrupted = [o.token_ids for o in cluster.generate(prompts, params, timeout=120)]
+        outputs, _, _ = _generate_with_kill(cluster, prompts, params, ("decode-0", 0))
+        _check(cluster, outputs, uninterrupted, ("decode-0", 0))
+        assert sum(o.metrics["migrations"] for o in outputs) >= 1
+
+
+def test_poison_requests_fail_alone_and_the_instance_keeps_serving(ray_runtime, ckpt, load):
+    prompts, params, expected = load
+    vocab = 512
+    with Cluster(config(ckpt, fault_tolerance=FAST)) as cluster:
+        with pytest.raises(ValueError, match="stop_token_ids: with min_tokens=1 every token"):
+            cluster.generate([[5, 6, 7]], SamplingParams(max_tokens=4, min_tokens=1, temperature=1.0,
+                                                         stop_token_ids=tuple(range(vocab))))
+        hot = cluster.generate([[5, 6, 7]], SamplingParams(max_tokens=4, min_tokens=1, temperature=1e300, seed=1))
+        assert hot[0].error is None and len(hot[0].token_ids) == 4
+        outputs = cluster.generate(prompts[:6], params[:6], timeout=120)
+        assert [o.token_ids for o in outputs] == expected[:6]
+        assert all(s["restarts"] == 0 and s["state"] == "serving" for s in cluster.stats()["instances"].values())
+        wait_for_idle(cluster)
