@@ -70,9 +70,10 @@ class Cluster:
     def generate(self, prompts: str | Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  timeout: float | None = None) -> list[GenerateOutput]:
         prompts, plist = pair_with_params(prompts, params)
+        prepared = [self._prepare(p, sp) for p, sp in zip(prompts, plist)]  # validates all before any runs
 
         async def run_all():
-            reqs = [self._submit(p, sp) for p, sp in zip(prompts, plist)]  # validates all before any runs
+            reqs = [self._admit(*args) for args in prepared]
             return await asyncio.gather(*(self._collect(r) for r in reqs))
 
         return self._on_loop_sync(run_all(), timeout)
@@ -80,7 +81,9 @@ class Cluster:
     async def stream(self, prompt, params: SamplingParams | None = None,
                      request_id: str | None = None) -> AsyncIterator[StreamChunk]:
         """Chunks of one request as its tokens arrive; callable from any event loop. Leaving early aborts it."""
-        req = await self._on_loop(self._submit_async(prompt, params or SamplingParams(), request_id))
+        # Tokenising runs in a worker thread: a huge prompt must not stall the caller's loop or the cluster's.
+        ids, params = await asyncio.to_thread(self._prepare, prompt, params or SamplingParams())
+        req = await self._on_loop(self._admit_async(ids, params, request_id))
         try:
             while True:
                 chunk = await self._on_loop(req.chunks.get())
@@ -93,8 +96,8 @@ class Cluster:
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Starts one request in the background and returns its id; read it with `stream` or watch its state."""
-        req = self._on_loop_sync(self._submit_async(prompt, params or SamplingParams(), request_id))
-        return req.request_id
+        ids, params = self._prepare(prompt, params or SamplingParams())
+        return self._on_loop_sync(self._admit_async(ids, params, request_id)).request_id
 
     def request_state(self, request_id: str) -> RequestState | None:
         """The state of a request still in flight; None once it has finished (or was never submitted)."""
@@ -178,12 +181,15 @@ class Cluster:
 
     # --------------------------------------------------------------------------------------- admission
     def encode(self, prompt) -> list[int]:
+        """Token ids of a prompt (text or ids); text longer than `max_prompt_bytes` is refused before tokenising."""
+        if isinstance(prompt, str) and len(prompt) * 4 > self.config.max_prompt_bytes:  # UTF-8: <= 4 bytes a char
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            if size > self.config.max_prompt_bytes:
+                raise ValueError(f"prompt: {size} bytes exceed max_prompt_bytes ({self.config.max_prompt_bytes})")
         return encode_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
-    async def _submit_async(self, prompt, params, request_id=None) -> Request:
-        return self._submit(prompt, params, request_id)
-
-    def _submit(self, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
+    def _prepare(self, prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """Everything about a request that needs no cluster state (tokenising, limits): any thread."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         ids = self.encode(prompt)
@@ -191,14 +197,21 @@ class Cluster:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the context length ({self.max_model_len})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+        return ids, params
+
+    async def _admit_async(self, ids, params, request_id=None) -> Request:
+        return self._admit(ids, params, request_id)
+
+    def _admit(self, ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        """Admission on the cluster's loop: the queue bound and the request id."""
         queued = sum(1 for r in self.dispatcher.by_id.values() if r.state is RequestState.QUEUED)
         if queued >= self.config.max_queued_requests:
             raise QueueFull(f"admission queue is full ({queued} requests waiting)")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.dispatcher.by_id:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer")
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer is not None else None
         req = Request(request_id, ids, params, dataclasses.replace(params, stop=()),
                       TextStream.for_params(params, detok), frozenset(self.model_config.eos_token_ids),

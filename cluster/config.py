@@ -92,7 +92,6 @@ class FaultToleranceConfig:
     health_interval_s: float = 1.0  # how often every rank is checked; a dead rank is noticed within about this
     migration_limit: int = 3  # how often one request may be moved off a dead instance
     unavailable_timeout_s: float = 60.0  # how long a request waits for a role with no live instance
-    max_prompt_bytes: int = 1 << 20  # text prompts longer than this are refused before tokenising
 
     def validate(self, path: str) -> None:
         if not isinstance(self.restart, bool):
@@ -102,7 +101,6 @@ class FaultToleranceConfig:
         positive_float(f"{path}.health_interval_s", self.health_interval_s)
         positive_int(f"{path}.migration_limit", self.migration_limit, 0)
         positive_float(f"{path}.unavailable_timeout_s", self.unavailable_timeout_s)
-        positive_int(f"{path}.max_prompt_bytes", self.max_prompt_bytes)
 
 
 @dataclass(frozen=True)
@@ -164,6 +162,7 @@ class ClusterConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     max_queued_requests: int = 1024
+    max_prompt_bytes: int = 1 << 20  # text prompts longer than this are refused before tokenising
     # `auto` (or {auto: {...}}): plan the layout at start-up from Ray's GPUs; a mapping without `auto` is what
     # `splitserve plan` writes (devices, predictions) and is informational.
     placement: dict | str | None = None
@@ -176,6 +175,7 @@ class ClusterConfig:
         for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray", "fault_tolerance"):
             getattr(self, f).validate(f)
         positive_int("max_queued_requests", self.max_queued_requests)
+        positive_int("max_prompt_bytes", self.max_prompt_bytes)
         if self.placement is not None and not isinstance(self.placement, dict) and self.placement != "auto":
             raise ValueError(f"config: 'placement' must be 'auto' or a mapping, got {self.placement!r}")
         object.__setattr__(self, "_auto", _auto_placement(self.placement))

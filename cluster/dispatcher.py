@@ -21,6 +21,15 @@ def _unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+def _client_message(exc: BaseException) -> str:
+    """What a client is told: our own errors as they are; anything else by kind only (Ray's text carries actor
+    ids, pids and addresses, which go to the log)."""
+    if isinstance(exc, (ValueError, InstanceUnavailable)):
+        return str(exc)
+    log.error("request failed: %r", exc)
+    return f"internal error ({type(exc).__name__}); see the server log"
+
+
 class InstanceUnavailable(RuntimeError):
     """A call to an instance that died (the details go to the log, not to clients)."""
 
@@ -96,7 +105,7 @@ class Dispatcher:
         try:
             await (self._dispatch_colocated(req) if self.router.colocated else self._dispatch_disaggregated(req))
         except Exception as e:  # never leave a caller waiting
-            self._fail(req, f"{type(e).__name__}: {_unwrap(e)}")
+            self._fail(req, _client_message(_unwrap(e)))
 
     async def _wait_for(self, req: Request, role: str, since: float) -> bool:
         """No serving instance of `role`: waits a little, or fails the request once it has waited too long."""

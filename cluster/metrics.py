@@ -9,7 +9,7 @@ import logging
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,30 @@ class _ClusterStateCollector:
         yield running
         yield waiting
         yield usage
+        yield from self._fleet(snap)
+
+    def _fleet(self, snap: dict | None):
+        """Instances by role and state, relaunches by role, requests moved off dead instances by reason."""
+        instances = GaugeMetricFamily("splitserve_instances", "Instances by role and state",
+                                      labels=("model_name", "role", "state"))
+        restarts = CounterMetricFamily("splitserve_instance_restarts", "Instances relaunched after a death, by role",
+                                       labels=("model_name", "role"))
+        migrations = CounterMetricFamily("splitserve_request_migrations", "Requests moved off a dead instance, by "
+                                         "reason", labels=("model_name", "reason"))
+        if snap is not None:
+            counts: dict[tuple[str, str], int] = {}
+            for inst in snap["instances"].values():
+                key = (inst["role"], inst.get("state", "serving"))
+                counts[key] = counts.get(key, 0) + 1
+            for (role, state), n in sorted(counts.items()):
+                instances.add_metric([self.model_name, role, state], n)
+            for role in sorted({inst["role"] for inst in snap["instances"].values()}):
+                restarts.add_metric([self.model_name, role], snap.get("restarts", {}).get(role, 0))
+            for reason, n in sorted(snap.get("migrations", {}).items()):
+                migrations.add_metric([self.model_name, reason], n)
+        yield instances
+        yield restarts
+        yield migrations
 
 
 class ServerMetrics:

@@ -33,6 +33,8 @@ from splitserve.cluster.server_handlers import SERVICE_NAME, InferenceService
 log = logging.getLogger(__name__)
 
 CLUSTER_SHUTDOWN_TIMEOUT_S = 30.0
+READINESS_INTERVAL_S = 0.25  # how often readiness is re-read from the fleet
+MESSAGE_LIMIT_BYTES = 64 << 20  # gRPC's own cap on a request; prompts are held to max_prompt_bytes by validation
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class InferenceServer:
         self.roles: dict[str, str] = {}  # instance name -> role, once loaded
         self.service = InferenceService(self)
         self._stopped = asyncio.Event()
+        self._readiness: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
 
@@ -91,7 +94,9 @@ class InferenceServer:
         """Binds and starts answering (health, reflection; the API answers UNAVAILABLE until `load`)."""
         opts = self.options
         interceptors = [BearerAuthInterceptor(opts.auth_token)] if opts.auth_token else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        # Messages up to several times the prompt limit reach validation, which refuses them naming the field.
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES)])
         self.server.add_generic_rpc_handlers((self.service.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -129,8 +134,21 @@ class InferenceServer:
             log.info("metrics on http://%s:%d/metrics", self.options.metrics_host or self.options.host,
                      self.metrics_port)
         self.ready = True
-        if not self.draining:
-            await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._readiness = asyncio.ensure_future(self._watch_readiness())
+
+    async def _watch_readiness(self) -> None:
+        """Readiness follows the fleet: NOT_SERVING while a role has no live instance (or while draining), SERVING
+        again once it is healed, so a load balancer stops sending what would only wait or fail."""
+        shown = None
+        while True:
+            serving = self.cluster.ready and not self.draining
+            if serving != shown:
+                status = health_pb2.HealthCheckResponse
+                await self.health.set(SERVICE_NAME, status.SERVING if serving else status.NOT_SERVING)
+                if shown is not None:
+                    log.warning("readiness: %s", "SERVING" if serving else "NOT_SERVING")
+                shown = serving
+            await asyncio.sleep(READINESS_INTERVAL_S)
 
     async def drain(self, timeout: float | None = None) -> int:
         """Stops admitting, waits for in-flight requests (then aborts what is left); returns how many were aborted."""
@@ -151,6 +169,8 @@ class InferenceServer:
     async def stop(self, drain: bool = True) -> None:
         if drain and self.ready:
             await self.drain()
+        if self._readiness is not None:
+            self._readiness.cancel()
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace=2)

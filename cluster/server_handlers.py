@@ -59,8 +59,8 @@ class InferenceService:
         if isinstance(request, Malformed):
             await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.error)
         await self._require_ready(context)
-        try:
-            ids, params = validate_generate(request, self.cluster)
+        try:  # tokenising a long prompt in a worker thread: health checks and other streams go on meanwhile
+            ids, params = await asyncio.to_thread(validate_generate, request, self.cluster)
         except InvalidArgument as e:
             await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or uuid.uuid4().hex
@@ -157,9 +157,10 @@ class InferenceService:
             info.instances.append(pb.InstanceInfo(
                 name=name, role=s["role"], tp=s["tp"], sp=s["sp"], num_blocks=s.get("num_blocks", 0),
                 free_blocks=s.get("free_blocks", 0), kv_usage=s.get("usage", 0.0), running=s.get("running", 0),
-                waiting=s.get("waiting", 0)))
+                waiting=s.get("waiting", 0), state=s.get("state", ""), restarts=s.get("restarts", 0),
+                last_error=s.get("last_error") or ""))
             summary = roles.setdefault(s["role"], pb.RoleSummary(role=s["role"], tp=s["tp"], sp=s["sp"]))
-            summary.instances += 1
+            summary.instances += s.get("state", "serving") == "serving"
             if s["role"] in ("decode", "colocated"):
                 used += s.get("num_blocks", 0) - s.get("free_blocks", 0)
                 total += s.get("num_blocks", 0)
@@ -168,6 +169,7 @@ class InferenceService:
         info.max_queue_depth = self.cluster.config.max_queued_requests
         info.requests_in_flight = sum(stats["requests"].values())
         info.kv_usage = used / total if total else 0.0
+        info.migrations = sum(stats.get("migrations", {}).values())
         return info
 
 

@@ -130,6 +130,9 @@ def validate_generate(request: pb.GenerateRequest, cluster) -> tuple[list[int], 
             raise InvalidArgument("prompt.text", "must not be empty")
         if cluster.tokenizer is None:
             raise InvalidArgument("prompt.text", "this model has no tokenizer; send prompt.token_ids")
+        limit = cluster.config.max_prompt_bytes
+        if len(request.text) * 4 > limit and (size := len(request.text.encode("utf-8", "surrogatepass"))) > limit:
+            raise InvalidArgument("prompt.text", f"{size} bytes exceed max_prompt_bytes ({limit})")
         ids = cluster.encode(request.text)
         if not ids:
             raise InvalidArgument("prompt.text", "encodes to no tokens")

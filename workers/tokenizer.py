@@ -20,7 +20,8 @@ def encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
             raise ValueError("prompt: must not be empty")
         if tokenizer is None:
             raise ValueError("prompt: this model has no tokenizer.json; send token ids")
-        return tokenizer.encode(prompt).ids
+        # encode_batch releases the GIL while it works: a long prompt does not stall the other threads.
+        return tokenizer.encode_batch([prompt])[0].ids
     ids = list(prompt)
     if not ids:
         raise ValueError("prompt_token_ids: must not be empty")

@@ -163,7 +163,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("name", "role", "tp", "sp", "num_blocks", "free_blocks", "kv_usage", "running", "waiting")
+    __slots__ = ("name", "role", "tp", "sp", "num_blocks", "free_blocks", "kv_usage", "running", "waiting", "state", "restarts", "last_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,9 @@ class InstanceInfo(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     tp: int
@@ -182,7 +185,10 @@ class InstanceInfo(_message.Message):
     kv_usage: float
     running: int
     waiting: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., sp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
+    state: str
+    restarts: int
+    last_error: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., sp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class RoleSummary(_message.Message):
     __slots__ = ("role", "instances", "tp", "sp")
@@ -197,7 +203,7 @@ class RoleSummary(_message.Message):
     def __init__(self, role: _Optional[str] = ..., instances: _Optional[int] = ..., tp: _Optional[int] = ..., sp: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "ready", "draining", "roles", "instances", "queue_depth", "max_queue_depth", "requests_in_flight", "kv_usage")
+    __slots__ = ("version", "ready", "draining", "roles", "instances", "queue_depth", "max_queue_depth", "requests_in_flight", "kv_usage", "migrations")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +213,7 @@ class ServerInfo(_message.Message):
     MAX_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     version: str
     ready: bool
     draining: bool
@@ -216,4 +223,5 @@ class ServerInfo(_message.Message):
     max_queue_depth: int
     requests_in_flight: int
     kv_usage: float
-    def __init__(self, version: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., roles: _Optional[_Iterable[_Union[RoleSummary, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., max_queue_depth: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., kv_usage: _Optional[float] = ...) -> None: ...
+    migrations: int
+    def __init__(self, version: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., roles: _Optional[_Iterable[_Union[RoleSummary, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., max_queue_depth: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., kv_usage: _Optional[float] = ..., migrations: _Optional[int] = ...) -> None: ...
