@@ -143,12 +143,13 @@ def run_info(args) -> int:
               f"vocab {model.vocab_size}, context {model.max_context}, dtype {model.dtype}, "
               f"eos {list(model.eos_token_ids)}, tokenizer {'yes' if model.has_tokenizer else 'no'}")
     for role in server.roles:
-        print(f"  {role.role}: {role.instances} x (tp {role.tp}" + (f", sp {role.sp})" if role.sp > 1 else ")"))
+        print(f"  {role.role}: {role.instances} serving x (tp {role.tp}" + (f", sp {role.sp})" if role.sp > 1 else ")"))
     for inst in server.instances:
-        print(f"    {inst.name}: KV {inst.num_blocks - inst.free_blocks}/{inst.num_blocks} blocks "
+        health = inst.state + (f", {inst.restarts} restarts, last error: {inst.last_error}" if inst.restarts else "")
+        print(f"    {inst.name} [{health}]: KV {inst.num_blocks - inst.free_blocks}/{inst.num_blocks} blocks "
               f"({inst.kv_usage:.0%}), running {inst.running}, waiting {inst.waiting}")
     print(f"  queue {server.queue_depth}/{server.max_queue_depth}, in flight {server.requests_in_flight}, "
-          f"decode KV usage {server.kv_usage:.0%}")
+          f"decode KV usage {server.kv_usage:.0%}, requests migrated {server.migrations}")
     return 0
 
 

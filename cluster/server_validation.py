@@ -152,6 +152,10 @@ def validate_generate(request: pb.GenerateRequest, cluster) -> tuple[list[int], 
     if len(ids) + params.max_tokens > context_len:
         raise InvalidArgument("sampling.max_tokens", f"prompt ({len(ids)} tokens) + max_tokens "
                                                      f"({params.max_tokens}) exceeds the context ({context_len})")
+    try:
+        params.check_for_model(vocab, cluster.model_config.eos_token_ids)
+    except ValueError as e:  # "stop_token_ids: ..."
+        raise InvalidArgument(f"sampling.{str(e).split(':')[0]}", str(e).split(": ", 1)[1]) from None
     if len(request.request_id) > MAX_REQUEST_ID_LEN:
         raise InvalidArgument("request_id", f"longer than {MAX_REQUEST_ID_LEN} characters")
     return ids, params

@@ -420,7 +420,8 @@ def test_cli_generate_and_info_through_the_server(server, capsys):
     assert "INVALID_ARGUMENT: sampling.max_tokens" in capsys.readouterr().err
     assert main(["info", "--server", server.target]) == 0
     out = capsys.readouterr().out
-    assert "ready=SERVING" in out and "prefill: 1 x (tp 1)" in out and "vocab 512, context 1024" in out
+    assert "ready=SERVING" in out and "prefill: 1 serving x (tp 1)" in out and "vocab 512, context 1024" in out
+    assert "decode-0 [serving]" in out and "requests migrated 0" in out
 
 
 def test_bench_runs_against_the_server(server, cluster, tmp_path):

@@ -107,3 +107,18 @@ def test_huge_prompts_are_refused_without_stalling_health_checks(served, text, f
     print(f"health checks during the request: max {max(latencies) * 1e3:.1f} ms over {len(latencies)} checks")
     # Tokenising runs in a worker thread that releases the GIL; the bound leaves room for a busy 2-core machine.
     assert max(latencies) < 0.5, latencies
+
+
+def test_poison_requests_through_the_api(served):
+    """The requests that used to stop an instance for good: refused naming the field, or served; 1P1D goes on."""
+    cluster, server = served
+    with Client(server.target, timeout=60) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate([5, 6, 7], max_tokens=4, min_tokens=1, temperature=1.0, stop_token_ids=list(range(512)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("sampling.stop_token_ids: with min_tokens=1 every token")
+        hot = client.generate([5, 6, 7], max_tokens=4, min_tokens=1, temperature=1e300, seed=3)
+        assert len(hot.token_ids) == 4
+        assert len(client.generate([9, 10, 11], max_tokens=6, temperature=0.0).token_ids) == 6
+        assert client.health() == "SERVING"
+    assert all(s["state"] == "serving" for s in cluster.stats()["instances"].values())
