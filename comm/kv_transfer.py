@@ -31,6 +31,7 @@ HEADER_TAG, ACK_TAG = 1, 2
 _HEADER_FIELDS = 8
 _HEADER_LEN = 512  # int64s: the fields, then the decode blocks and head slices inline when they fit
 _TAG_STRIDE = 1024  # per-transfer tag space: one tag per layer, then slots and done
+SHM_FENCE_S = 1.0  # longer than any one block copy: after it a timed-out shm writer can no longer be writing
 
 
 def _tag(transfer_id: int, offset: int) -> int:
@@ -174,6 +175,10 @@ class KVSender:
         order = job["order"]
         data = self._gather(layer, order) if self.transport == "p2p" else None
         if self.transport == "shm":
+            # The fence: no copy starts after the deadline. The decode side waits until its own (later) deadline
+            # plus SHM_FENCE_S before it reports the transfer failed and frees the blocks.
+            if time.monotonic() > job["deadline"]:
+                raise LinkTimeout(f"{order.link.key}: transfer deadline passed; no late writes into the decode cache")
             copy_blocks(self.caches[layer], self.shm_caches(order.link)[layer], order)
         else:
             job["works"].append((job["link"].isend(data, _tag(order.transfer_id, layer)), data))
@@ -282,6 +287,8 @@ class KVReceiver:
             _, token, finished = done.tolist()
             self.store.set(key, done_value(token, bool(finished)))
         except Exception as e:  # LinkTimeout, LinkBroken, a backend error: the reservation fails and is released
+            if self.transport == "shm":
+                time.sleep(SHM_FENCE_S)  # a writer that passed its (earlier) deadline has stopped copying by now
             self._failed(key, e)
 
     def _failed(self, key: str, error: Exception) -> None:

@@ -120,3 +120,31 @@ def test_cancel_waits_for_links_still_receiving():
     store.set(transfer_key(tid, 0, 1), done_value(-1, False))
     assert [r.request_id for r in res.check().drained] == ["r"]
     assert not res.holds("r") and not store.data
+
+
+def test_shm_writer_past_its_deadline_writes_nothing():
+    """The fence of the shared-memory transport: a sender that resumes after the transfer deadline starts no
+    copy, so blocks the decode side freed after its (later) deadline cannot be touched."""
+    import time
+
+    import torch
+
+    from splitserve.comm.kv_plan import HeadSlice, LinkId, TransferOrder
+    from splitserve.comm.kv_transfer import KVSender
+
+    src = [torch.randn(2, 4, 2, 1, 3) for _ in range(2)]
+    dst = [torch.zeros(2, 4, 2, 1, 3) for _ in range(2)]
+    link = LinkId("p", 0, "d", 0)
+    sender = KVSender(src, {}, "shm", 5.0, lambda _: dst)
+    order = TransferOrder(1, link, [0, 2], [1, 3], [HeadSlice(0, 0, 0, 0, 1)])
+
+    def job(deadline):
+        return {"order": order, "deadline": deadline, "go": True, "error": None, "works": [], "stall": False}
+
+    late = job(time.monotonic() - 0.1)
+    sender._guard(late, sender._send_layer, late, 0)
+    assert "deadline passed" in late["error"] and not dst[0].any()
+    on_time = job(time.monotonic() + 5)
+    sender._guard(on_time, sender._send_layer, on_time, 0)
+    assert on_time["error"] is None
+    assert torch.equal(dst[0][:, [1, 3]], src[0][:, [0, 2]]) and not dst[0][:, [0, 2]].any()
