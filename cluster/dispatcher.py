@@ -129,7 +129,7 @@ class Dispatcher:
         attempt, since = req.attempt, time.monotonic()
         prompt, resumed = self._engine_prompt(req)
         while (name := self.router.pick_colocated()) is None:
-            if not await self._wait_for(req, "colocated", since):
+            if req.state.final or not await self._wait_for(req, "colocated", since):
                 return
         req.prefill = req.decode = name
         self._started(req)

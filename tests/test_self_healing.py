@@ -149,3 +149,33 @@ def test_poison_requests_fail_alone_and_the_instance_keeps_serving(ray_runtime, 
         assert [o.token_ids for o in outputs] == expected[:6]
         assert all(s["restarts"] == 0 and s["state"] == "serving" for s in cluster.stats()["instances"].values())
         wait_for_idle(cluster)
+
+
+def test_only_colocated_instance_killed_requests_wait_for_its_relaunch(ray_runtime, ckpt, load):
+    """With no live instance of a role, migrated requests wait for the relaunch (not fail) and then resume."""
+    prompts, params, expected = load
+    cfg = config(ckpt, prefill={"instances": 0}, decode={"instances": 0}, colocated={"instances": 1},
+                 fault_tolerance=FAST)
+    with Cluster(cfg) as cluster:
+        outputs, readiness, _ = _generate_with_kill(cluster, prompts, params, ("colocated-0", 0))
+        _check(cluster, outputs, expected, ("colocated-0", 0))
+        assert False in readiness
+
+
+def test_requests_fail_unavailable_when_no_instance_comes_back(ray_runtime, ckpt, load):
+    prompts, params, _ = load
+    cfg = config(ckpt, fault_tolerance={**FAST, "restart": False, "unavailable_timeout_s": 2.0})
+    with Cluster(cfg) as cluster:
+        outputs = []
+        worker = threading.Thread(target=lambda: outputs.extend(cluster.generate(prompts[:6], params[:6], timeout=120)))
+        worker.start()
+        _wait(lambda: cluster.stats()["requests"].get("decoding", 0) >= 1, 60, "a decoding request")
+        _kill(cluster, "decode-0", 0)
+        worker.join(120)
+        failed = [o for o in outputs if o.error is not None]
+        assert len(outputs) == 6 and failed, "the requests in flight should have failed"
+        assert all(o.finish_reason == "error" and "no live decode instance for 2 s" in o.error for o in failed)
+        stats = cluster.stats()["instances"]
+        assert stats["decode-0"]["state"] == "failed" and stats["decode-0"]["restarts"] == 0 and not cluster.ready
+        prefill = cluster.leader_call("prefill-0", "stats")
+        assert prefill["free_blocks"] == prefill["num_blocks"]
