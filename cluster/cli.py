@@ -116,6 +116,8 @@ COMMANDS = {
               "serve the gRPC API (default: the embedded 1 prefill + 1 decode config)"),
     "info": ("splitserve.cluster.serve_cli", "add_target_arguments", "run_info",
              "show a running server's model, layout, queue and KV usage"),
+    "scale": ("splitserve.cluster.scale_cli", "add_arguments", "run",
+              "set a running server's number of prefill/decode/colocated instances (launch or drain at runtime)"),
     "demo": ("splitserve.cluster.serve_cli", "add_demo_arguments", "run_demo",
              "start the default server, stream a few requests through the gRPC client, print text and TTFT/TPOT, "
              "stop the server"),
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_command(sub, "serve")
     _add_generate(sub)
-    for name in ("info", "demo", "bench", "batch", "plan", "profile"):
+    for name in ("info", "scale", "demo", "bench", "batch", "plan", "profile"):
         _add_command(sub, name)
     return parser
 

@@ -14,6 +14,7 @@ from splitserve.cluster.config import ClusterConfig, config_from_dict, load_conf
 from splitserve.cluster.launcher import Launcher
 from splitserve.cluster.dispatcher import Dispatcher
 from splitserve.cluster.request import Request, RequestState, StreamChunk
+from splitserve.cluster.scaling import Scaler, ScaleResult
 from splitserve.workers.config import load_config as load_model_config
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.presets import resolve_model
@@ -64,6 +65,7 @@ class Cluster:
         self._thread = threading.Thread(target=self.loop.run_forever, name="cluster-loop", daemon=True)
         self._thread.start()
         self.dispatcher = Dispatcher(self.instances, self.config, self.loop, self.launcher)
+        self.scaler = Scaler(self.dispatcher, self.launcher, self.loop)
         self._on_loop_sync(self.dispatcher.start())
 
     # ------------------------------------------------------------------------------------ public API
@@ -98,6 +100,18 @@ class Cluster:
         """Starts one request in the background and returns its id; read it with `stream` or watch its state."""
         ids, params = self._prepare(prompt, params or SamplingParams())
         return self._on_loop_sync(self._admit_async(ids, params, request_id)).request_id
+
+    def scale(self, prefill: int | None = None, decode: int | None = None, colocated: int | None = None,
+              drain_timeout_s: float = 30.0, timeout: float | None = None) -> ScaleResult:
+        """Sets the number of instances of each role given (absolute counts) while serving. New instances join the
+        router once up; removed ones get no new requests, finish theirs within `drain_timeout_s`, move the rest.
+        ScaleError (a ValueError naming the field) for counts that cannot be, NotEnoughDevices when the GPUs are
+        missing."""
+        return self._on_loop_sync(self.scale_async(prefill, decode, colocated, drain_timeout_s), timeout)
+
+    async def scale_async(self, prefill=None, decode=None, colocated=None, drain_timeout_s: float = 30.0):
+        targets = {"prefill": prefill, "decode": decode, "colocated": colocated}
+        return await self._on_loop(self.scaler.scale(targets, drain_timeout_s))
 
     def request_state(self, request_id: str) -> RequestState | None:
         """The state of a request still in flight; None once it has finished (or was never submitted)."""

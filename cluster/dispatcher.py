@@ -82,7 +82,9 @@ class Dispatcher:
             await asyncio.gather(*pollers, return_exceptions=True)
 
     async def _call(self, name: str, method: str, *args):
-        handle = self.instances[name]
+        handle = self.instances.get(name)
+        if handle is None:  # removed (scaled down) since it was picked
+            raise InstanceUnavailable(f"instance {name} was removed")
         try:
             return await handle.leader.lead.remote(method, *args)
         except Exception as e:
@@ -214,11 +216,39 @@ class Dispatcher:
                 continue  # its KV already moved: the decode instance carries on
             self._migrate(req, f"instance {name} died")
 
+    def requests_on(self, name: str) -> list[Request]:
+        """Requests that still need instance `name`: a prefill instance until their KV reached decode."""
+        return [r for r in self.by_id.values() if not r.state.final and (
+            r.decode == name or (r.prefill == name and r.state is not RequestState.DECODING))]
+
+    def instance_added(self, name: str, handle, stats: dict) -> None:
+        self.instances[name] = handle
+        self.fleet.add(name, handle.spec.role)
+        self.router.add(handle.spec.role, name)
+        self.instance_stats[name] = stats
+        self.router.report(name, stats)
+        self._start_poller(name)
+
+    def drain(self, name: str) -> None:
+        """Stops routing to an instance that is being removed; what it has finishes (or moves, see `evacuate`)."""
+        self.router.set_serving(name, False)
+        self.fleet.drain(name)
+
+    def evacuate(self, name: str) -> None:
+        for req in self.requests_on(name):
+            self._migrate(req, f"instance {name} was removed", reason="scale_down")
+
+    def instance_removed(self, name: str) -> None:
+        self.fleet.remove(name)
+        self.router.remove(name)
+        self.instance_stats.pop(name, None)
+        self.instances.pop(name, None)  # its poller stops at its next turn
+
     def _on_serving(self, name: str) -> None:
         self.router.set_serving(name, True)
         self._start_poller(name)
 
-    def _migrate(self, req: Request, why: str) -> None:
+    def _migrate(self, req: Request, why: str, reason: str = "instance_died") -> None:
         """Resumes a request whose instance died on a healthy pair: prefill of prompt + tokens streamed so far,
         then decoding goes on; the client's stream continues without a lost or repeated token."""
         self._abort_engines(req)
@@ -229,7 +259,7 @@ class Dispatcher:
                             f"(fault_tolerance.migration_limit = {limit})")
             return
         req.migrations += 1
-        self.migrations["instance_died"] = self.migrations.get("instance_died", 0) + 1
+        self.migrations[reason] = self.migrations.get(reason, 0) + 1
         log.warning("request %s: %s; resuming after %d tokens", req.request_id, why, len(req.token_ids))
         req.resume(RequestState.MIGRATING)
         asyncio.ensure_future(self._dispatch(req), loop=self.loop)
@@ -328,5 +358,5 @@ class Dispatcher:
             states[req.state.value] = states.get(req.state.value, 0) + 1
         return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, "sp": i.spec.sp, **self.fleet.describe(n),
                                   **self.instance_stats.get(n, {})}
-                              for n, i in self.instances.items()}, "requests": states,
+                              for n, i in self.instances.items() if n in self.fleet.records}, "requests": states,
                 "restarts": dict(self.fleet.restarts_by_role), "migrations": dict(self.migrations)}

@@ -1,7 +1,8 @@
 """The lifecycle of every instance: `SERVING -> DEAD -> RESTARTING -> SERVING`, or `FAILED` once its restarts are
-spent (and `STOPPED` at shutdown). It notices death (a poll or a rank ping that fails, a leader loop that stopped),
-kills what is left of a dead instance, relaunches it through the launcher with backoff, and tells the dispatcher
-when an instance leaves or rejoins service. Runs on the cluster's event loop; launches run in a thread."""
+spent; `SERVING -> DRAINING -> (removed)` when it is scaled down; `STOPPED` at shutdown. It notices death (a poll
+or a rank ping that fails, a leader loop that stopped), kills what is left of a dead instance, relaunches it
+through the launcher with backoff, and tells the dispatcher when an instance leaves or rejoins service. Runs on the
+cluster's event loop; launches run in a thread."""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +21,7 @@ PING_TIMEOUT_S = 10.0  # a rank that does not answer a ping for this long counts
 
 class InstanceState(enum.Enum):
     SERVING = "serving"
+    DRAINING = "draining"  # being removed (scaled down): no new requests, the ones it has finish or move
     DEAD = "dead"
     RESTARTING = "restarting"
     FAILED = "failed"  # dead, and no restart is left (or restarts are off)
@@ -51,7 +53,17 @@ class Fleet:
 
     # ------------------------------------------------------------------------------------------ queries
     def serving(self, name: str) -> bool:
-        return self.records[name].state is InstanceState.SERVING
+        record = self.records.get(name)
+        return record is not None and record.state is InstanceState.SERVING
+
+    def add(self, name: str, role: str) -> None:
+        self.records[name] = InstanceRecord(name, role, changed=time.monotonic())
+
+    def drain(self, name: str) -> None:
+        self._set(self.records[name], InstanceState.DRAINING)
+
+    def remove(self, name: str) -> None:
+        self.records.pop(name, None)
 
     def ready(self) -> bool:
         """Every role has a serving instance (what readiness reports)."""
@@ -79,15 +91,17 @@ class Fleet:
     def died(self, name: str, error: str, handle=None) -> None:
         """Reports an instance dead. `handle`: the one the failure was seen on; a failure of a predecessor that
         arrives after the relaunch is ignored."""
-        record = self.records[name]
-        if not self.running or record.state is not InstanceState.SERVING:
+        record = self.records.get(name)
+        if not self.running or record is None or record.state not in (InstanceState.SERVING, InstanceState.DRAINING):
             return
         if handle is not None and self.instances.get(name) is not handle:
             return
         log.error("instance %s is dead: %s", name, error)
+        draining = record.state is InstanceState.DRAINING
         self._set(record, InstanceState.DEAD, error)
         self.on_dead(name, error)
-        self._spawn(self._replace(record))
+        if not draining:  # one being scaled down is not relaunched: its removal completes
+            self._spawn(self._replace(record))
 
     def _set(self, record: InstanceRecord, state: InstanceState, error: str | None = None) -> None:
         record.state, record.changed = state, time.monotonic()
@@ -125,8 +139,9 @@ class Fleet:
         """Pings every rank of every serving instance: a killed follower is noticed even while its leader idles."""
         while self.running:
             await asyncio.sleep(self.config.health_interval_s)
+            live = (InstanceState.SERVING, InstanceState.DRAINING)
             checks = [self._ping(name, handle) for name, handle in list(self.instances.items())
-                      if self.serving(name)]
+                      if name in self.records and self.records[name].state in live]
             await asyncio.gather(*checks)
 
     async def _ping(self, name: str, handle) -> None:

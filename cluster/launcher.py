@@ -55,6 +55,7 @@ class InstanceHandle:
     spec: InstanceSpec
     actors: list
     placement_group: object
+    first_stats: dict | None = None  # the leader's stats right after a runtime launch
 
     @property
     def leader(self):
@@ -123,7 +124,7 @@ class Launcher:
         return ray
 
     @staticmethod
-    def _gpus_per_node(ray, free: bool) -> dict[str, float]:
+    def gpus_per_node(ray, free: bool) -> dict[str, float]:
         """GPUs (total, or free now) of each live node, by node IP; free counts are best effort."""
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if not free:
@@ -164,7 +165,7 @@ class Launcher:
             raise ValueError(
                 f"placement: the layout ({layout_summary(self.config)} ranks) needs {need} GPUs but the Ray cluster "
                 f"has {have}; {hint}. Check with `ray status`.")
-        per_node = self._gpus_per_node(ray, free=False)
+        per_node = self.gpus_per_node(ray, free=False)
         largest = max(per_node.values(), default=0)
         for spec in self._specs():
             if spec.world_size > largest:
@@ -175,15 +176,18 @@ class Launcher:
 
     def _specs(self) -> list[InstanceSpec]:
         c = self.config
-        specs = []
-        for role, section in (("prefill", c.prefill), ("decode", c.decode), ("colocated", c.colocated)):
-            # Decode must know the prefill SP degree: every SP rank pushes its own blocks over its own links.
-            extra = {"prefill": {"sp": c.prefill.sp, "sp_algorithm": c.prefill.sp_algorithm},
-                     "decode": {"prefill_sp": c.prefill.sp}}.get(role, {})
-            for i in range(section.instances):
-                specs.append(InstanceSpec(self.cluster_id, f"{role}-{i}", role, section.tp, self.model_dir,
-                                          c.dtype, c.device, c.engine, c.kv_transfer, **extra))
-        return specs
+        return [self.spec_for(role, i) for role, section in (("prefill", c.prefill), ("decode", c.decode),
+                                                            ("colocated", c.colocated))
+                for i in range(section.instances)]
+
+    def spec_for(self, role: str, index: int) -> InstanceSpec:
+        c = self.config
+        # Decode must know the prefill SP degree: every SP rank pushes its own blocks over its own links.
+        extra = {"prefill": {"sp": c.prefill.sp, "sp_algorithm": c.prefill.sp_algorithm},
+                 "decode": {"prefill_sp": c.prefill.sp}}.get(role, {})
+        tp = {"prefill": c.prefill.tp, "decode": c.decode.tp, "colocated": c.colocated.tp}[role]
+        return InstanceSpec(self.cluster_id, f"{role}-{index}", role, tp, self.model_dir, c.dtype, c.device,
+                            c.engine, c.kv_transfer, **extra)
 
     def _place(self, ray, spec: InstanceSpec) -> InstanceHandle:
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -199,7 +203,7 @@ class Launcher:
         except Exception:
             remove_placement_group(pg)
             placed = ", ".join(i.name for i in self.instances) or "none"
-            free = self._gpus_per_node(ray, free=True)
+            free = self.gpus_per_node(ray, free=True)
             raise ValueError(
                 f"placement: instance {spec.name} needs {spec.world_size} GPUs on one node (STRICT_PACK) and no node "
                 f"had them free within {timeout:.0f}s (free GPUs per node: {_format_nodes(free) or 'unknown'}; "
@@ -238,6 +242,38 @@ class Launcher:
             self._remove(ray, handle)
             raise
         return handle
+
+    def add_instance(self, role: str) -> InstanceHandle:
+        """Launches one more instance of `role` at runtime (placement group, ranks, process group, links to every
+        peer); blocking. ValueError, saying what is missing, when no node has the GPUs free."""
+        ray = _ray()
+        index = 1 + max((int(i.name.rsplit("-", 1)[1]) for i in self.instances if i.spec.role == role), default=-1)
+        spec = self.spec_for(role, index)
+        free = self.gpus_per_node(ray, free=True)
+        if free and max(free.values()) < spec.world_size:
+            raise ValueError(f"scale: a new {role} instance needs {spec.world_size} free GPUs on one node but the Ray "
+                             f"cluster has {_format_nodes(free)} free (GPUs per node); add GPUs or remove instances. "
+                             "Check with `ray status`.")
+        handle = self._place(ray, spec)
+        self.instances.append(handle)
+        try:
+            self._bring_up(ray, [handle])
+        except BaseException:
+            self._remove(ray, handle)
+            self.instances.remove(handle)
+            raise
+        return handle
+
+    def remove_instance(self, name: str) -> None:
+        """Stops one instance and frees its GPUs (its requests must be gone: drained or moved)."""
+        ray = _ray()
+        inst = next(i for i in self.instances if i.name == name)
+        try:
+            ray.get([a.call.remote("stop") for a in inst.actors], timeout=10)
+        except Exception:  # best effort: the actors are killed next
+            pass
+        self._remove(ray, inst)
+        self.instances.remove(inst)
 
     def stop_instance(self, name: str) -> None:
         """Kills what is left of a dead instance (its surviving ranks, its placement group)."""

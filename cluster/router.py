@@ -11,6 +11,23 @@ class Router:
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
         self.serving = set(prefill + decode + colocated)
 
+    def add(self, role: str, name: str) -> None:
+        """A new instance (scaled up at runtime), serving from now on."""
+        {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}[role].append(name)
+        if role in ("prefill", "colocated"):
+            self.pending_tokens[name] = 0
+        if role in ("decode", "colocated"):
+            self.free_blocks[name] = self.reserved_since_report[name] = 0
+        self.serving.add(name)
+
+    def remove(self, name: str) -> None:
+        for names in (self.prefill, self.decode, self.colocated):
+            if name in names:
+                names.remove(name)
+        for table in (self.pending_tokens, self.free_blocks, self.reserved_since_report):
+            table.pop(name, None)
+        self.serving.discard(name)
+
     def set_serving(self, name: str, serving: bool) -> None:
         """Out of service: never picked. Back in service: its load counts start afresh."""
         if serving:

@@ -1,8 +1,10 @@
-"""The RPCs of `splitserve.v1.InferenceService` (Generate, Abort, GetModelInfo, GetServerInfo) over a server's
-Cluster: admission by the server's readiness and drain state, streaming, final timing and usage, status codes."""
+"""The RPCs of `splitserve.v1.InferenceService` (Generate, Abort, GetModelInfo, GetServerInfo, Scale) over a
+server's Cluster: admission by the server's readiness and drain state, streaming, final timing and usage, status
+codes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from importlib import metadata
@@ -10,8 +12,11 @@ from importlib import metadata
 import grpc
 
 from splitserve.cluster.cluster import QueueFull
+from splitserve.cluster.scaling import NotEnoughDevices, ScaleError, ScaleInProgress
 from splitserve.cluster.server_validation import InvalidArgument, Malformed, parse_generate_request, validate_generate
 from splitserve.proto.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -46,6 +51,9 @@ class InferenceService:
             "GetServerInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
                 response_serializer=pb.ServerInfo.SerializeToString),
+            "Scale": grpc.unary_unary_rpc_method_handler(
+                self.Scale, request_deserializer=pb.ScaleRequest.FromString,
+                response_serializer=pb.ScaleResponse.SerializeToString),
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
@@ -171,6 +179,29 @@ class InferenceService:
         info.kv_usage = used / total if total else 0.0
         info.migrations = sum(stats.get("migrations", {}).values())
         return info
+
+
+    async def Scale(self, request: pb.ScaleRequest, context) -> pb.ScaleResponse:
+        await self._require_ready(context)
+        counts = {role: getattr(request, role) if request.HasField(role) else None
+                  for role in ("prefill", "decode", "colocated")}
+        drain = request.drain_timeout_s if request.HasField("drain_timeout_s") else 30.0
+        if not drain >= 0:
+            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, "drain_timeout_s: must be >= 0")
+        try:
+            result = await self.cluster.scale_async(drain_timeout_s=drain, **counts)
+        except NotEnoughDevices as e:
+            await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ScaleInProgress as e:
+            await self._fail(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except ScaleError as e:
+            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:  # a launch that failed: the cluster keeps the instances it had
+            log.error("scale failed: %r", e)
+            await self._fail(context, grpc.StatusCode.UNAVAILABLE, f"scale failed: {type(e).__name__}: {e}")
+        self.server.roles = self.cluster.roles()
+        return pb.ScaleResponse(added=result.added, removed=result.removed,
+                                roles=[pb.RoleSummary(role=r, instances=n) for r, n in result.instances.items()])
 
 
 def _timing(metrics: dict) -> pb.Timing:

@@ -61,6 +61,11 @@ def build_request(prompt: str | Sequence[int], *, stream: bool, request_id: str 
     return req
 
 
+def scale_request(prefill=None, decode=None, colocated=None, drain_timeout_s=None) -> pb.ScaleRequest:
+    fields = {"prefill": prefill, "decode": decode, "colocated": colocated, "drain_timeout_s": drain_timeout_s}
+    return pb.ScaleRequest(**{k: v for k, v in fields.items() if v is not None})
+
+
 def timing_dict(timing: pb.Timing) -> dict:
     return {name: (getattr(timing, name) if name in ("mean_itl_s", "decode_s") or timing.HasField(name) else None)
             for name in _TIMING_FIELDS}
@@ -159,6 +164,12 @@ class Client(_Base):
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout),
                                        metadata=self.metadata)
 
+    def scale(self, prefill: int | None = None, decode: int | None = None, colocated: int | None = None,
+              drain_timeout_s: float | None = None, timeout: float | None = None) -> pb.ScaleResponse:
+        """Sets the instance counts of the roles given (an admin call; slow: instances are launched or drained)."""
+        return self.stub.Scale(scale_request(prefill, decode, colocated, drain_timeout_s),
+                               timeout=self._timeout(timeout), metadata=self.metadata)
+
     def health(self, service: str = SERVICE_NAME, timeout: float | None = 5.0) -> str:
         """SERVING | NOT_SERVING | SERVICE_UNKNOWN ... (service "" = liveness, the API's name = readiness)."""
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -230,6 +241,11 @@ class AsyncClient(_Base):
     async def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
         return await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._timeout(timeout),
                                              metadata=self.metadata)
+
+    async def scale(self, prefill: int | None = None, decode: int | None = None, colocated: int | None = None,
+                    drain_timeout_s: float | None = None, timeout: float | None = None) -> pb.ScaleResponse:
+        return await self.stub.Scale(scale_request(prefill, decode, colocated, drain_timeout_s),
+                                     timeout=self._timeout(timeout), metadata=self.metadata)
 
     async def health(self, service: str = SERVICE_NAME, timeout: float | None = 5.0) -> str:
         resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

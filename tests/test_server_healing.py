@@ -122,3 +122,25 @@ def test_poison_requests_through_the_api(served):
         assert len(client.generate([9, 10, 11], max_tokens=6, temperature=0.0).token_ids) == 6
         assert client.health() == "SERVING"
     assert all(s["state"] == "serving" for s in cluster.stats()["instances"].values())
+
+
+def test_scale_through_the_api_and_the_command_line(served, capsys):
+    from splitserve.cluster.cli import main
+
+    cluster, server = served
+    with Client(server.target, timeout=300) as client:
+        for kwargs, code, start in [({"decode": -1}, grpc.StatusCode.INVALID_ARGUMENT, "decode: must be an integer"),
+                                    ({"prefill": 0}, grpc.StatusCode.INVALID_ARGUMENT, "prefill: at least one"),
+                                    ({"decode": 50}, grpc.StatusCode.RESOURCE_EXHAUSTED, "scale: the new instances")]:
+            with pytest.raises(grpc.RpcError) as err:
+                client.scale(**kwargs)
+            assert err.value.code() == code and err.value.details().startswith(start), err.value.details()
+        result = client.scale(decode=2)
+        assert list(result.added) == ["decode-1"] and {(r.role, r.instances) for r in result.roles} == {
+            ("prefill", 1), ("decode", 2)}
+        assert len(client.generate([4, 5, 6], max_tokens=5, temperature=0.0).token_ids) == 5
+    assert main(["scale", "--server", server.target, "--decode", "1", "--drain-timeout", "5"]) == 0
+    assert "removed: decode-1" in capsys.readouterr().out
+    with Client(server.target, timeout=30) as client:
+        assert {i.name for i in client.server_info().instances} == {"prefill-0", "decode-0"}
+    wait_for_idle(cluster)

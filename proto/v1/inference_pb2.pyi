@@ -225,3 +225,25 @@ class ServerInfo(_message.Message):
     kv_usage: float
     migrations: int
     def __init__(self, version: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., roles: _Optional[_Iterable[_Union[RoleSummary, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., max_queue_depth: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., kv_usage: _Optional[float] = ..., migrations: _Optional[int] = ...) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("prefill", "decode", "colocated", "drain_timeout_s")
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    COLOCATED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    prefill: int
+    decode: int
+    colocated: int
+    drain_timeout_s: float
+    def __init__(self, prefill: _Optional[int] = ..., decode: _Optional[int] = ..., colocated: _Optional[int] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+
+class ScaleResponse(_message.Message):
+    __slots__ = ("added", "removed", "roles")
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    roles: _containers.RepeatedCompositeFieldContainer[RoleSummary]
+    def __init__(self, added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., roles: _Optional[_Iterable[_Union[RoleSummary, _Mapping]]] = ...) -> None: ...

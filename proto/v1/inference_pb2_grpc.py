@@ -54,6 +54,11 @@ class InferenceServiceStub:
                 request_serializer=splitserve_dot_proto_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=splitserve_dot_proto_dot_v1_dot_inference__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/splitserve.v1.InferenceService/Scale',
+                request_serializer=splitserve_dot_proto_dot_v1_dot_inference__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=splitserve_dot_proto_dot_v1_dot_inference__pb2.ScaleResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -87,6 +92,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scale(self, request, context):
+        """Sets the number of instances of the roles given while serving (an admin call: authenticated like
+        the rest). New instances join once up; removed ones drain, then move what is left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=splitserve_dot_proto_dot_v1_dot_inference__pb2.GetServerInfoRequest.FromString,
                     response_serializer=splitserve_dot_proto_dot_v1_dot_inference__pb2.ServerInfo.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=splitserve_dot_proto_dot_v1_dot_inference__pb2.ScaleRequest.FromString,
+                    response_serializer=splitserve_dot_proto_dot_v1_dot_inference__pb2.ScaleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class InferenceService:
             '/splitserve.v1.InferenceService/GetServerInfo',
             splitserve_dot_proto_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
             splitserve_dot_proto_dot_v1_dot_inference__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.InferenceService/Scale',
+            splitserve_dot_proto_dot_v1_dot_inference__pb2.ScaleRequest.SerializeToString,
+            splitserve_dot_proto_dot_v1_dot_inference__pb2.ScaleResponse.FromString,
             options,
             channel_credentials,
             insecure,
