@@ -67,6 +67,24 @@ class Cluster:
         self.dispatcher = Dispatcher(self.instances, self.config, self.loop, self.launcher)
         self.scaler = Scaler(self.dispatcher, self.launcher, self.loop)
         self._on_loop_sync(self.dispatcher.start())
+        self.planner = self._start_planner() if self.config.online_planner is not None else None
+
+    def _start_planner(self):
+        from splitserve.cluster.online_planner import OnlinePlannerLoop
+
+        planner = OnlinePlannerLoop(self.config, self.model_dir, self.scaler, self.config.num_devices)
+        self.dispatcher.planner = planner
+
+        def counts():
+            names = self.scaler.counts()
+            return len(names["prefill"]), len(names["decode"])
+
+        def kv_tokens():
+            stats = [s for n, s in self.dispatcher.instance_stats.items() if n.startswith("decode-")]
+            return min((s["num_blocks"] for s in stats), default=1 << 20) * self.config.engine.block_size
+
+        self._planner_task = asyncio.run_coroutine_threadsafe(planner.run(counts, kv_tokens), self.loop)
+        return planner
 
     # ------------------------------------------------------------------------------------ public API
     def generate(self, prompts: str | Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -167,6 +185,9 @@ class Cluster:
         if not self._running:
             return
         self._running = False
+        if self.planner is not None:
+            self.planner.running = False
+            self._planner_task.cancel()
         try:
             self._on_loop_sync(self.dispatcher.stop("cluster shut down"), timeout=10)
         finally:

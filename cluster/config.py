@@ -136,6 +136,58 @@ class AutoPlacement:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class OnlinePlanner:
+    """`placement: {online: {...}}`: every `interval_s`, the planner takes the arrival rate and lengths observed over
+    `window_s`, simulates each (prefill, decode) instance count within the bounds for the current layouts, and
+    scales towards the cheapest that meets the SLOs; scaling down waits `down_intervals` agreeing intervals, and no
+    change follows another within `cooldown_s`."""
+
+    ttft_s: float = 1.0
+    tpot_s: float = 0.1
+    attainment: float = 0.9
+    interval_s: float = 10.0
+    window_s: float = 60.0
+    cooldown_s: float = 30.0
+    down_intervals: int = 3
+    min_requests: int = 20  # no decision on fewer requests observed in the window
+    min_prefill: int = 1
+    max_prefill: int = 4
+    min_decode: int = 1
+    max_decode: int = 4
+    hardware: str | None = None  # planner catalog name for the latency model; cpu with device: cpu
+    profile: str | None = None  # fitted latency profile JSON (`splitserve profile [--server]`)
+    requests: int = 300  # simulated requests per evaluation
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        for name in ("ttft_s", "tpot_s", "interval_s", "window_s", "cooldown_s"):
+            positive_float(f"{path}.{name}", getattr(self, name))
+        positive_float(f"{path}.attainment", self.attainment)
+        if self.attainment > 1:
+            raise ValueError(f"config: '{path}.attainment' must be <= 1, got {self.attainment}")
+        for name in ("down_intervals", "min_requests", "min_prefill", "min_decode", "requests"):
+            positive_int(f"{path}.{name}", getattr(self, name))
+        positive_int(f"{path}.seed", self.seed, 0)
+        for role in ("prefill", "decode"):
+            low, high = getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
+            if positive_int(f"{path}.max_{role}", high) < low:
+                raise ValueError(f"config: '{path}.max_{role}' ({high}) is below '{path}.min_{role}' ({low})")
+        for name in ("hardware", "profile"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"config: '{path}.{name}' must be a non-empty string, got {value!r}")
+
+
+def _online_planner(placement) -> OnlinePlanner | None:
+    if not isinstance(placement, dict) or not placement.get("online"):
+        return None
+    options = placement["online"]
+    online = OnlinePlanner() if options is True else _build(OnlinePlanner, options, "placement.online")
+    online.validate("placement.online")
+    return online
+
+
 def _auto_placement(placement) -> AutoPlacement | None:
     if placement == "auto":
         return AutoPlacement()
@@ -179,6 +231,10 @@ class ClusterConfig:
         if self.placement is not None and not isinstance(self.placement, dict) and self.placement != "auto":
             raise ValueError(f"config: 'placement' must be 'auto' or a mapping, got {self.placement!r}")
         object.__setattr__(self, "_auto", _auto_placement(self.placement))
+        object.__setattr__(self, "_online", _online_planner(self.placement))
+        if self._online is not None and self.colocated.instances:
+            raise ValueError("config: 'placement.online' scales prefill and decode instances; this layout is "
+                             "colocated")
         disaggregated = self.prefill.instances > 0 or self.decode.instances > 0
         if disaggregated and (self.prefill.instances == 0 or self.decode.instances == 0):
             raise ValueError("config: 'prefill.instances' and 'decode.instances' must both be > 0 "
@@ -193,6 +249,11 @@ class ClusterConfig:
     def auto_placement(self) -> AutoPlacement | None:
         """The planner's options when the layout is to be planned at start-up."""
         return self._auto
+
+    @property
+    def online_planner(self) -> OnlinePlanner | None:
+        """The online planner's options, when it is on."""
+        return self._online
 
     @property
     def num_devices(self) -> int:

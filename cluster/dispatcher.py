@@ -55,8 +55,15 @@ class Dispatcher:
         self.migrations: dict[str, int] = {}  # reason -> requests moved off a failed instance
         self.running = False
         self._pollers: dict[str, asyncio.Task] = {}
+        self.planner = None  # the online planner, when on: it observes arrivals and finished requests
+
+    def _observe_finished(self, req: Request) -> None:
+        if self.planner is not None and req.state is RequestState.FINISHED:
+            self.planner.observed.finished(time.monotonic(), len(req.prompt_ids), len(req.token_ids))
 
     def add(self, req: Request) -> None:
+        if self.planner is not None:
+            self.planner.observed.arrived(time.monotonic())
         self.by_id[req.request_id] = req
         asyncio.ensure_future(self._dispatch(req), loop=self.loop)
 
@@ -304,6 +311,7 @@ class Dispatcher:
             if from_prefill:
                 self._tell(req.decode, "abort", req.request_id, req.attempt)  # its reservation
         if req.state.final:
+            self._observe_finished(req)
             self._forget(req)
 
     def _on_failure(self, req: Request, error: str) -> None:
@@ -359,4 +367,5 @@ class Dispatcher:
         return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, "sp": i.spec.sp, **self.fleet.describe(n),
                                   **self.instance_stats.get(n, {})}
                               for n, i in self.instances.items() if n in self.fleet.records}, "requests": states,
-                "restarts": dict(self.fleet.restarts_by_role), "migrations": dict(self.migrations)}
+                "restarts": dict(self.fleet.restarts_by_role), "migrations": dict(self.migrations),
+                **({"planner": self.planner.stats()} if self.planner is not None else {})}

@@ -83,6 +83,26 @@ class _ClusterStateCollector:
         yield instances
         yield restarts
         yield migrations
+        yield from self._planner(snap.get("planner") if snap else None)
+
+    def _planner(self, planner: dict | None):
+        """The online planner's last decision: observed rate, target counts, predicted attainment per candidate."""
+        if planner is None:
+            return
+        rate = GaugeMetricFamily("splitserve_planner_observed_rate", "Arrival rate the planner observed (req/s)",
+                                 labels=("model_name",))
+        rate.add_metric([self.model_name], planner["observed_rate"])
+        target = GaugeMetricFamily("splitserve_planner_target_instances", "Instances the planner aims for, by role",
+                                   labels=("model_name", "role"))
+        for role, n in sorted(planner["target"].items()):
+            target.add_metric([self.model_name, role], n)
+        predicted = GaugeMetricFamily("splitserve_planner_predicted_attainment", "Simulated SLO attainment of each "
+                                      "candidate (prefill, decode) count", labels=("model_name", "candidate"))
+        for candidate, value in sorted(planner["predicted"].items()):
+            predicted.add_metric([self.model_name, candidate], value)
+        yield rate
+        yield target
+        yield predicted
 
 
 class ServerMetrics:
