@@ -73,8 +73,13 @@ class RayConfig:
     # Each rank also asks for one unit of the custom resource `splitserve_<role>` (prefill, decode, colocated), so
     # an instance lands only on nodes that advertise its role (`ray start --resources`; the Helm chart does).
     role_resources: bool = False
+    # The Ray cluster grows on demand (KubeRay's autoscaler): a scale request waits for new nodes (up to
+    # placement_timeout_s) instead of being refused for want of free GPUs.
+    autoscaler: bool = False
 
     def validate(self, path: str) -> None:
+        if not isinstance(self.autoscaler, bool):
+            raise ValueError(f"config: '{path}.autoscaler' must be true or false, got {self.autoscaler!r}")
         if not isinstance(self.role_resources, bool):
             raise ValueError(f"config: '{path}.role_resources' must be true or false, got {self.role_resources!r}")
         if self.num_cpus is not None:

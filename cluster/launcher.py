@@ -249,7 +249,7 @@ class Launcher:
         ray = _ray()
         index = 1 + max((int(i.name.rsplit("-", 1)[1]) for i in self.instances if i.spec.role == role), default=-1)
         spec = self.spec_for(role, index)
-        free = self.gpus_per_node(ray, free=True)
+        free = {} if self.config.ray.autoscaler else self.gpus_per_node(ray, free=True)
         if free and max(free.values()) < spec.world_size:
             raise ValueError(f"scale: a new {role} instance needs {spec.world_size} free GPUs on one node but the Ray "
                              f"cluster has {_format_nodes(free)} free (GPUs per node); add GPUs or remove instances. "

@@ -68,7 +68,7 @@ class Scaler:
         current = self.counts()
         need = sum(max(0, n - len(current[role])) * self.launcher.spec_for(role, 0).world_size
                    for role, n in wanted.items())
-        if not need:
+        if not need or self.launcher.config.ray.autoscaler:  # the autoscaler adds the nodes the launch waits for
             return
         free = self.launcher.gpus_per_node(self.launcher.init_ray(), free=True)
         if free and sum(free.values()) < need:

@@ -3,6 +3,7 @@ every core object validates against the Kubernetes schemas, the generated config
 the fields a deployment depends on (GPUs per pod, probes, security, network policy, secrets) are asserted."""
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,11 @@ LAYOUTS = {
         "decode": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["l40s"]}]}]}}}},
     },
+    "autoscaling": {"prefill": {"replicas": 1, "tp": 2}, "decode": {"replicas": 2},
+                    "autoscaling": {"enabled": True, "prefill": {"minReplicas": 1, "maxReplicas": 3},
+                                    "decode": {"minReplicas": 1, "maxReplicas": 6}, "idleTimeoutSeconds": 90,
+                                    "planner": {"ttft_s": 0.5, "tpot_s": 0.05, "interval_s": 15}},
+                    "config": {"fault_tolerance": {"max_restarts": 2}}},
     "restricted-clients": {"networkPolicy": {"clients": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]}},
 }
 
@@ -148,7 +154,9 @@ def test_gpus_and_replicas_follow_the_layout(chart, rendered, layout):
                 "decode": (values["decode"]["replicas"], values["decode"]["tp"])}
     for name, (replicas, gpus) in expected.items():
         group = groups[name]
-        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
+        assert group["replicas"] == replicas
+        if not values["autoscaling"]["enabled"]:  # the autoscaling layout has its own test
+            assert group["minReplicas"] == group["maxReplicas"] == replicas
         assert group["rayStartParams"]["num-gpus"] == str(gpus)
         # the role resource the launcher asks for (ray.role_resources), as `ray start --resources` reads it
         resources = group["rayStartParams"]["resources"]
@@ -427,6 +435,40 @@ def test_values_that_break_the_schema_are_rejected(chart, values, where):
     with pytest.raises(helm.HelmValuesError) as info:
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
     assert where in str(info.value)
+
+
+def test_autoscaling_lets_kuberay_add_pods_for_the_planners_instances(rendered):
+    rc = one(rendered["autoscaling"], "RayCluster")
+    assert rc["spec"]["enableInTreeAutoscaling"] is True
+    assert rc["spec"]["autoscalerOptions"] == {"upscalingMode": "Default", "idleTimeoutSeconds": 90}
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    assert (groups["prefill"]["minReplicas"], groups["prefill"]["replicas"], groups["prefill"]["maxReplicas"]) == (1, 1, 3)
+    assert (groups["decode"]["minReplicas"], groups["decode"]["replicas"], groups["decode"]["maxReplicas"]) == (1, 2, 6)
+    # New pods advertise their role, so a pending instance's placement group asks for a pod of that group.
+    assert groups["prefill"]["rayStartParams"]["resources"] == "'{\"splitserve_prefill\": 2}'"
+    config_map = one(rendered["autoscaling"], "ConfigMap")
+    cfg = cluster_config.config_from_dict(yaml.safe_load(config_map["data"]["config.yaml"]))
+    online = cfg.online_planner
+    assert (online.min_prefill, online.max_prefill, online.min_decode, online.max_decode) == (1, 3, 1, 6)
+    assert (online.ttft_s, online.tpot_s, online.interval_s) == (0.5, 0.05, 15)
+    assert cfg.ray.autoscaler and cfg.ray.role_resources and cfg.fault_tolerance.max_restarts == 2
+    # Without autoscaling the groups are fixed and no planner runs.
+    fixed = one(rendered["default"], "RayCluster")
+    assert all(g["minReplicas"] == g["replicas"] == g["maxReplicas"] for g in fixed["spec"]["workerGroupSpecs"])
+    default_cfg = yaml.safe_load(one(rendered["default"], "ConfigMap")["data"]["config.yaml"])
+    assert "placement" not in default_cfg and default_cfg["ray"]["autoscaler"] is False
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"autoscaling": {"enabled": True, "prefill": {"minReplicas": 3, "maxReplicas": 2},
+                      "decode": {"minReplicas": 1, "maxReplicas": 2}}}, "minReplicas (3) is above maxReplicas (2)"),
+    ({"decode": {"replicas": 5}, "autoscaling": {"enabled": True, "prefill": {"minReplicas": 1, "maxReplicas": 2},
+                                                 "decode": {"minReplicas": 1, "maxReplicas": 4}}},
+     "decode.replicas (5) must lie within autoscaling.decode [1, 4]"),
+])
+def test_autoscaling_bounds_that_cannot_be_are_refused(chart, values, message):
+    with pytest.raises(Exception, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
 def test_schema_enums_match_the_cluster_config():

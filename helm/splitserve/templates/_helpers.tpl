@@ -63,8 +63,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $c := .Values.config }}
 {{- $prefill := dict "instances" (int .Values.prefill.replicas) "tp" (int .Values.prefill.tp) "sp" (int .Values.prefill.sp) "sp_algorithm" .Values.prefill.spAlgorithm }}
 {{- $decode := dict "instances" (int .Values.decode.replicas) "tp" (int .Values.decode.tp) }}
-{{- $ray := merge (dict "address" "auto" "role_resources" true) (deepCopy $c.ray) }}
+{{- $auto := .Values.autoscaling | default dict }}
+{{- $ray := merge (dict "address" "auto" "role_resources" true "autoscaler" ($auto.enabled | default false)) (deepCopy $c.ray) }}
 {{- $cfg := dict "model" (include "splitserve.modelPath" .) "dtype" $c.dtype "device" $c.device "prefill" $prefill "decode" $decode "engine" $c.engine "kv_transfer" $c.kv_transfer "ray" $ray "max_queued_requests" (int $c.max_queued_requests) }}
+{{- with $c.fault_tolerance }}{{- $_ := set $cfg "fault_tolerance" . }}{{- end }}
+{{- with $c.max_prompt_bytes }}{{- $_ := set $cfg "max_prompt_bytes" (int .) }}{{- end }}
+{{- if $auto.enabled }}
+{{- $bounds := dict "min_prefill" (int $auto.prefill.minReplicas) "max_prefill" (int $auto.prefill.maxReplicas) "min_decode" (int $auto.decode.minReplicas) "max_decode" (int $auto.decode.maxReplicas) }}
+{{- $_ := set $cfg "placement" (dict "online" (merge $bounds (deepCopy ($auto.planner | default dict)))) }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
@@ -192,12 +199,32 @@ affinity:
 {{- end }}
 
 {{/* A Ray worker group: {root, name, values, gpus}. One pod hosts one instance. */}}
+{{/* A worker group's pod bounds: fixed at its replicas, or autoscaling's bounds around them when enabled. */}}
+{{- define "splitserve.replicaBounds" -}}
+{{- $auto := .root.Values.autoscaling | default dict }}
+{{- if $auto.enabled }}
+{{- $b := index $auto .name }}
+{{- if gt (int $b.minReplicas) (int $b.maxReplicas) }}
+{{- fail (printf "autoscaling.%s: minReplicas (%d) is above maxReplicas (%d)" .name (int $b.minReplicas) (int $b.maxReplicas)) }}
+{{- end }}
+{{- if or (lt (int .values.replicas) (int $b.minReplicas)) (gt (int .values.replicas) (int $b.maxReplicas)) }}
+{{- fail (printf "%s.replicas (%d) must lie within autoscaling.%s [%d, %d]" .name (int .values.replicas) .name (int $b.minReplicas) (int $b.maxReplicas)) }}
+{{- end }}
+min: {{ int $b.minReplicas }}
+max: {{ int $b.maxReplicas }}
+{{- else }}
+min: {{ int .values.replicas }}
+max: {{ int .values.replicas }}
+{{- end }}
+{{- end }}
+
 {{- define "splitserve.workerGroup" -}}
 {{- $root := .root -}}
+{{- $bounds := include "splitserve.replicaBounds" (dict "root" $root "name" .name "values" .values) | fromYaml }}
 - groupName: {{ .name }}
   replicas: {{ int .values.replicas }}
-  minReplicas: {{ int .values.replicas }}
-  maxReplicas: {{ int .values.replicas }}
+  minReplicas: {{ $bounds.min }}
+  maxReplicas: {{ $bounds.max }}
   rayStartParams:
     {{- /* splitserve_<group>: the launcher (ray.role_resources) places only this role's instances here */}}
     {{- $roleResources := printf "'{\"splitserve_%s\": %d}'" .name (int .gpus) }}
