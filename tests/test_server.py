@@ -318,7 +318,8 @@ def test_reflection_lists_the_service(server):
         db = ProtoReflectionDescriptorDatabase(channel)
         assert SERVICE_NAME in db.get_services()
         service = db.FindFileContainingSymbol(SERVICE_NAME)
-        assert {m.name for m in service.service[0].method} == {"Generate", "Abort", "GetModelInfo", "GetServerInfo"}
+        assert {m.name for m in service.service[0].method} == {"Generate", "Abort", "GetModelInfo", "GetServerInfo",
+                                                               "Scale"}
 
 
 # ------------------------------------------------------------------------------------------- auth, TLS
