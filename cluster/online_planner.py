@@ -115,9 +115,12 @@ class OnlinePlannerLoop:
 
     def decide(self, now: float, current: tuple[int, int], kv_tokens: int) -> Decision | None:
         rate, lengths = self.observed.snapshot(now)
-        if len(lengths) < self.options.min_requests or rate <= 0:
-            return None
-        target, predicted = self.choose(rate, lengths, kv_tokens)
+        if rate == 0:  # nothing arrived for a whole window: the fewest instances will do
+            target, predicted = (self.options.min_prefill, self.options.min_decode), {}
+        elif len(lengths) < self.options.min_requests:
+            return None  # too little seen to simulate
+        else:
+            target, predicted = self.choose(rate, lengths, kv_tokens)
         decision = Decision(now, rate, current, target, predicted)
         # Only a change that removes instances and adds none waits for agreement; anything that adds acts at once.
         down = target[0] <= current[0] and target[1] <= current[1] and target != current

@@ -36,8 +36,8 @@ def ckpt(tmp_path_factory):
 def planner_options(tmp_path_factory):
     path = tmp_path_factory.mktemp("profile") / "profile.json"
     path.write_text(json.dumps(PROFILE))
-    return {"ttft_s": 1.0, "tpot_s": 0.06, "attainment": 0.9, "interval_s": 1.0, "window_s": 3.0,
-            "cooldown_s": 2.0, "down_intervals": 2, "min_requests": 5, "max_prefill": 1, "max_decode": 2,
+    return {"ttft_s": 1.0, "tpot_s": 0.06, "attainment": 0.9, "interval_s": 1.0, "window_s": 4.0,
+            "cooldown_s": 2.0, "down_intervals": 2, "min_requests": 3, "max_prefill": 1, "max_decode": 2,
             "profile": str(path), "requests": 200}
 
 
@@ -86,6 +86,11 @@ def test_down_scaling_waits_for_agreement_and_cooldown(ckpt, planner_options):
     planner.observed.arrivals.extend([now] * 40)
     assert planner.decide(now + 1, (1, 1), 1 << 20).action == "cooldown"  # up again, but within the cooldown
     assert planner.decide(now + 3, (1, 1), 1 << 20).action == "scale"
+    # A window without arrivals: down to the minimum, once the intervals agree.
+    idle = now + 100
+    assert planner.decide(idle, (1, 2), 1 << 20).action == "wait"
+    decision = planner.decide(idle, (1, 2), 1 << 20)
+    assert (decision.target, decision.action) == ((1, 1), "scale")
 
 
 def test_step_change_of_load_scales_decode_up_then_down(ray_runtime, ckpt, planner_options):
