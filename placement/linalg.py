@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 
@@ -42,3 +43,28 @@ def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> 
     moment = [sum(r[i] * y for r, y in zip(scaled, targets)) for i in range(k)]
     x = solve(normal, moment)
     return [x[j] / scale[j] for j in range(k)]
+
+
+def nonnegative_least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+    """Least squares with every coefficient >= 0, for the few coefficients of a latency fit: the best of the
+    unconstrained fits over each subset of columns (the others held at 0) whose coefficients are all >= 0. A time
+    model with a negative term would predict negative times on shapes outside the measured ones."""
+    k = len(rows[0]) if rows else 0
+    best, best_error = None, math.inf
+    for mask in range(1, 1 << k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        try:
+            sub = least_squares([[row[j] for j in cols] for row in rows], targets)
+        except ValueError:
+            continue
+        if min(sub) < 0:
+            continue
+        x = [0.0] * k
+        for j, v in zip(cols, sub):
+            x[j] = v
+        error = sum((sum(r[j] * x[j] for j in range(k)) - y) ** 2 for r, y in zip(rows, targets))
+        if error < best_error:
+            best, best_error = x, error
+    if best is None:
+        raise ValueError("samples: no fit with non-negative coefficients (are the measured times positive?)")
+    return best

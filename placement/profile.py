@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from splitserve.placement.latency import LatencyModel
-from splitserve.placement.linalg import least_squares
+from splitserve.placement.linalg import nonnegative_least_squares
 from splitserve.placement.parallel import Parallel
 
 FORMAT = "splitserve-profile/1"
@@ -50,13 +50,13 @@ def _prefill_features(lengths: Sequence[int], prefixes: Sequence[int] | None) ->
 def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Coefficients:
     """samples: (prompt lengths of one batch, measured seconds)."""
     rows = [_prefill_features(lengths, None) for lengths, _ in samples]
-    return Coefficients(*least_squares(rows, [t for _, t in samples]))
+    return Coefficients(*nonnegative_least_squares(rows, [t for _, t in samples]))
 
 
 def fit_decode(samples: Sequence[tuple[int, int, float]]) -> Coefficients:
     """samples: (batch size, total context tokens, measured seconds per step)."""
     rows = [[1.0, float(ctx), float(batch)] for batch, ctx, _ in samples]
-    return Coefficients(*least_squares(rows, [t for _, _, t in samples]))
+    return Coefficients(*nonnegative_least_squares(rows, [t for _, _, t in samples]))
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,16 @@ def test_planner_imports_neither_torch_nor_ray():
             "print(sorted({'torch', 'ray'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_fits_never_give_negative_coefficients():
+    """Noisy decode steps that a free fit would explain with a negative per-sequence cost (seen on this machine:
+    c = -0.05 ms) are fitted with that term at 0, so no shape can get a negative or zero-capacity time."""
+    samples = [(1, 32, 0.0102), (4, 128, 0.0101), (4, 512, 0.0112), (8, 256, 0.0100), (2, 1024, 0.0125)]
+    from splitserve.placement.linalg import least_squares as free_fit
+
+    free = free_fit([[1.0, float(c), float(b)] for b, c, _ in samples], [t for *_, t in samples])
+    assert min(free) < 0  # the unconstrained fit goes negative on these points
+    k = fit_decode(samples)
+    assert min(k.a, k.b, k.c) >= 0 and k.c == 0.0
+    assert all(k.a + k.b * c + k.c * b > 0 for b, c, _ in samples)
