@@ -31,6 +31,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (default 9400)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API on this port (same host and token as gRPC)")
     p.add_argument("--address", default=None,
                    help="attach to a running Ray cluster (auto, ray://host:port, or host:port); "
                         "default: $RAY_ADDRESS, else the config's ray.address, else start a local Ray")
@@ -60,14 +62,16 @@ def run_serve(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServerOptions(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
                             auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                            drain_timeout_s=args.drain_timeout)
+                            drain_timeout_s=args.drain_timeout, http_port=args.http_port)
     config = _server_config(args)
 
     def ready(server):
         layout = ", ".join(f"{n} (tp{i.spec.tp}" + (f" sp{i.spec.sp})" if i.spec.sp > 1 else ")")
                            for n, i in server.cluster.instances.items())
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
-        print(f"splitserve: ready on {options.host}:{server.port}{metrics}: {layout}", file=sys.stderr, flush=True)
+        http = f", OpenAI HTTP on :{server.http_port}" if server.http_port else ""
+        print(f"splitserve: ready on {options.host}:{server.port}{metrics}{http}: {layout}", file=sys.stderr,
+              flush=True)
 
     asyncio.run(serve(config, options, on_ready=ready))
     print("splitserve: stopped", file=sys.stderr, flush=True)

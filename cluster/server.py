@@ -17,6 +17,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,10 @@ class ServerOptions:
     tls_cert: str | None = None      # PEM files; both or neither
     tls_key: str | None = None
     drain_timeout_s: float = 30.0
+    http_port: int | None = None     # the OpenAI-compatible HTTP API (same host and token); 0 picks a free port
 
     def __post_init__(self):
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536):
                 raise ValueError(f"{name}: must be a port number in [0, 65535], got {value!r}")
@@ -86,6 +88,9 @@ class InferenceServer:
         self.service = InferenceService(self)
         self._stopped = asyncio.Event()
         self._readiness: asyncio.Task | None = None
+        self.http = None  # the uvicorn server of the OpenAI-compatible API
+        self.http_port: int | None = None
+        self.started = time.time()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
 
@@ -117,7 +122,21 @@ class InferenceServer:
             raise OSError(f"port: cannot listen on {address} (in use?)")
         await self.server.start()
         log.info("listening on %s:%d (%s)", opts.host, self.port, "TLS" if opts.tls_cert else "plaintext")
+        if opts.http_port is not None:
+            await self._start_http(opts)
         return self.port
+
+    async def _start_http(self, opts: ServerOptions) -> None:
+        from splitserve.cluster.openai_api import create_app, embedded_uvicorn
+
+        self.http = embedded_uvicorn(create_app(self), opts.host, opts.http_port)
+        self._http_task = asyncio.ensure_future(self.http.serve())
+        while not self.http.started:
+            if self._http_task.done():  # it could not bind
+                raise OSError(f"http_port: cannot listen on {opts.host}:{opts.http_port}")
+            await asyncio.sleep(0.01)
+        self.http_port = self.http.servers[0].sockets[0].getsockname()[1]
+        log.info("OpenAI-compatible HTTP API on %s:%d", opts.host, self.http_port)
 
     async def load(self) -> None:
         """Starts the cluster (unless one was given), then reports ready."""
@@ -172,6 +191,9 @@ class InferenceServer:
         if self._readiness is not None:
             self._readiness.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.should_exit = True
+            await asyncio.wait([self._http_task], timeout=5)
         if self.server is not None:
             await self.server.stop(grace=2)
         if self.metrics is not None:
@@ -279,6 +301,10 @@ class BackgroundServer:
     @property
     def metrics_port(self) -> int | None:
         return self.server.metrics_port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.server.http_port
 
     @property
     def active_requests(self) -> int:

@@ -1,0 +1,110 @@
+"""The OpenAI-compatible HTTP API with the official `openai` client and plain HTTP, on 127.0.0.1, over a real 1P1D
+cluster: completions (streamed and not) equal the gRPC path's output; errors in OpenAI's shape and statuses; the
+token; a client that leaves mid-stream frees its KV; health and model listing."""
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cluster_helpers import config, wait_for_idle, write_checkpoint
+from splitserve.cluster.cluster import Cluster
+from splitserve.cluster.server import BackgroundServer, ServerOptions
+from splitserve.proto.client import Client
+
+openai = pytest.importorskip("openai")
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def served(ray_runtime, tmp_path_factory):
+    ckpt = write_checkpoint("llama", tmp_path_factory.mktemp("llama"), seed=61)
+    options = ServerOptions(port=0, http_port=0, metrics_port=0, auth_token=TOKEN)
+    with Cluster(config(ckpt)) as cluster, BackgroundServer(options=options, cluster=cluster).start() as server:
+        yield cluster, server
+
+
+@pytest.fixture
+def client(served):
+    _, server = served
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=TOKEN, max_retries=0,
+                         timeout=60)
+
+
+def _http(served, method, path, body=None, token=TOKEN):
+    _, server = served
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"content-type": "application/json",
+                                              **({"authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_health(served, client):
+    cluster, server = served
+    assert [m.id for m in client.models.list().data] == [server.server.model_name]
+    assert _http(served, "GET", "/health", token=None) == (200, {"status": "ok"})
+
+
+def test_completions_equal_the_grpc_path(served, client):
+    _, server = served
+    prompt = [5, 17, 42, 99, 7, 3]
+    with Client(server.target, token=TOKEN, timeout=60) as grpc_client:
+        reference = grpc_client.generate(prompt, max_tokens=12, min_tokens=12, temperature=0.0)
+    out = client.completions.create(model=server.server.model_name, prompt=prompt, max_tokens=12, temperature=0.0,
+                                    extra_body={"min_tokens": 12})
+    assert out.choices[0].text == reference.text and out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (6, 12)
+    stream = client.completions.create(model=server.server.model_name, prompt=prompt, max_tokens=12, temperature=0.0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"min_tokens": 12})
+    events = list(stream)
+    assert "".join(e.choices[0].text for e in events if e.choices) == reference.text
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == "length"
+    assert events[-1].usage.completion_tokens == 12 and not events[-1].choices
+    text = client.completions.create(model=server.server.model_name, prompt="hello there", max_tokens=4,
+                                     temperature=0.0)
+    assert text.usage.prompt_tokens > 0 and text.usage.completion_tokens <= 4
+
+
+@pytest.mark.parametrize("body, status, param, kind", [
+    ({"prompt": [1, 2], "max_tokens": 0}, 400, "max_tokens", "invalid_request_error"),
+    ({"prompt": [1, 2], "temperature": -1}, 400, "temperature", "invalid_request_error"),
+    ({"prompt": [1, 999999]}, 400, "prompt", "invalid_request_error"),
+    ({"prompt": ["a", "b"]}, 400, "prompt", "invalid_request_error"),
+    ({"prompt": [1, 2], "n": 2}, 400, "n", "invalid_request_error"),
+    ({"prompt": [1, 2], "logit_bias": {"5": 1}}, 400, "logit_bias", "invalid_request_error"),
+    ({"prompt": [1, 2], "model": "gpt-4"}, 404, "model", "invalid_request_error"),
+])
+def test_errors_take_openais_shape(served, body, status, param, kind):
+    code, reply = _http(served, "POST", "/v1/completions", body)
+    assert code == status, reply
+    assert set(reply["error"]) == {"message", "type", "param", "code"}
+    assert reply["error"]["param"] == param and reply["error"]["type"] == kind
+
+
+def test_token_is_required(served):
+    for token in (None, "wrong"):
+        code, reply = _http(served, "POST", "/v1/completions", {"prompt": [1, 2]}, token=token)
+        assert code == 401 and reply["error"]["code"] == "invalid_api_key"
+    assert _http(served, "GET", "/v1/models", token=None)[0] == 401
+
+
+def test_client_leaving_mid_stream_aborts_the_request(served, client):
+    cluster, server = served
+    stream = client.completions.create(model=server.server.model_name, prompt=[9, 8, 7], max_tokens=400,
+                                       temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 20
+    while cluster.num_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster.num_requests == 0
+    wait_for_idle(cluster)
