@@ -23,6 +23,17 @@ def workload(n: int, seed: int = 0, vocab: int = 512):
     return prompts, params
 
 
+def streaming_load(model_dir, n: int = 20, seed: int = 5, prompt_step: int = 7, output_step: int = 3):
+    """n greedy requests with long outputs (so an event during the load lands mid-decode) and their transformers
+    references; min_tokens = max_tokens masks eos as transformers' reference (min_new_tokens) does."""
+    from hf_checkpoints import random_prompts
+
+    prompts = random_prompts([5 + prompt_step * i for i in range(n)], seed=seed)
+    params = [SamplingParams(temperature=0.0, max_tokens=120 + output_step * i, min_tokens=120 + output_step * i)
+              for i in range(n)]
+    return prompts, params, references(model_dir, prompts, params)
+
+
 def references(model_dir, prompts, params) -> list[list[int]]:
     hf = hf_model(model_dir)
     return [hf_greedy(hf, p, sp.max_tokens) for p, sp in zip(prompts, params)]
@@ -42,4 +53,4 @@ def wait_for_idle(cluster, timeout: float = 20.0) -> dict:
         time.sleep(0.1)
 
 
-__all__ = ["config", "references", "wait_for_idle", "workload", "write_checkpoint"]
+__all__ = ["config", "references", "streaming_load", "wait_for_idle", "workload", "write_checkpoint"]

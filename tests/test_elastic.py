@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from cluster_helpers import config, references, wait_for_idle, write_checkpoint
-from hf_checkpoints import random_prompts
+from cluster_helpers import config, streaming_load, wait_for_idle, write_checkpoint
 from splitserve.cluster.cluster import Cluster
 from splitserve.cluster.scaling import NotEnoughDevices, ScaleError
 from splitserve.workers.sampling_params import SamplingParams
@@ -20,9 +19,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load(ckpt):
-    prompts = random_prompts([6 + 9 * i for i in range(20)], seed=6)
-    params = [SamplingParams(temperature=0.0, max_tokens=120 + 4 * i, min_tokens=120 + 4 * i) for i in range(20)]
-    return prompts, params, references(ckpt, prompts, params)
+    return streaming_load(ckpt, seed=6, prompt_step=9, output_step=4)
 
 
 def _while_streaming(cluster, prompts, params, action):

@@ -442,8 +442,8 @@ def test_autoscaling_lets_kuberay_add_pods_for_the_planners_instances(rendered):
     assert rc["spec"]["enableInTreeAutoscaling"] is True
     assert rc["spec"]["autoscalerOptions"] == {"upscalingMode": "Default", "idleTimeoutSeconds": 90}
     groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
-    assert (groups["prefill"]["minReplicas"], groups["prefill"]["replicas"], groups["prefill"]["maxReplicas"]) == (1, 1, 3)
-    assert (groups["decode"]["minReplicas"], groups["decode"]["replicas"], groups["decode"]["maxReplicas"]) == (1, 2, 6)
+    bounds = {name: (g["minReplicas"], g["replicas"], g["maxReplicas"]) for name, g in groups.items()}
+    assert bounds == {"prefill": (1, 1, 3), "decode": (1, 2, 6)}
     # New pods advertise their role, so a pending instance's placement group asks for a pod of that group.
     assert groups["prefill"]["rayStartParams"]["resources"] == "'{\"splitserve_prefill\": 2}'"
     config_map = one(rendered["autoscaling"], "ConfigMap")

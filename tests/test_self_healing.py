@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster_helpers import config, references, wait_for_idle, write_checkpoint
+from cluster_helpers import config, references, streaming_load, wait_for_idle, write_checkpoint
 from hf_checkpoints import random_prompts
 from splitserve.cluster.cluster import Cluster
 from splitserve.workers.sampling_params import SamplingParams
@@ -24,11 +24,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def load(ckpt):
-    """20 greedy requests with long outputs (so a kill lands mid-decode) and their transformers references."""
-    prompts = random_prompts([5 + 7 * i for i in range(20)], seed=5)
-    # min_tokens = max_tokens masks eos as transformers' reference (min_new_tokens) does.
-    params = [SamplingParams(temperature=0.0, max_tokens=120 + 3 * i, min_tokens=120 + 3 * i) for i in range(20)]
-    return prompts, params, references(ckpt, prompts, params)
+    return streaming_load(ckpt)
 
 
 def _kill(cluster, instance: str, rank: int) -> None:
