@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,7 +34,6 @@ class InstanceRecord:
     state: InstanceState = InstanceState.SERVING
     restarts: int = 0
     last_error: str | None = None
-    changed: float = 0.0  # time.monotonic() of the last state change
 
 
 class Fleet:
@@ -45,8 +43,7 @@ class Fleet:
         self.instances, self.config, self.loop = instances, config, loop
         self.relaunch, self.stop_instance = relaunch, stop_instance
         self.on_dead, self.on_serving = on_dead, on_serving
-        now = time.monotonic()
-        self.records = {name: InstanceRecord(name, inst.spec.role, changed=now) for name, inst in instances.items()}
+        self.records = {name: InstanceRecord(name, inst.spec.role) for name, inst in instances.items()}
         self.restarts_by_role: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self.running = False
@@ -57,7 +54,7 @@ class Fleet:
         return record is not None and record.state is InstanceState.SERVING
 
     def add(self, name: str, role: str) -> None:
-        self.records[name] = InstanceRecord(name, role, changed=time.monotonic())
+        self.records[name] = InstanceRecord(name, role)
 
     def drain(self, name: str) -> None:
         self._set(self.records[name], InstanceState.DRAINING)
@@ -104,7 +101,7 @@ class Fleet:
             self._spawn(self._replace(record))
 
     def _set(self, record: InstanceRecord, state: InstanceState, error: str | None = None) -> None:
-        record.state, record.changed = state, time.monotonic()
+        record.state = state
         if error is not None:
             record.last_error = error
 
