@@ -15,6 +15,7 @@ import sys
 
 import grpc
 
+from splitserve.cluster import bench_openai
 from splitserve.cluster.bench_driver import fetch_model_info, run_benchmark, wait_ready
 from splitserve.cluster.bench_stats import PERCENTILES, RequestRecord, distribution_ms, meets_slo, summarize
 from splitserve.cluster.bench_workload import (
@@ -74,6 +75,14 @@ def format_report(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="splitserve", choices=("splitserve", "openai"),
+                        help="splitserve: the gRPC API at --server; openai: any OpenAI-compatible /v1/completions "
+                             "at --base-url")
+    parser.add_argument("--base-url", default=None, help="openai backend: e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", default=None, help="openai backend: the model name (default: the first listed)")
+    parser.add_argument("--max-context", type=int, default=2048, help="openai backend: the model's context length")
+    parser.add_argument("--vocab-size", type=int, default=32000,
+                        help="openai backend: token ids of the random prompts are drawn below this")
     parser.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_TARGET),
                         help=f"HOST:PORT of the API (default: ${SERVER_ENV} or {DEFAULT_TARGET})")
     parser.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
@@ -119,6 +128,8 @@ def _check_args(args) -> list[float]:
         raise ValueError(f"temperature: must be >= 0, got {args.temperature!r}")
     if args.wait_ready < 0:
         raise ValueError(f"wait_ready: must be >= 0, got {args.wait_ready!r}")
+    if args.backend == "openai" and not args.base_url:
+        raise ValueError("base_url: required with --backend openai (e.g. http://127.0.0.1:8000/v1)")
     if args.dataset == "jsonl" and not args.dataset_path:
         raise ValueError("dataset_path: required with --dataset jsonl")
     return rates
@@ -129,9 +140,18 @@ def _seconds(ms: float | None) -> float | None:
 
 
 async def _main(args, rates: list[float], token: str | None) -> dict:
-    if args.wait_ready > 0:
-        await wait_ready(args.server, args.wait_ready, tls_ca=args.tls_ca)
-    model = await fetch_model_info(args.server, token, tls_ca=args.tls_ca)
+    factory = None
+    if args.backend == "openai":
+        if args.wait_ready > 0:
+            await bench_openai.wait_ready(args.base_url, token, args.wait_ready)
+        model = await bench_openai.model_info(args.base_url, token, args.model, args.max_context, args.vocab_size)
+
+        def factory():
+            return bench_openai.OpenAIClient(args.base_url, token, model["model"])
+    else:
+        if args.wait_ready > 0:
+            await wait_ready(args.server, args.wait_ready, tls_ca=args.tls_ca)
+        model = await fetch_model_info(args.server, token, tls_ca=args.tls_ca)
     workload = build_workload(args.dataset, args.num_prompts, max_context=model["max_context"],
                               vocab_size=model["vocab_size"], eos_token_ids=model["eos_token_ids"],
                               has_tokenizer=model["has_tokenizer"], seed=args.seed, dataset_path=args.dataset_path,
@@ -142,7 +162,8 @@ async def _main(args, rates: list[float], token: str | None) -> dict:
             args.server, workload, rate, burstiness=args.burstiness, slo_ttft_s=_seconds(args.slo_ttft_ms),
             slo_tpot_s=_seconds(args.slo_tpot_ms), token=token, max_concurrency=args.max_concurrency, seed=args.seed,
             progress=not args.no_progress, timeout=args.timeout, temperature=args.temperature,
-            ignore_eos=not args.stop_at_eos, tls_ca=args.tls_ca, keep_records=args.save_requests)
+            ignore_eos=not args.stop_at_eos, tls_ca=args.tls_ca, keep_records=args.save_requests,
+            client_factory=factory)
         print(format_report(report), flush=True)
         results.append(report)
     return {"model": model, "results": results}
@@ -158,7 +179,7 @@ def run(args) -> int:
     except grpc.RpcError as e:
         print(f"splitserve bench: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    except TimeoutError as e:
+    except (TimeoutError, bench_openai.HttpStatusError) as e:
         print(f"splitserve bench: {e}", file=sys.stderr)
         return 1
     if args.output:

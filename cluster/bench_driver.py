@@ -12,6 +12,7 @@ from typing import Sequence
 import grpc
 from tqdm import tqdm
 
+from splitserve.cluster.bench_openai import HttpStatusError
 from splitserve.cluster.bench_stats import RequestRecord, summarize
 from splitserve.cluster.bench_workload import BenchRequest, arrival_times, rate_json, rate_label
 from splitserve.proto.client import SERVICE_NAME, AsyncClient
@@ -24,6 +25,8 @@ async def _send(client: AsyncClient, request: BenchRequest, request_id: str, sam
                                        **sampling, max_tokens=request.output_len)
     except grpc.RpcError as e:
         return RequestRecord(ok=False, error=e.code().name if callable(getattr(e, "code", None)) else "UNKNOWN")
+    except HttpStatusError as e:
+        return RequestRecord(ok=False, error=f"HTTP_{e.status}")
     except Exception as e:  # one broken request must not end the run; it is counted under its error's type
         return RequestRecord(ok=False, error=f"CLIENT_{type(e).__name__}")
     if result.finish_reason is None or result.e2e_s is None:
@@ -42,10 +45,11 @@ async def run_benchmark(target: str, workload: Sequence[BenchRequest], rate: flo
                         slo_ttft_s: float | None = None, slo_tpot_s: float | None = None, token: str | None = None,
                         max_concurrency: int | None = None, seed: int = 0, progress: bool = False,
                         timeout: float | None = None, temperature: float = 0.0, ignore_eos: bool = True,
-                        tls_ca: str | None = None, keep_records: bool = False) -> dict:
+                        tls_ca: str | None = None, keep_records: bool = False, client_factory=None) -> dict:
     """Sends `workload` to the server at `target` with seeded arrivals at `rate` req/s and returns `summarize`'s
     report plus `rate` and `burstiness` (and `requests`, each record, with keep_records). Latencies are timed from
-    the moment a request is sent, so with `max_concurrency` the wait for a free slot is not part of its TTFT."""
+    the moment a request is sent, so with `max_concurrency` the wait for a free slot is not part of its TTFT.
+    `client_factory()`: another client (the OpenAI backend) instead of gRPC to `target`."""
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency: must be >= 1, got {max_concurrency}")
     arrivals = arrival_times(len(workload), rate, burstiness, seed)
@@ -70,7 +74,8 @@ async def run_benchmark(target: str, workload: Sequence[BenchRequest], rate: flo
     # No bar when progress is off or stderr is not a terminal (disable=None: tqdm checks isatty).
     with tqdm(total=len(workload), desc=f"rate {rate_label(rate)}", unit="req", file=sys.stderr,
               disable=None if progress else True) as bar:
-        async with AsyncClient(target, token=token, tls_ca=tls_ca) as client:
+        factory = client_factory or (lambda: AsyncClient(target, token=token, tls_ca=tls_ca))
+        async with factory() as client:
             start = time.perf_counter()
             tasks = []
             for index, (at, request) in enumerate(zip(arrivals, workload)):

@@ -108,3 +108,22 @@ def test_client_leaving_mid_stream_aborts_the_request(served, client):
         time.sleep(0.05)
     assert cluster.num_requests == 0
     wait_for_idle(cluster)
+
+
+def test_bench_against_the_openai_endpoint(served, tmp_path):
+    """`splitserve bench --backend openai` drives any OpenAI-compatible server; here, this one."""
+    from splitserve.cluster.cli import main
+
+    _, server = served
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.http_port}/v1",
+               "--token", TOKEN, "--dataset", "random", "--num-prompts", "6", "--input-len", "12", "--output-len", "8",
+               "--vocab-size", "512", "--max-context", "1024", "--rate", "inf", "--no-progress", "--output", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    result = report["results"][0]
+    assert report["model"]["model"] == server.server.model_name
+    assert result["completed"] == 6 and result["failed"] == 0 and result["total_output_tokens"] == 6 * 8
+    assert result["ttft_ms"]["mean"] > 0 and result["tpot_ms"]["mean"] > 0
+    assert main(["bench", "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.http_port}/v1",
+                 "--token", "wrong", "--num-prompts", "2", "--no-progress"]) == 1
