@@ -38,23 +38,16 @@ class InferenceService:
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """The service's methods, to add to a grpc.aio server."""
-        methods = {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                self.Generate, request_deserializer=parse_generate_request,
-                response_serializer=pb.GenerateResponse.SerializeToString),
-            "Abort": grpc.unary_unary_rpc_method_handler(
-                self.Abort, request_deserializer=pb.AbortRequest.FromString,
-                response_serializer=pb.AbortResponse.SerializeToString),
-            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
-                response_serializer=pb.ModelInfo.SerializeToString),
-            "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
-                response_serializer=pb.ServerInfo.SerializeToString),
-            "Scale": grpc.unary_unary_rpc_method_handler(
-                self.Scale, request_deserializer=pb.ScaleRequest.FromString,
-                response_serializer=pb.ScaleResponse.SerializeToString),
-        }
+        unary = {"Abort": (pb.AbortRequest, pb.AbortResponse),
+                 "GetModelInfo": (pb.GetModelInfoRequest, pb.ModelInfo),
+                 "GetServerInfo": (pb.GetServerInfoRequest, pb.ServerInfo),
+                 "Scale": (pb.ScaleRequest, pb.ScaleResponse)}
+        methods = {name: grpc.unary_unary_rpc_method_handler(getattr(self, name), request_deserializer=req.FromString,
+                                                             response_serializer=resp.SerializeToString)
+                   for name, (req, resp) in unary.items()}
+        methods["Generate"] = grpc.unary_stream_rpc_method_handler(
+            self.Generate, request_deserializer=parse_generate_request,
+            response_serializer=pb.GenerateResponse.SerializeToString)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
     async def _require_ready(self, context) -> None:
