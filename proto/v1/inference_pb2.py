@@ -24,47 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#splitserve/proto/v1/inference.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x99\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05min_p\x18\x06 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x11\n\x04seed\x18\r \x01(\x04H\x04\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xae\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x42\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe2\x01\n\x06Timing\x12\x14\n\x07queue_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06ttft_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nmean_itl_s\x18\x03 \x01(\x01\x12\x16\n\tprefill_s\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\rkv_transfer_s\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x12\n\x05\x65\x32\x65_s\x18\x07 \x01(\x01H\x04\x88\x01\x01\x42\n\n\x08_queue_sB\t\n\x07_ttft_sB\x0c\n\n_prefill_sB\x10\n\x0e_kv_transfer_sB\x08\n\x06_e2e_s\"\x9e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.splitserve.v1.Timing\x12\x18\n\x10prefill_instance\x18\x08 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\t \x01(\t\x12\x10\n\x08\x61ttempts\x18\n \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xbf\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xd4\x01\n\x0cInstanceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\n\n\x02tp\x18\x03 \x01(\r\x12\n\n\x02sp\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x12\n\nlast_error\x18\x0c \x01(\t\"F\n\x0bRoleSummary\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tinstances\x18\x02 \x01(\r\x12\n\n\x02tp\x18\x03 \x01(\r\x12\n\n\x02sp\x18\x04 \x01(\r\"\x89\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12)\n\x05roles\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.RoleSummary\x12.\n\tinstances\x18\x05 \x03(\x0b\x32\x1b.splitserve.v1.InstanceInfo\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x17\n\x0fmax_queue_depth\x18\x07 \x01(\r\x12\x1a\n\x12requests_in_flight\x18\x08 \x01(\r\x12\x10\n\x08kv_usage\x18\t \x01(\x01\x12\x12\n\nmigrations\x18\n \x01(\x04\"\xa8\x01\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tcolocated\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1c\n\x0f\x64rain_timeout_s\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decodeB\x0c\n\n_colocatedB\x12\n\x10_drain_timeout_s\"Z\n\rScaleResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t\x12)\n\x05roles\x18\x03 \x03(\x0b\x32\x1a.splitserve.v1.RoleSummary*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x88\x03\n\x10InferenceService\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12L\n\x0cGetModelInfo\x12\".splitserve.v1.GetModelInfoRequest\x1a\x18.splitserve.v1.ModelInfo\x12O\n\rGetServerInfo\x12#.splitserve.v1.GetServerInfoRequest\x1a\x19.splitserve.v1.ServerInfo\x12\x42\n\x05Scale\x12\x1b.splitserve.v1.ScaleRequest\x1a\x1c.splitserve.v1.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#splitserve/proto/v1/inference.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\"\x99\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05min_p\x18\x06 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x11\n\x04seed\x18\r \x01(\x04H\x04\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x06 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x42\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xe2\x01\n\x06Timing\x12\x14\n\x07queue_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06ttft_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nmean_itl_s\x18\x03 \x01(\x01\x12\x16\n\tprefill_s\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\rkv_transfer_s\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x12\x12\n\x05\x65\x32\x65_s\x18\x07 \x01(\x01H\x04\x88\x01\x01\x42\n\n\x08_queue_sB\t\n\x07_ttft_sB\x0c\n\n_prefill_sB\x10\n\x0e_kv_transfer_sB\x08\n\x06_e2e_s\"\x9e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.splitserve.v1.Timing\x12\x18\n\x10prefill_instance\x18\x08 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\t \x01(\t\x12\x10\n\x08\x61ttempts\x18\n \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xda\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\"\x16\n\x14GetServerInfoRequest\"\x98\x02\n\x0cInstanceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\n\n\x02tp\x18\x03 \x01(\r\x12\n\n\x02sp\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x12\n\nlast_error\x18\x0c \x01(\t\x12\x1f\n\x17prefix_cache_hit_tokens\x18\r \x01(\x04\x12!\n\x19prefix_cache_query_tokens\x18\x0e \x01(\x04\"F\n\x0bRoleSummary\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\tinstances\x18\x02 \x01(\r\x12\n\n\x02tp\x18\x03 \x01(\r\x12\n\n\x02sp\x18\x04 \x01(\r\"\x89\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12)\n\x05roles\x18\x04 \x03(\x0b\x32\x1a.splitserve.v1.RoleSummary\x12.\n\tinstances\x18\x05 \x03(\x0b\x32\x1b.splitserve.v1.InstanceInfo\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\x12\x17\n\x0fmax_queue_depth\x18\x07 \x01(\r\x12\x1a\n\x12requests_in_flight\x18\x08 \x01(\r\x12\x10\n\x08kv_usage\x18\t \x01(\x01\x12\x12\n\nmigrations\x18\n \x01(\x04\"\xa8\x01\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tcolocated\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1c\n\x0f\x64rain_timeout_s\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decodeB\x0c\n\n_colocatedB\x12\n\x10_drain_timeout_s\"Z\n\rScaleResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t\x12)\n\x05roles\x18\x03 \x03(\x0b\x32\x1a.splitserve.v1.RoleSummary*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x88\x03\n\x10InferenceService\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12L\n\x0cGetModelInfo\x12\".splitserve.v1.GetModelInfoRequest\x1a\x18.splitserve.v1.ModelInfo\x12O\n\rGetServerInfo\x12#.splitserve.v1.GetServerInfoRequest\x1a\x19.splitserve.v1.ServerInfo\x12\x42\n\x05Scale\x12\x1b.splitserve.v1.ScaleRequest\x1a\x1c.splitserve.v1.ScaleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.proto.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2372
-  _globals['_FINISHREASON']._serialized_end=2492
+  _globals['_FINISHREASON']._serialized_start=2647
+  _globals['_FINISHREASON']._serialized_end=2767
   _globals['_TOKENIDS']._serialized_start=54
   _globals['_TOKENIDS']._serialized_end=77
-  _globals['_SAMPLINGPARAMS']._serialized_start=80
-  _globals['_SAMPLINGPARAMS']._serialized_end=489
-  _globals['_GENERATEREQUEST']._serialized_start=492
-  _globals['_GENERATEREQUEST']._serialized_end=666
-  _globals['_USAGE']._serialized_start=668
-  _globals['_USAGE']._serialized_end=725
-  _globals['_TIMING']._serialized_start=728
-  _globals['_TIMING']._serialized_end=954
-  _globals['_GENERATERESPONSE']._serialized_start=957
-  _globals['_GENERATERESPONSE']._serialized_end=1243
-  _globals['_ABORTREQUEST']._serialized_start=1245
-  _globals['_ABORTREQUEST']._serialized_end=1279
-  _globals['_ABORTRESPONSE']._serialized_start=1281
-  _globals['_ABORTRESPONSE']._serialized_end=1311
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1313
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1334
-  _globals['_MODELINFO']._serialized_start=1337
-  _globals['_MODELINFO']._serialized_end=1528
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1530
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1552
-  _globals['_INSTANCEINFO']._serialized_start=1555
-  _globals['_INSTANCEINFO']._serialized_end=1767
-  _globals['_ROLESUMMARY']._serialized_start=1769
-  _globals['_ROLESUMMARY']._serialized_end=1839
-  _globals['_SERVERINFO']._serialized_start=1842
-  _globals['_SERVERINFO']._serialized_end=2107
-  _globals['_SCALEREQUEST']._serialized_start=2110
-  _globals['_SCALEREQUEST']._serialized_end=2278
-  _globals['_SCALERESPONSE']._serialized_start=2280
-  _globals['_SCALERESPONSE']._serialized_end=2370
-  _globals['_INFERENCESERVICE']._serialized_start=2495
-  _globals['_INFERENCESERVICE']._serialized_end=2887
+  _globals['_CHATMESSAGE']._serialized_start=79
+  _globals['_CHATMESSAGE']._serialized_end=123
+  _globals['_CHATMESSAGES']._serialized_start=125
+  _globals['_CHATMESSAGES']._serialized_end=185
+  _globals['_SAMPLINGPARAMS']._serialized_start=188
+  _globals['_SAMPLINGPARAMS']._serialized_end=597
+  _globals['_GENERATEREQUEST']._serialized_start=600
+  _globals['_GENERATEREQUEST']._serialized_end=823
+  _globals['_USAGE']._serialized_start=825
+  _globals['_USAGE']._serialized_end=905
+  _globals['_TIMING']._serialized_start=908
+  _globals['_TIMING']._serialized_end=1134
+  _globals['_GENERATERESPONSE']._serialized_start=1137
+  _globals['_GENERATERESPONSE']._serialized_end=1423
+  _globals['_ABORTREQUEST']._serialized_start=1425
+  _globals['_ABORTREQUEST']._serialized_end=1459
+  _globals['_ABORTRESPONSE']._serialized_start=1461
+  _globals['_ABORTRESPONSE']._serialized_end=1491
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1493
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1514
+  _globals['_MODELINFO']._serialized_start=1517
+  _globals['_MODELINFO']._serialized_end=1735
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1737
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1759
+  _globals['_INSTANCEINFO']._serialized_start=1762
+  _globals['_INSTANCEINFO']._serialized_end=2042
+  _globals['_ROLESUMMARY']._serialized_start=2044
+  _globals['_ROLESUMMARY']._serialized_end=2114
+  _globals['_SERVERINFO']._serialized_start=2117
+  _globals['_SERVERINFO']._serialized_end=2382
+  _globals['_SCALEREQUEST']._serialized_start=2385
+  _globals['_SCALEREQUEST']._serialized_end=2553
+  _globals['_SCALERESPONSE']._serialized_start=2555
+  _globals['_SCALERESPONSE']._serialized_end=2645
+  _globals['_INFERENCESERVICE']._serialized_start=2770
+  _globals['_INFERENCESERVICE']._serialized_end=3162
 # @@protoc_insertion_point(module_scope)
