@@ -4,6 +4,11 @@ tokens of one rank. Pure Python.
 Block i of a prompt is written by one SP rank (`comm.kv_plan.sp_block_owners`) and is taken from that rank's pool;
 the table entry is that rank's local block id. Every rank receives the same slot mapping, but a rank writes only its
 own tokens, so each slot is read on the rank whose cache it indexes.
+
+No prefix caching here: which SP rank holds block i depends on the whole prompt's padded length, so a cached block of
+one prompt sits in the wrong rank's pool for most others, and ring / TokenRing attention attends only within the
+prompt's own shards (it has no path to a cached prefix). An SP prefill instance computes every prompt in full; the
+decode instances it feeds still reuse their cache and receive only the blocks they lack.
 """
 from __future__ import annotations
 
@@ -38,10 +43,11 @@ class SPBlockManager(BlockTables):
     def blocks_needed(self, num_tokens: int) -> int:
         return max(self._counts(num_tokens).values(), default=0)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return all(n <= self.pools[s].num_free_blocks for s, n in self._counts(num_tokens).items())
+    def can_allocate(self, num_tokens: int, prefix=None, reserve: int = 0) -> bool:
+        return all(n + reserve <= self.pools[s].num_free_blocks for s, n in self._counts(num_tokens).items())
 
-    def allocate(self, seq_id: str, num_tokens: int) -> list[int]:
+    def allocate(self, seq_id: str, num_tokens: int, prefix=None) -> list[int]:
+        """`prefix` is accepted for the common interface and ignored (see the module docstring)."""
         if seq_id in self._tables:
             raise KeyError(f"seq_id {seq_id!r} already has blocks")
         owners = sp_block_owners(num_tokens, self.block_size, self.sp)
