@@ -9,7 +9,7 @@ from typing import Sequence as Seq
 
 from splitserve.comm.tensor_parallel import SINGLE, TPGroup
 from splitserve.workers.detokenizer import IncrementalDetokenizer
-from splitserve.workers.engine_builder import build_engine, kv_cache_blocks
+from splitserve.workers.engine_builder import build_engine, cache_salt, kv_cache_blocks
 from splitserve.workers.engine_config import EngineConfig
 from splitserve.workers.kv_cache import allocate_kv_cache
 from splitserve.workers.loader import load_model, resolve_device, resolve_dtype
@@ -34,6 +34,7 @@ class RequestOutput:
     e2e_s: float
     num_preemptions: int
     error: str | None = None  # why the engine failed the request (finish_reason "error")
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
 
     @property
     def tpot_s(self) -> float:
@@ -50,12 +51,12 @@ class LLM:
                  gpu_memory_fraction: float = _DEFAULTS.gpu_memory_fraction, max_num_seqs: int = _DEFAULTS.max_num_seqs,
                  max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens, max_model_len: int | None = None,
                  tp_norm_method: str = _DEFAULTS.tp_norm_method, overlap_min_tokens: int | None = None,
-                 chunked_prefill: bool = False):
+                 chunked_prefill: bool = False, prefix_caching: bool = _DEFAULTS.prefix_caching):
         """Engine options are `EngineConfig`'s, with its defaults. `chunked_prefill`: fuse prompt chunks with
         decode tokens in one forward per step (Dynamic SplitFuse) instead of alternating prompt batches and
         decode steps."""
         config = EngineConfig(block_size, kv_cache_bytes, gpu_memory_fraction, max_num_seqs, max_num_batched_tokens,
-                              max_model_len, tp_norm_method, overlap_min_tokens).validate()
+                              max_model_len, tp_norm_method, overlap_min_tokens, prefix_caching).validate()
         self.model_dir = resolve_model(model)
         self.device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
@@ -70,7 +71,7 @@ class LLM:
         self.eos_token_ids = cfg.eos_token_ids
         self.runner = ModelRunner(self.model, caches, self.eos_token_ids, self.device)
         self.core = build_engine("colocated", self.runner, num_blocks, config, self.max_model_len,
-                                 chunked_prefill=chunked_prefill)
+                                 chunked_prefill=chunked_prefill, cache_salt=cache_salt(self.model_dir, dtype))
         self.blocks = self.core.blocks
         self._ids = itertools.count()
 
@@ -126,5 +127,5 @@ class LLM:
             request_id=seq.seq_id, prompt_token_ids=seq.prompt_token_ids, text=seq.stop.text,
             token_ids=seq.output_token_ids, finish_reason=seq.stop.finish_reason, stop_reason=seq.stop.stop_reason,
             ttft_s=(t.first_token or t.finished) - t.arrival, e2e_s=t.finished - t.arrival, num_preemptions=seq.num_preemptions,
-            error=seq.error,
+            error=seq.error, cached_tokens=seq.num_cached_tokens,
         )
