@@ -40,7 +40,8 @@ def references(model_dir, prompts, params) -> list[list[int]]:
 
 
 def wait_for_idle(cluster, timeout: float = 20.0) -> dict:
-    """Until every instance reports all blocks free and no transfer pending; fails with the stats on timeout."""
+    """Until every instance reports all blocks free and no transfer pending; fails with the stats on timeout.
+    Blocks kept in the prefix cache count as free: idle means no request references a block."""
     deadline = time.monotonic() + timeout
     while True:
         stats = cluster.stats()["instances"]

@@ -32,6 +32,7 @@ def test_yaml_file(tmp_path):
     ({"decode": {"pp": 2}}, "'decode.pp' > 1 (pipeline parallelism) is not available yet"),
     ({"engine": {"gpu_memory_fraction": 1.5}}, "'engine.gpu_memory_fraction' must be <= 1"),
     ({"prefill": [1, 2]}, "'prefill' must be a mapping"),
+    ({"engine": {"prefix_caching": "on"}}, "'engine.prefix_caching' must be true or false"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ValueError) as info:

@@ -53,6 +53,9 @@ class BlockTables:
         self._table(seq_id)
         return self._num_tokens[seq_id]
 
+    def match(self, prefix) -> list[int]:
+        return []
+
     def num_cached_tokens(self, seq_id: str) -> int:
         """Tokens at the start of `seq_id` whose KV was found in the cache when it was allocated."""
         return 0

@@ -19,6 +19,11 @@ from splitserve.workers.sp_block_manager import SPBlockManager
 ROLES = ("prefill", "decode", "colocated")
 
 
+def cache_salt(model_dir, dtype: str) -> str:
+    """What, besides the tokens, decides a block's KV: the checkpoint and the dtype. The router hashes with it too."""
+    return f"{model_dir}|{dtype}"
+
+
 def kv_cache_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype) -> int:
     """How many blocks this rank's cache holds: the byte budget on CPU, the free share of the GPU on CUDA."""
     budget = (cuda_budget(config.gpu_memory_fraction, device) if device.type == "cuda" else config.kv_cache_bytes)
@@ -27,15 +32,15 @@ def kv_cache_blocks(config: EngineConfig, model, device: torch.device, dtype: to
 
 
 def build_engine(role: str, runner, num_blocks: int, config: EngineConfig, context_len: int, sp: int = 1,
-                 chunked_prefill: bool = True):
+                 chunked_prefill: bool = True, cache_salt: str = ""):
     """prefill: prompts only (KV leaves for decode); decode: admits transferred sequences and recomputes preempted
     ones; colocated: both on one cache, as Dynamic SplitFuse (`chunked_prefill`) or alternating prompt batches and
-    decode steps."""
+    decode steps. `cache_salt` names what else the KV depends on (the model, its dtype) in the prefix cache's hashes."""
     if role not in ROLES:
         raise ValueError(f"role: must be one of {ROLES}, got {role!r}")
-    # Each SP rank's cache is its own pool: the instance holds SP times the tokens.
+    # Each SP rank's cache is its own pool: the instance holds SP times the tokens (and caches no prefixes).
     blocks = (SPBlockManager(num_blocks, config.block_size, sp) if sp > 1
-              else BlockManager(num_blocks, config.block_size))
+              else BlockManager(num_blocks, config.block_size, config.prefix_caching, cache_salt))
     seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
     if role == "prefill":
         return PrefillEngine(runner, blocks, tokens, seqs, context_len)

@@ -43,9 +43,13 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     tp_norm_method: str = "reference"  # how TP all-reduce + RMSNorm run (see comm/fused_norm.py)
     overlap_min_tokens: int | None = None  # split forwards of at least this many tokens to overlap TP comm
+    prefix_caching: bool = True  # reuse the KV of cached full blocks of earlier requests (see block_manager.py)
 
     def validate(self, path: str = "") -> "EngineConfig":
         positive_int(_where(path, "block_size"), self.block_size)
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"config: '{_where(path, 'prefix_caching')}' must be true or false, "
+                             f"got {self.prefix_caching!r}")
         choice(_where(path, "tp_norm_method"), self.tp_norm_method, TP_NORM_METHODS)
         if self.overlap_min_tokens is not None:
             positive_int(_where(path, "overlap_min_tokens"), self.overlap_min_tokens, 2)

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 
 from splitserve.comm.kv_plan import DecodeTarget, PrefillLayout, links_needed_sp, transfer_orders
 from splitserve.comm.kv_reservations import Reservation, Reservations
-from splitserve.workers.engine_builder import build_engine
+from splitserve.workers.engine_builder import build_engine, cache_salt
 from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.prefill_engine import EngineOutput
 from splitserve.workers.sampler import FAILED_TOKEN
@@ -38,7 +38,7 @@ class InstanceLeader:
         runner = ModelRunner(rank.model, rank.caches, self.eos, rank.device, execute=self._execute)
         context_len = self.spec.engine.context_len(cfg.max_position_embeddings)
         self.engine = build_engine(self.spec.role, runner, rank.num_blocks, self.spec.engine, context_len,
-                                   sp=self.spec.sp)
+                                   sp=self.spec.sp, cache_salt=cache_salt(self.spec.model_dir, self.spec.dtype))
         self.blocks = self.engine.blocks
         self.attempts: dict[str, int] = {}  # request id -> the attempt this instance's engine holds
         self.targets: dict[str, DecodeTarget] = {}  # prefill: where each request's KV goes

@@ -75,6 +75,7 @@ class PrefillEngine:
         outputs = []
         for seq, token in zip(seqs, tokens):
             seq.num_computed_tokens = seq.num_tokens
+            self.blocks.commit(seq.seq_id, seq.token_ids)  # before the new token, whose KV is not computed yet
             out = append_and_check(seq, token, self.max_model_len)
             if out.result.finished:
                 self.blocks.free(seq.seq_id)

@@ -29,19 +29,23 @@ class PrefillScheduler:
 
     def schedule(self, reserve_blocks: int = 0) -> list[Sequence]:
         """FCFS; a prompt longer than the budget still runs, alone, so it cannot starve. `reserve_blocks`
-        stay free so that admitting prompts does not force running decodes into preemption."""
+        stay free so that admitting prompts does not force running decodes into preemption. A prompt starts on
+        the cached blocks of its longest cached prefix and computes (and counts against the budget) only the rest."""
         batch, tokens = [], 0
         while self.waiting and len(batch) < self.max_seqs:
             seq = self.waiting[0]
-            if batch and tokens + seq.num_tokens > self.max_batched_tokens:
+            prefix = seq.prompt_prefix()
+            new_tokens = seq.num_tokens - len(self.blocks.match(prefix)) * self.blocks.block_size
+            if batch and tokens + new_tokens > self.max_batched_tokens:
                 break
-            if self.blocks.blocks_needed(seq.num_tokens) + reserve_blocks > self.blocks.num_free_blocks:
+            if not self.blocks.can_allocate(seq.num_tokens, prefix, reserve_blocks):
                 break
-            self.blocks.allocate(seq.seq_id, seq.num_tokens)
+            self.blocks.allocate(seq.seq_id, seq.num_tokens, prefix)
+            seq.start_from_cache(self.blocks.num_cached_tokens(seq.seq_id))
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             batch.append(seq)
-            tokens += seq.num_tokens
+            tokens += new_tokens
         return batch
 
     def abort(self, seq_id: str) -> Sequence | None:
@@ -138,6 +142,8 @@ class SplitFuseScheduler:
         budget = self.max_batched_tokens - len(batch)
         while self.waiting and budget > 0 and len(batch) < self.max_seqs:
             seq = self.waiting[0]
+            if not self.blocks.has(seq.seq_id) and not self._begin(seq):
+                break
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._make_room(seq, n):
                 break
@@ -149,16 +155,24 @@ class SplitFuseScheduler:
             seq.status = SequenceStatus.RUNNING
         return batch, preempted
 
+    def _begin(self, seq: Sequence) -> bool:
+        """A prompt's first chunk: it takes the cached blocks of its longest cached prefix (none without caching)
+        and computes from there."""
+        prefix = seq.prompt_prefix()
+        cached = len(self.blocks.match(prefix)) * self.blocks.block_size
+        if not self.blocks.can_allocate(cached, prefix, reserve=len(self.running)):
+            return False
+        self.blocks.allocate(seq.seq_id, cached, prefix)
+        seq.start_from_cache(self.blocks.num_cached_tokens(seq.seq_id))
+        return True
+
     def _make_room(self, seq: Sequence, n: int) -> bool:
         # Running decodes keep a block each of headroom so a prompt chunk does not force their preemption.
         needed = self.blocks.blocks_needed(seq.num_computed_tokens + n)
-        have = len(self.blocks.block_table(seq.seq_id)) if self.blocks.has(seq.seq_id) else 0
+        have = len(self.blocks.block_table(seq.seq_id))
         if needed - have + len(self.running) > self.blocks.num_free_blocks:
             return False
-        if have == 0:
-            self.blocks.allocate(seq.seq_id, seq.num_computed_tokens + n)
-        else:
-            self.blocks.append(seq.seq_id, seq.num_computed_tokens + n - self.blocks.num_tokens(seq.seq_id))
+        self.blocks.append(seq.seq_id, seq.num_computed_tokens + n - self.blocks.num_tokens(seq.seq_id))
         return True
 
     def started(self, seq: Sequence) -> None:

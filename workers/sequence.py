@@ -36,6 +36,7 @@ class Sequence:
         self.params = params
         self.stop = stop
         self.num_computed_tokens = 0  # tokens whose K/V sit in the cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the first prefill (not computed)
         self.status = SequenceStatus.WAITING
         self.num_preemptions = 0
         self.timing = SequenceTiming()
@@ -54,6 +55,16 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def prompt_prefix(self) -> list[int]:
+        """The tokens whose cached KV a prefill may reuse: all but the last, which is computed for its logits."""
+        return self.token_ids[: self.num_tokens - 1]
+
+    def start_from_cache(self, cached_tokens: int) -> None:
+        """Its first `cached_tokens` tokens' KV was found in the cache: computing starts after them."""
+        self.num_computed_tokens = cached_tokens
+        if self.num_preemptions == 0:
+            self.num_cached_tokens = cached_tokens
 
     @property
     def is_finished(self) -> bool:

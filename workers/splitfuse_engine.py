@@ -48,6 +48,7 @@ class SplitFuseEngine:
         for (seq, n), done in zip(batch, forward.completes):
             prompt = seq.num_computed_tokens + n >= seq.num_tokens and seq not in self.scheduler.running
             seq.num_computed_tokens += n
+            self.blocks.commit(seq.seq_id, seq.token_ids if done else seq.token_ids[: seq.num_computed_tokens])
             if not done:
                 continue
             out = append_and_check(seq, next(tokens), self.max_model_len)
