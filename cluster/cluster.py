@@ -16,6 +16,7 @@ from splitserve.cluster.dispatcher import Dispatcher
 from splitserve.cluster.request import Request, RequestState, StreamChunk
 from splitserve.cluster.scaling import Scaler, ScaleResult
 from splitserve.workers.config import load_config as load_model_config
+from splitserve.workers.chat_template import ChatTemplate, is_messages
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.presets import resolve_model
 from splitserve.workers.sampling_params import SamplingParams, pair_with_params
@@ -53,6 +54,7 @@ class Cluster:
             self.tokenizer = load_tokenizer(self.model_dir)
         except FileNotFoundError:
             self.tokenizer = None
+        self.chat_template = ChatTemplate.load(self.model_dir)
         self.launcher = Launcher(self.config, self.model_dir)
         if self.config.auto_placement is not None:
             from splitserve.cluster.auto_placement import plan_config
@@ -216,12 +218,18 @@ class Cluster:
 
     # --------------------------------------------------------------------------------------- admission
     def encode(self, prompt) -> list[int]:
-        """Token ids of a prompt (text or ids); text longer than `max_prompt_bytes` is refused before tokenising."""
-        if isinstance(prompt, str) and len(prompt) * 4 > self.config.max_prompt_bytes:  # UTF-8: <= 4 bytes a char
-            size = len(prompt.encode("utf-8", "surrogatepass"))
+        """Token ids of a prompt: text, token ids, or a chat (a list of {role, content}, rendered with the model's
+        chat template). Text longer than `max_prompt_bytes` (a chat: its contents together) is refused before
+        tokenising."""
+        text = prompt if isinstance(prompt, str) else None
+        if is_messages(prompt):
+            text = "".join(m.get("content") or "" for m in prompt if isinstance(m.get("content"), str))
+        if text is not None and len(text) * 4 > self.config.max_prompt_bytes:  # UTF-8: <= 4 bytes a char
+            size = len(text.encode("utf-8", "surrogatepass"))
             if size > self.config.max_prompt_bytes:
-                raise ValueError(f"prompt: {size} bytes exceed max_prompt_bytes ({self.config.max_prompt_bytes})")
-        return encode_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
+                field = "prompt" if isinstance(prompt, str) else "messages"
+                raise ValueError(f"{field}: {size} bytes exceed max_prompt_bytes ({self.config.max_prompt_bytes})")
+        return encode_prompt(prompt, self.tokenizer, self.model_config.vocab_size, self.chat_template)
 
     def _prepare(self, prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
         """Everything about a request that needs no cluster state (tokenising, limits): any thread."""

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP API beside gRPC, on the same server process, Cluster, validation and metrics: GET /health,
-GET /v1/models, POST /v1/completions (one prompt, text or token ids; streamed as server-sent events ending in
-`data: [DONE]`, with `stream_options.include_usage`). FastAPI on uvicorn, in the server's own event loop.
+GET /v1/models, POST /v1/completions (one prompt, text or token ids) and POST /v1/chat/completions (messages
+rendered with the model's chat template), each streamed as server-sent events ending in `data: [DONE]` on request,
+with `stream_options.include_usage`. FastAPI on uvicorn, in the server's own event loop.
 Errors take OpenAI's shape {"error": {message, type, param, code}} with its statuses (400, 401, 404, 429, 503);
 a client that disconnects aborts its request, which frees its KV on every instance."""
 from __future__ import annotations
@@ -24,6 +25,9 @@ ACCEPTED = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "se
             # vLLM-style extensions
             "top_k", "min_p", "min_tokens", "repetition_penalty", "ignore_eos", "stop_token_ids",
             "include_stop_str_in_output"}
+CHAT_ACCEPTED = (ACCEPTED - {"prompt", "echo", "best_of", "suffix"}) | {
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls"}
 SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
             "min_tokens", "repetition_penalty", "ignore_eos", "stop_token_ids", "include_stop_str_in_output")
 
@@ -42,18 +46,24 @@ class ApiError(Exception):
 def _param_of(field: str) -> str:
     """Our validation's field path in OpenAI's terms: sampling.max_tokens -> max_tokens, prompt.text -> prompt."""
     head = field.split("[", 1)[0]
+    if head.startswith("prompt.messages"):
+        return "messages"
     return head.split(".", 1)[1] if head.startswith("sampling.") else head.split(".", 1)[0]
 
 
-def _generate_request(body: dict):
-    """The gRPC request the body stands for, so that both front ends share one validation."""
-    unknown = sorted(set(body) - ACCEPTED)
+def _refuse_unsupported(body: dict, accepted: set, allowed: tuple) -> None:
+    unknown = sorted(set(body) - accepted)
     if unknown:
         raise ApiError(400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
-    for name, allowed in (("n", 1), ("best_of", 1), ("logprobs", None), ("echo", False), ("suffix", None)):
+    for name, ok in allowed:
         value = body.get(name)
-        if value is not None and (value is not allowed if allowed in (None, False) else value != allowed):
-            raise ApiError(400, f"{name}: only {allowed!r} is supported", name)
+        if value is not None and (value is not ok if ok in (None, False) else value != ok):
+            raise ApiError(400, f"{name}: only {ok!r} is supported", name)
+
+
+def _completion_prompt(body: dict):
+    _refuse_unsupported(body, ACCEPTED, (("n", 1), ("best_of", 1), ("logprobs", None), ("echo", False),
+                                         ("suffix", None)))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -61,6 +71,50 @@ def _generate_request(body: dict):
         raise ApiError(400, "prompt: one prompt per request (a string or a list of token ids)", "prompt")
     if not isinstance(prompt, (str, list)):
         raise ApiError(400, "prompt: required, a string or a list of token ids", "prompt")
+    return prompt
+
+
+def _content(content, i: int) -> str:
+    """A message's text: a string, or a list of text parts (other part types are refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported, got {kind!r}",
+                               "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content: must be a string or a list of text parts", "messages")
+
+
+def _chat_messages(body: dict) -> list[dict]:
+    _refuse_unsupported(body, CHAT_ACCEPTED, (("n", 1), ("logprobs", False), ("top_logprobs", None)))
+    if body.get("tools"):
+        raise ApiError(400, "tools: tool calling is not supported", "tools")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, "response_format: only {'type': 'text'} is supported", "response_format")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: required, a non-empty list of {role, content}", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise ApiError(400, f"messages[{i}].role: required, a non-empty string", "messages")
+        out.append({"role": m["role"], "content": _content(m.get("content"), i)})
+    if body.get("max_completion_tokens") is not None and body.get("max_tokens") is not None:
+        raise ApiError(400, "max_tokens: set max_tokens or max_completion_tokens, not both", "max_tokens")
+    return out
+
+
+def _generate_request(body: dict, chat: bool = False):
+    """The gRPC request the body stands for, so that both front ends share one validation."""
+    prompt = _chat_messages(body) if chat else _completion_prompt(body)
+    if chat and body.get("max_completion_tokens") is not None:
+        body = body | {"max_tokens": body["max_completion_tokens"]}
     sampling = {k: body[k] for k in SAMPLING if body.get(k) is not None}
     stop = body.get("stop")
     if stop is not None:
@@ -122,6 +176,13 @@ def create_app(server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        return await _serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _serve(request, chat=True)
+
+    async def _serve(request: Request, chat: bool):
         authorize(request)
         ready()
         try:
@@ -134,10 +195,10 @@ def create_app(server) -> FastAPI:
             raise ApiError(404, f"The model `{body.get('model')}` does not exist (this server serves "
                                 f"`{server.model_name}`).", "model", code="model_not_found")
         try:  # tokenising in a worker thread, as for gRPC
-            ids, params = await asyncio.to_thread(validate_generate, _generate_request(body), server.cluster)
+            ids, params = await asyncio.to_thread(validate_generate, _generate_request(body, chat), server.cluster)
         except InvalidArgument as e:
             raise ApiError(400, str(e), _param_of(e.field)) from None
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         chunks = server.cluster.stream(ids, params, completion_id)
         try:
             first = await chunks.__anext__()
@@ -147,17 +208,41 @@ def create_app(server) -> FastAPI:
         except ValueError as e:
             await chunks.aclose()
             raise ApiError(400, str(e), _param_of(str(e).split(":", 1)[0])) from None
-        head = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
-                "model": server.model_name}
+        shape = CHAT if chat else COMPLETION
+        head = {"id": completion_id, "created": int(time.time()), "model": server.model_name}
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_events(server, chunks, first, head, usage), media_type="text/event-stream")
-        return await _complete(server, chunks, first, head)
+            return StreamingResponse(_events(server, chunks, first, head, usage, shape),
+                                     media_type="text/event-stream")
+        return await _complete(server, chunks, first, head, shape)
 
     return app
 
 
-async def _complete(server, chunks, chunk, head: dict) -> JSONResponse:
+class _Shape:
+    """How one endpoint words its answers: the object names and a choice around the text."""
+
+    def __init__(self, whole: str, chunk: str, chat: bool):
+        self.whole, self.chunk, self.chat = whole, chunk, chat
+
+    def choice(self, text: str, reason: str | None) -> dict:
+        if self.chat:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+
+    def delta(self, text: str, reason: str | None, first: bool) -> dict:
+        if self.chat:
+            delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+COMPLETION = _Shape("text_completion", "text_completion", chat=False)
+CHAT = _Shape("chat.completion", "chat.completion.chunk", chat=True)
+
+
+async def _complete(server, chunks, chunk, head: dict, shape: _Shape) -> JSONResponse:
     text = []
     try:
         while True:
@@ -171,13 +256,15 @@ async def _complete(server, chunks, chunk, head: dict) -> JSONResponse:
         raise ApiError(503, f"request failed: {chunk.error}", kind="server_error", code="unavailable")
     m = chunk.metrics or {}
     _observe(server, chunk)
-    return JSONResponse({**head, "choices": [{"index": 0, "text": "".join(text), "logprobs": None,
-                                              "finish_reason": FINISH.get(chunk.finish_reason)}],
+    return JSONResponse({**head, "object": shape.whole,
+                         "choices": [shape.choice("".join(text), FINISH.get(chunk.finish_reason))],
                          "usage": _usage(m)})
 
 
-async def _events(server, chunks, chunk, head: dict, include_usage: bool):
+async def _events(server, chunks, chunk, head: dict, include_usage: bool, shape: _Shape):
     """Server-sent events; leaving early (the client disconnected) closes `chunks`, which aborts the request."""
+    head = {**head, "object": shape.chunk}
+    first = True
     try:
         while True:
             reason = FINISH.get(chunk.finish_reason) if chunk.finished else None
@@ -186,8 +273,9 @@ async def _events(server, chunks, chunk, head: dict, include_usage: bool):
                                    "param": None, "code": "unavailable"}}
                 yield f"data: {json.dumps(error)}\n\n"
                 break
-            if chunk.text or chunk.finished:
-                choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": reason}
+            if chunk.text or chunk.finished or (first and shape.chat):
+                choice = shape.delta(chunk.text, reason, first)
+                first = False
                 yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
             if chunk.finished:
                 _observe(server, chunk)
@@ -202,7 +290,8 @@ async def _events(server, chunks, chunk, head: dict, include_usage: bool):
 
 def _usage(m: dict) -> dict:
     prompt, completion = m.get("prompt_tokens", 0), m.get("completion_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": m.get("cached_tokens", 0)}}
 
 
 def _observe(server, chunk) -> None:

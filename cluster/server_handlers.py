@@ -120,7 +120,8 @@ class InferenceService:
         body = "".join(text) + chunk.text if not stream else chunk.text
         yield pb.GenerateResponse(
             request_id=request_id, token_ids=ids, text=body, finished=True, finish_reason=FINISH[chunk.finish_reason],
-            usage=pb.Usage(prompt_tokens=m.get("prompt_tokens", 0), completion_tokens=m.get("completion_tokens", 0)),
+            usage=pb.Usage(prompt_tokens=m.get("prompt_tokens", 0), completion_tokens=m.get("completion_tokens", 0),
+                           cached_tokens=m.get("cached_tokens", 0)),
             timing=_timing(m), prefill_instance=m.get("prefill_instance") or "",
             decode_instance=m.get("decode_instance") or "", attempts=m.get("attempts", 0))
 
@@ -145,7 +146,7 @@ class InferenceService:
         return pb.ModelInfo(model=c.config.model, architecture=mc.architecture, max_context=c.max_model_len,
                             vocab_size=mc.vocab_size, eos_token_ids=list(mc.eos_token_ids),
                             has_tokenizer=c.tokenizer is not None, dtype=c.config.dtype, num_layers=mc.num_layers,
-                            hidden_size=mc.hidden_size)
+                            hidden_size=mc.hidden_size, has_chat_template=c.chat_template is not None)
 
     async def GetServerInfo(self, request, context) -> pb.ServerInfo:
         info = pb.ServerInfo(version=_version(), ready=self.server.ready, draining=self.server.draining)
@@ -159,7 +160,8 @@ class InferenceService:
                 name=name, role=s["role"], tp=s["tp"], sp=s["sp"], num_blocks=s.get("num_blocks", 0),
                 free_blocks=s.get("free_blocks", 0), kv_usage=s.get("usage", 0.0), running=s.get("running", 0),
                 waiting=s.get("waiting", 0), state=s.get("state", ""), restarts=s.get("restarts", 0),
-                last_error=s.get("last_error") or ""))
+                last_error=s.get("last_error") or "", prefix_cache_hit_tokens=s.get("prefix_hit_tokens", 0),
+                prefix_cache_query_tokens=s.get("prefix_query_tokens", 0)))
             summary = roles.setdefault(s["role"], pb.RoleSummary(role=s["role"], tp=s["tp"], sp=s["sp"]))
             summary.instances += s.get("state", "serving") == "serving"
             if s["role"] in ("decode", "colocated"):

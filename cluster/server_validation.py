@@ -57,10 +57,12 @@ def _find_bad_utf8(msg, prefix: str = "") -> str | None:
                     v.decode("utf-8")
                 except UnicodeDecodeError:
                     return f"{path}[{i}]" if field.is_repeated else path
-        elif field.type == field.TYPE_MESSAGE and not field.is_repeated:
-            found = _find_bad_utf8(value, f"{path}.")
-            if found:
-                return found
+        elif field.type == field.TYPE_MESSAGE:
+            items = enumerate(value) if field.is_repeated else [(None, value)]
+            for i, item in items:
+                found = _find_bad_utf8(item, f"{path}." if i is None else f"{path}[{i}].")
+                if found:
+                    return found
     return None
 
 
@@ -83,7 +85,7 @@ def parse_generate_request(data: bytes) -> pb.GenerateRequest | Malformed:
     except Exception:  # a deserializer that raises makes gRPC answer INTERNAL; never let it
         field = None
     if field is not None:
-        field = {"text": "prompt.text"}.get(field, field)
+        field = {"text": "prompt.text"}.get(field, field.replace("messages.messages", "prompt.messages", 1))
         return Malformed(f"{field}: is not valid UTF-8")
     return Malformed("request: is not a valid GenerateRequest message")
 
@@ -118,14 +120,31 @@ def sampling_from_proto(p: pb.SamplingParams, *, vocab_size: int, default_max_to
         raise InvalidArgument("sampling", text) from None
 
 
+def _chat_ids(chat: pb.ChatMessages, cluster) -> list[int]:
+    """A conversation's token ids through the model's chat template; errors name `prompt.messages[...]`."""
+    if cluster.chat_template is None:
+        raise InvalidArgument("prompt.messages", "this model has no chat template; send prompt.text or "
+                                                 "prompt.token_ids")
+    try:
+        ids = cluster.encode([{"role": m.role, "content": m.content} for m in chat.messages])
+    except ValueError as e:  # "messages[1].role: must be ..." / "messages: ..."
+        field, _, reason = str(e).partition(": ")
+        raise InvalidArgument("prompt." + field, reason) from None
+    if not ids:
+        raise InvalidArgument("prompt.messages", "renders to no tokens")
+    return ids
+
+
 def validate_generate(request: pb.GenerateRequest, cluster) -> tuple[list[int], SamplingParams]:
     """The prompt's token ids and the sampling parameters of a Generate call on `cluster`, checked against its
     vocabulary and context; InvalidArgument names the field at fault."""
     vocab = cluster.model_config.vocab_size
     which = request.WhichOneof("prompt")
     if which is None:
-        raise InvalidArgument("prompt", "set text or token_ids")
-    if which == "text":
+        raise InvalidArgument("prompt", "set text, token_ids or messages")
+    if which == "messages":
+        ids = _chat_ids(request.messages, cluster)
+    elif which == "text":
         if not request.text:
             raise InvalidArgument("prompt.text", "must not be empty")
         if cluster.tokenizer is None:

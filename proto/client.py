@@ -46,9 +46,10 @@ class GenerateResult:
     e2e_s: float | None = None
 
 
-def build_request(prompt: str | Sequence[int], *, stream: bool, request_id: str | None = None,
+def build_request(prompt: str | Sequence[int] | Sequence[dict], *, stream: bool, request_id: str | None = None,
                   **sampling) -> pb.GenerateRequest:
-    """A GenerateRequest from text or token ids and SamplingParams fields given by name."""
+    """A GenerateRequest from text, token ids or a chat (a list of {"role", "content"}, rendered by the server with
+    the model's chat template) and SamplingParams fields given by name."""
     try:
         params = pb.SamplingParams(**sampling)
     except (ValueError, TypeError) as e:
@@ -56,6 +57,11 @@ def build_request(prompt: str | Sequence[int], *, stream: bool, request_id: str 
     req = pb.GenerateRequest(request_id=request_id or "", sampling=params, stream=stream)
     if isinstance(prompt, str):
         req.text = prompt
+    elif prompt and all(isinstance(m, dict) for m in prompt):
+        for i, m in enumerate(prompt):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}]: needs string role and content")
+            req.messages.messages.add(role=m["role"], content=m["content"])
     else:
         req.token_ids.ids.extend(int(t) for t in prompt)
     return req
@@ -134,7 +140,7 @@ class Client(_Base):
         self.stub = pb_grpc.InferenceServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
-    def stream(self, prompt: str | Sequence[int], *, request_id: str | None = None, timeout: float | None = None,
+    def stream(self, prompt: str | Sequence[int] | Sequence[dict], *, request_id: str | None = None, timeout: float | None = None,
                **sampling) -> Iterator[pb.GenerateResponse]:
         """Messages as they arrive; the last has finished=True. Closing the iterator early cancels the request."""
         call = self.stub.Generate(build_request(prompt, stream=True, request_id=request_id, **sampling),
@@ -144,7 +150,7 @@ class Client(_Base):
         finally:
             call.cancel()
 
-    def generate(self, prompt: str | Sequence[int], *, stream: bool = True, request_id: str | None = None,
+    def generate(self, prompt: str | Sequence[int] | Sequence[dict], *, stream: bool = True, request_id: str | None = None,
                  timeout: float | None = None, **sampling) -> GenerateResult:
         """The whole result. With stream=True (default) tokens are timed as they arrive (ttft_s, itl_s)."""
         builder = ResultBuilder()
@@ -211,7 +217,7 @@ class AsyncClient(_Base):
         self.stub = pb_grpc.InferenceServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
-    async def stream(self, prompt: str | Sequence[int], *, request_id: str | None = None,
+    async def stream(self, prompt: str | Sequence[int] | Sequence[dict], *, request_id: str | None = None,
                      timeout: float | None = None, **sampling) -> AsyncIterator[pb.GenerateResponse]:
         call = self.stub.Generate(build_request(prompt, stream=True, request_id=request_id, **sampling),
                                   timeout=self._timeout(timeout), metadata=self.metadata)
@@ -221,7 +227,7 @@ class AsyncClient(_Base):
         finally:
             call.cancel()
 
-    async def generate(self, prompt: str | Sequence[int], *, stream: bool = True, request_id: str | None = None,
+    async def generate(self, prompt: str | Sequence[int] | Sequence[dict], *, stream: bool = True, request_id: str | None = None,
                        timeout: float | None = None, **sampling) -> GenerateResult:
         builder = ResultBuilder()
         req = build_request(prompt, stream=stream, request_id=request_id, **sampling)

@@ -15,11 +15,18 @@ from splitserve.proto.client import Client
 
 openai = pytest.importorskip("openai")
 TOKEN = "s3cret"
+# A template in the style of real ones: special tokens around each turn, an error for roles it does not know.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}")
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cache and the model"}]
 
 
 @pytest.fixture(scope="module")
 def served(ray_runtime, tmp_path_factory):
     ckpt = write_checkpoint("llama", tmp_path_factory.mktemp("llama"), seed=61)
+    (ckpt / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     options = ServerOptions(port=0, http_port=0, metrics_port=0, auth_token=TOKEN)
     with Cluster(config(ckpt)) as cluster, BackgroundServer(options=options, cluster=cluster).start() as server:
         yield cluster, server
@@ -127,3 +134,68 @@ def test_bench_against_the_openai_endpoint(served, tmp_path):
     assert result["ttft_ms"]["mean"] > 0 and result["tpot_ms"]["mean"] > 0
     assert main(["bench", "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.http_port}/v1",
                  "--token", "wrong", "--num-prompts", "2", "--no-progress"]) == 1
+
+
+def test_chat_completions_render_the_template_and_equal_the_grpc_path(served, client):
+    cluster, server = served
+    ids = cluster.encode(CHAT)
+    assert ids[0] == 0 and ids.count(0) == 3  # <s> per turn and before the generation prompt, no extra bos
+    with Client(server.target, token=TOKEN, timeout=60) as grpc_client:
+        by_ids = grpc_client.generate(ids, max_tokens=10, min_tokens=10, temperature=0.0)
+        by_messages = grpc_client.generate(CHAT, max_tokens=10, min_tokens=10, temperature=0.0)
+    assert by_messages.token_ids == by_ids.token_ids and by_messages.text == by_ids.text
+    out = client.chat.completions.create(model=server.server.model_name, messages=CHAT, max_tokens=10,
+                                         temperature=0.0, extra_body={"min_tokens": 10})
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == by_ids.text
+    assert out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 10)
+    stream = client.chat.completions.create(model=server.server.model_name, messages=CHAT, max_completion_tokens=10,
+                                            temperature=0.0, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"min_tokens": 10})
+    events = list(stream)
+    assert events[0].object == "chat.completion.chunk" and events[0].choices[0].delta.role == "assistant"
+    assert "".join(e.choices[0].delta.content or "" for e in events if e.choices) == by_ids.text
+    assert [e.choices[0].finish_reason for e in events if e.choices][-1] == "length"
+    assert events[-1].usage.completion_tokens == 10 and not events[-1].choices
+    # text parts are joined as the content
+    parts = [CHAT[0], {"role": "user", "content": [{"type": "text", "text": "the cache "},
+                                                    {"type": "text", "text": "and the model"}]}]
+    again = client.chat.completions.create(model=server.server.model_name, messages=parts, max_tokens=10,
+                                           temperature=0.0, extra_body={"min_tokens": 10})
+    assert again.choices[0].message.content == by_ids.text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": [{"role": "", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),  # the template refuses the role
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": CHAT, "n": 3}, "n"),
+    ({"messages": CHAT, "logprobs": True}, "logprobs"),
+    ({"messages": CHAT, "max_tokens": 3, "max_completion_tokens": 3}, "max_tokens"),
+    ({"messages": CHAT, "max_completion_tokens": 0}, "max_tokens"),
+    ({"messages": CHAT, "prompt": "x"}, "prompt"),
+])
+def test_chat_errors_take_openais_shape(served, body, param):
+    code, reply = _http(served, "POST", "/v1/chat/completions", body)
+    assert code == 400, reply
+    assert reply["error"]["param"] == param and reply["error"]["type"] == "invalid_request_error", reply
+
+
+def test_chat_client_leaving_mid_stream_aborts_the_request(served, client):
+    cluster, server = served
+    stream = client.chat.completions.create(model=server.server.model_name, messages=CHAT, max_tokens=400,
+                                            temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 20
+    while cluster.num_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster.num_requests == 0
+    wait_for_idle(cluster)

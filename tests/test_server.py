@@ -174,6 +174,8 @@ VALIDATION = {  # name: (request, field named at the start of the message)
     "empty stop string": (_req([3], stop=["ok", ""]), "sampling.stop[1]"),
     "stop token outside vocab": (_req([3], stop_token_ids=[VOCAB + 7]), "sampling.stop_token_ids[0]"),
     "request_id too long": (pb.GenerateRequest(request_id="x" * 300, token_ids=pb.TokenIds(ids=[3])), "request_id"),
+    "messages without a chat template": (pb.GenerateRequest(messages=pb.ChatMessages(
+        messages=[pb.ChatMessage(role="user", content="hi")])), "prompt.messages"),
 }
 
 
@@ -197,7 +199,9 @@ def _raw_generate(channel):
     # field 4 (sampling) holding field 10 (stop) = b"\xc3\x28"
     (b"\x22\x04\x52\x02\xc3\x28" + b"\x12\x01a", "sampling.stop[0]"),
     (b"\x12\x09ab", "request"),  # truncated
-], ids=["text", "stop", "truncated"])
+    # field 6 (messages) holding a message (field 1) whose content (field 2) is not UTF-8
+    (b"\x32\x06\x0a\x04\x12\x02\xc3\x28", "prompt.messages[0].content"),
+], ids=["text", "stop", "truncated", "messages"])
 def test_undecodable_request_is_invalid_argument(client, payload, field):
     with pytest.raises(grpc.RpcError) as err:
         list(_raw_generate(client.channel)(payload, timeout=10))
@@ -447,10 +451,13 @@ def test_decode_step_fitted_through_the_server(server, cluster):
 
     workload = bench.build_workload("humaneval", 200, max_context=CONTEXT, vocab_size=VOCAB, eos_token_ids=[1],
                                     has_tokenizer=True, seed=4)
-    k, info = profiler.serving_decode_fit(server.target, workload, handoff_s=0.0, max_batched_tokens=2048,
-                                          timeout=120)
+    k, uncertainty, info = profiler.serving_decode_fit(server.target, workload, handoff_s=0.0,
+                                                       max_batched_tokens=2048, timeout=120, rounds=2)
     assert len(info["points"]) == 2 * len(profiler.SERVING_DECODE_BATCHES)  # short and long prompts per size
-    assert all(p["measured_ms"] > 0 for p in info["points"])
+    assert all(p["measured_ms"] > 0 and len(p["repeats_ms"]) == 2 for p in info["points"])
+    assert uncertainty.samples == 2 * len(info["points"])
+    for c in "abc":
+        assert 0 <= getattr(uncertainty.low, c) <= getattr(uncertainty.high, c) < math.inf
     batches = [p["batch"] for p in info["points"]]
     assert all(1 <= b <= size for b, size in zip(batches, sorted(profiler.SERVING_DECODE_BATCHES * 2)))
     assert max(batches) >= 8  # decode batches grow even where long prompts cap a prefill batch

@@ -168,4 +168,11 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"model: {path} is not valid JSON: {e}") from None
+    generation = Path(model_dir) / "generation_config.json"
+    if generation.is_file():  # generation stops at its eos ids too (chat models end a turn with their own token)
+        try:
+            extra = _eos_ids(json.loads(generation.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"model: {generation} is not usable: {e}") from None
+        raw = {**raw, "eos_token_id": list(dict.fromkeys([*_eos_ids(raw), *extra]))}
     return parse_config(raw)

@@ -8,6 +8,7 @@ from typing import Sequence as Seq
 
 
 from splitserve.comm.tensor_parallel import SINGLE, TPGroup
+from splitserve.workers.chat_template import ChatTemplate
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.engine_builder import build_engine, cache_salt, kv_cache_blocks
 from splitserve.workers.engine_config import EngineConfig
@@ -64,6 +65,7 @@ class LLM:
         self.model.configure_tp(config.tp_norm_method, config.overlap_min_tokens)
         cfg = self.model.cfg
         self.tokenizer = load_tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
+        self.chat_template = ChatTemplate.load(self.model_dir)
         self.max_model_len = config.context_len(cfg.max_position_embeddings)
         num_blocks = kv_cache_blocks(config, self.model, self.device, torch_dtype)
         caches = allocate_kv_cache(cfg.num_layers, num_blocks, config.block_size, self.model.num_kv_heads,
@@ -75,8 +77,9 @@ class LLM:
         self.blocks = self.core.blocks
         self._ids = itertools.count()
 
-    def encode(self, prompt: str | Seq[int]) -> list[int]:
-        return encode_prompt(prompt, self.tokenizer, self.model.cfg.vocab_size)
+    def encode(self, prompt: str | Seq[int] | Seq[dict]) -> list[int]:
+        """Text, token ids, or a chat (a list of {role, content}) rendered with the model's chat template."""
+        return encode_prompt(prompt, self.tokenizer, self.model.cfg.vocab_size, self.chat_template)
 
     def make_sequence(self, prompt: str | Seq[int], params: SamplingParams) -> Sequence:
         ids = self.encode(prompt)

@@ -1,4 +1,5 @@
-"""Built-in models (`tiny`, `small`): random weights from a fixed seed, saved in Hugging Face format on first use."""
+"""Built-in models: `tiny` and `small` have random weights from a fixed seed, saved in Hugging Face format on first
+use; real checkpoints fetched from the package registry are in `fetched_models`."""
 from __future__ import annotations
 
 import json
@@ -97,8 +98,23 @@ def write_preset(name: str, directory: Path) -> None:
     build_tokenizer().save(str(directory / "tokenizer.json"))
 
 
+def model_names() -> list[str]:
+    from splitserve.workers.fetched_models import FETCHED_MODELS
+
+    return sorted(PRESETS) + sorted(FETCHED_MODELS)
+
+
 def resolve_model(model: str | os.PathLike) -> Path:
-    """A preset name (built once into the cache) or a local checkpoint directory."""
+    """A preset name (random presets built once into the cache; real ones fetched from the package registry and
+    converted once), a local checkpoint directory, or a GGUF file (converted once into the cache)."""
+    from splitserve.workers.fetched_models import FETCHED_MODELS, resolve_fetched
+
+    if str(model) in FETCHED_MODELS:
+        return resolve_fetched(str(model), cache_dir())
+    if str(model).endswith(".gguf"):
+        from splitserve.workers.gguf_checkpoint import resolve_gguf
+
+        return resolve_gguf(model, cache_dir())
     if str(model) in PRESETS:
         target = cache_dir() / f"{model}-{_VERSION}"
         if not (target / "model.safetensors").is_file():
@@ -112,5 +128,6 @@ def resolve_model(model: str | os.PathLike) -> Path:
         return target
     path = Path(model)
     if not path.is_dir():
-        raise ValueError(f"model: {str(model)!r} is neither a preset ({sorted(PRESETS)}) nor a local directory")
+        raise ValueError(f"model: {str(model)!r} is neither a preset ({model_names()}), a local checkpoint directory "
+                         f"nor a .gguf file")
     return path

@@ -115,8 +115,9 @@ class SamplingParams:
 
 
 def pair_with_params(prompts, params: "SamplingParams | Sequence[SamplingParams] | None"):
-    """(prompts, one SamplingParams per prompt): a single prompt (text or ids) becomes a list of one."""
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    """(prompts, one SamplingParams per prompt): a single prompt (text, ids or a chat's messages) becomes a list
+    of one."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
         prompts = [prompts]
     params = params or SamplingParams()
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)

@@ -13,8 +13,24 @@ def load_tokenizer(model_dir: str | Path):
     return Tokenizer.from_file(str(path))
 
 
-def encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
-    """Text through the tokenizer, or token ids checked against the vocabulary; errors name the field."""
+def encode_chat(messages, tokenizer, chat_template) -> list[int]:
+    """A conversation rendered with the model's chat template (with the generation prompt), then tokenised as the
+    template wrote it: the template places every special token itself."""
+    if chat_template is None:
+        raise ValueError("messages: this model has no chat template; send a text prompt or token ids")
+    if tokenizer is None:
+        raise ValueError("messages: this model has no tokenizer.json")
+    text = chat_template.render(messages)
+    return tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+
+
+def encode_prompt(prompt, tokenizer, vocab_size: int, chat_template=None) -> list[int]:
+    """Text through the tokenizer, a chat (a list of {role, content}) through the chat template, or token ids
+    checked against the vocabulary; errors name the field."""
+    from splitserve.workers.chat_template import is_messages
+
+    if is_messages(prompt):
+        return encode_chat(prompt, tokenizer, chat_template)
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt: must not be empty")
