@@ -143,12 +143,13 @@ def _programs_wanted(device: torch.device) -> int:
 
 def launch_shape(decode: bool, group: int, head_dim: int) -> tuple[int, int, int]:
     """(query tokens per program, padded group, padded head_dim). tl.dot needs at least 16 rows: decode pads
-    the group's heads to 16, prefill packs tokens x heads into 64 rows."""
+    the group's heads to 16; prefill packs tokens x heads into 64 rows (32 for head_dim > 128, so the float32
+    accumulator stays in registers)."""
     block_g = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if decode:
         return 1, max(16, block_g), block_d
-    return max(1, 64 // block_g), block_g, block_d
+    return max(1, (64 if block_d <= 128 else 32) // block_g), block_g, block_d
 
 
 def choose_splits(programs: int, keys: int, wanted: int) -> int:

@@ -1,7 +1,7 @@
 """The Triton paged-attention kernel, run by Triton's interpreter on CPU, against its torch twin on random inputs
 (never zero); and the twin against the engine's reference attention (`workers/layers/attention.py`).
 
-Cases cover decode and prefill over a cached prefix, ragged batches, GQA/MQA/MHA, head_dim 16/24/64/128,
+Cases cover decode and prefill over a cached prefix, ragged batches, GQA/MQA/MHA, head_dim 16/24/64/128/256,
 block sizes that are not powers of two, block tables whose blocks are unordered with holes between them and
 padding that points at live blocks, sliding windows at their edges, and split-K with its merge.
 Tolerances against the float32 twin: float32 within 2e-6 absolute + 1e-5 relative (another summation order);
@@ -72,6 +72,7 @@ CASES = {
     "prefill-mqa-bs5-split4": (F32, 4, 1, 16, 5, [130, 64], [20, 64], None, 4),
     "prefill-d64-bf16": (BF16, 8, 2, 64, 16, [70, 24], [6, 24], None, None),
     "prefill-d128-f16-window": (F16, 4, 2, 128, 16, [50, 18], [9, 3], 20, None),
+    "prefill-d256-bf16": (BF16, 4, 2, 256, 16, [40, 20], [9, 20], None, None),
 }
 
 
