@@ -137,6 +137,18 @@ def test_twin_matches_engine_attention(case):
     torch.testing.assert_close(paged_attention_torch(*inputs, scale, window, splits), want, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_kernel_matches_twin_on_cuda(case):
+    inputs, scale, window, splits = CASES_BUILT[case]
+    inputs = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs)
+    got = paged_attention(*inputs, scale, window, splits)
+    want = paged_attention_torch(*inputs, scale, window, splits)
+    rtol, atol = TOLERANCE[want.dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
 def test_twin_is_used_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs, scale, window, splits = CASES_BUILT["decode-gqa-d16-ragged"]
