@@ -32,7 +32,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--cluster", action="store_true",
                    help="run a disaggregated cluster on local Ray in this process (prefill and decode instances)")
     p.add_argument("--config", default=None, help="cluster YAML (with --cluster); default: 1 prefill + 1 decode")
-    p.add_argument("--model", default="tiny", help="with --local/--cluster: preset (tiny, small) or a checkpoint dir")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="with --local/--cluster: a preset (smollm2-135m, tiny, small), checkpoint dir or .gguf file")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message, rendered with the model's chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _add_sampling(p)
@@ -44,6 +47,8 @@ def _generate(args) -> int:
     from splitserve.workers.llm import LLM
     from splitserve.workers.sampling_params import SamplingParams
 
+    if args.chat:  # each prompt becomes a one-message conversation
+        args.prompts = [[{"role": "user", "content": p}] for p in args.prompts]
     if not (args.local or args.cluster or args.config):
         return _generate_on_server(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -56,7 +61,7 @@ def _generate(args) -> int:
           f"({llm.blocks.num_blocks} KV blocks of {llm.blocks.block_size} tokens)", file=sys.stderr)
     if args.stream:
         for prompt in args.prompts:
-            print(f">>> {prompt}")
+            print(f">>> {_shown(prompt)}")
             for _, delta, done in llm.stream([prompt], params):
                 print(delta, end="", flush=True)
                 if done is not None:
@@ -67,7 +72,7 @@ def _generate(args) -> int:
     outputs = llm.generate(list(args.prompts), params)
     elapsed = time.perf_counter() - start
     for prompt, out in zip(args.prompts, outputs):
-        print(f">>> {prompt}\n{out.text}")
+        print(f">>> {_shown(prompt)}\n{out.text}")
         _print_timing(out)
     tokens = sum(len(o.token_ids) for o in outputs)
     print(f"{len(outputs)} requests, {tokens} tokens in {elapsed:.3f}s ({tokens / elapsed:.1f} tok/s)", file=sys.stderr)
@@ -88,7 +93,7 @@ def _generate_on_cluster(args, params) -> int:
         print(f"cluster up in {time.perf_counter() - start:.1f}s: {layout}", file=sys.stderr)
         outputs = cluster.generate(list(args.prompts), params)
     for prompt, out in zip(args.prompts, outputs):
-        print(f">>> {prompt}\n{out.text}")
+        print(f">>> {_shown(prompt)}\n{out.text}")
         if out.error:
             print(f"    [error: {out.error}]")
             continue
@@ -97,6 +102,11 @@ def _generate_on_cluster(args, params) -> int:
               f"KV transfer {m['kv_transfer_s'] * 1e3:.1f} ms, ITL {m['mean_itl_s'] * 1e3:.2f} ms, "
               f"{m['prefill_instance']} -> {m['decode_instance']}]")
     return 0 if all(o.error is None for o in outputs) else 1
+
+
+def _shown(prompt) -> str:
+    """A prompt as echoed before its answer: a chat shows its last message."""
+    return prompt[-1]["content"] if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) else prompt
 
 
 def _print_timing(out) -> None:
@@ -118,6 +128,10 @@ COMMANDS = {
              "show a running server's model, layout, queue and KV usage"),
     "scale": ("splitserve.cluster.scale_cli", "add_arguments", "run",
               "set a running server's number of prefill/decode/colocated instances (launch or drain at runtime)"),
+    "chat": ("splitserve.cluster.chat_cli", "add_arguments", "run",
+             "an interactive, streamed conversation through a server (or --local), rendered with the chat template"),
+    "fetch": ("splitserve.cluster.chat_cli", "add_fetch_arguments", "run_fetch",
+              "fetch and convert a model into the model cache ahead of serving (smollm2-135m, a .gguf file)"),
     "demo": ("splitserve.cluster.serve_cli", "add_demo_arguments", "run_demo",
              "start the default server, stream a few requests through the gRPC client, print text and TTFT/TPOT, "
              "stop the server"),
@@ -148,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_command(sub, "serve")
     _add_generate(sub)
-    for name in ("info", "scale", "demo", "bench", "batch", "plan", "profile"):
+    for name in ("chat", "info", "scale", "demo", "bench", "batch", "plan", "profile", "fetch"):
         _add_command(sub, name)
     return parser
 
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad options, missing files, a model the registry could not provide
         print(f"splitserve: error: {e}", file=sys.stderr)
         return 2
 

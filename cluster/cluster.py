@@ -16,6 +16,7 @@ from splitserve.cluster.dispatcher import Dispatcher
 from splitserve.cluster.request import Request, RequestState, StreamChunk
 from splitserve.cluster.scaling import Scaler, ScaleResult
 from splitserve.workers.config import load_config as load_model_config
+from splitserve.workers.config import tp_problem
 from splitserve.workers.chat_template import ChatTemplate, is_messages
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.presets import resolve_model
@@ -61,6 +62,7 @@ class Cluster:
 
             ray = self.launcher.init_ray()
             self.config = self.launcher.config = plan_config(self.config, self.model_dir, ray.nodes())
+        self._check_tp()
         self.instances = {inst.name: inst for inst in self.launcher.start()}
         self._running = True
         self.loop = asyncio.new_event_loop()
@@ -215,6 +217,14 @@ class Cluster:
         if running is self.loop:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def _check_tp(self) -> None:
+        """Refuses, before any process starts, a TP degree the model's heads cannot be split over."""
+        for role in ("prefill", "decode", "colocated"):
+            section = getattr(self.config, role)
+            problem = tp_problem(self.model_config, section.tp) if section.instances else None
+            if problem:
+                raise ValueError(f"{role}.tp: {problem}")
 
     # --------------------------------------------------------------------------------------- admission
     def encode(self, prompt) -> list[int]:

@@ -291,7 +291,7 @@ _SECTIONS = {"prefill": PrefillConfig, "decode": DecodeConfig, "colocated": Colo
              "kv_transfer": TransferConfig, "ray": RayConfig, "fault_tolerance": FaultToleranceConfig}
 
 DEFAULT_YAML = """\
-model: tiny              # preset name, or a local Hugging Face checkpoint directory
+model: smollm2-135m      # preset (smollm2-135m, tiny, small), a Hugging Face checkpoint directory, or a .gguf file
 dtype: float32           # float32 | bfloat16 | float16
 device: auto             # auto | cpu | cuda
 prefill: {instances: 1, tp: 1, sp: 1}
@@ -305,7 +305,7 @@ def config_from_dict(data: dict | None) -> ClusterConfig:
 
 
 def load_config(source: str | Path | None = None) -> ClusterConfig:
-    """From a YAML file path; None gives the embedded default (local Ray, tiny, 1 prefill + 1 decode, CPU)."""
+    """From a YAML file path; None gives the embedded default (local Ray, smollm2-135m, 1 prefill + 1 decode, CPU)."""
     if source is None:
         return config_from_dict(yaml.safe_load(DEFAULT_YAML))
     path = Path(source)

