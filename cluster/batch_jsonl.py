@@ -129,7 +129,8 @@ def result_record(request_id, token_ids: list[int], text: str, last) -> dict:
     metrics = dict(last.metrics or {})
     metrics["tpot_s"] = metrics.get("mean_itl_s")
     return {"id": request_id, "text": text, "token_ids": token_ids, "finish_reason": last.finish_reason,
-            "usage": {"prompt_tokens": metrics.get("prompt_tokens"), "completion_tokens": len(token_ids)},
+            "usage": {"prompt_tokens": metrics.get("prompt_tokens"), "completion_tokens": len(token_ids),
+                      "cached_tokens": metrics.get("cached_tokens", 0)},
             "timing": {k: _round(metrics.get(k)) for k in TIMING_KEYS if k in metrics},
             "instances": {"prefill": metrics.get("prefill_instance"), "decode": metrics.get("decode_instance")},
             "error": last.error}

@@ -40,6 +40,10 @@ def _actor_died(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError)
 
 
+# Cumulative counters each instance reports; the frontend sums them per role over every incarnation.
+INSTANCE_COUNTERS = ("prefix_hit_tokens", "prefix_query_tokens", "kv_received_bytes")
+
+
 class Dispatcher:
     POLL_COALESCE_S = 0.01  # at most ~100 event messages a second per instance; tokens still stream per step
 
@@ -53,6 +57,8 @@ class Dispatcher:
         self.by_id: dict[str, Request] = {}
         self.instance_stats: dict[str, dict] = {}
         self.migrations: dict[str, int] = {}  # reason -> requests moved off a failed instance
+        self.counters: dict[str, dict[str, int]] = {c: {} for c in INSTANCE_COUNTERS}  # counter -> role -> total
+        self._last_counts: dict[str, dict[str, int]] = {}  # instance -> its counters at its last report
         self.running = False
         self._pollers: dict[str, asyncio.Task] = {}
         self.planner = None  # the online planner, when on: it observes arrivals and finished requests
@@ -205,6 +211,7 @@ class Dispatcher:
                     self.fleet.died(name, "its leader stopped answering", handle)
                 return
             self.instance_stats[name] = result["stats"]
+            self._count(name, result["stats"])
             self.router.report(name, result["stats"])
             for event in result["events"]:
                 try:
@@ -212,10 +219,23 @@ class Dispatcher:
                 except Exception:  # a bug in handling one event must not stop the instance's poller
                     log.exception("instance %s: event %s could not be handled", name, event[:1])
 
+    def _count(self, name: str, stats: dict) -> None:
+        """Adds what an instance counted since its last report (a relaunched instance counts from zero)."""
+        handle = self.instances.get(name)
+        if handle is None:
+            return
+        role, last = handle.spec.role, self._last_counts.get(name, {})
+        for key in INSTANCE_COUNTERS:
+            now, before = stats.get(key, 0), last.get(key, 0)
+            totals = self.counters[key]
+            totals[role] = totals.get(role, 0) + (now - before if now >= before else now)
+        self._last_counts[name] = {key: stats.get(key, 0) for key in INSTANCE_COUNTERS}
+
     # ------------------------------------------------------------------------------------ lifecycle
     def _on_dead(self, name: str, error: str) -> None:
         self.router.set_serving(name, False)
         self.instance_stats.pop(name, None)
+        self._last_counts.pop(name, None)
         for req in list(self.by_id.values()):
             if req.state.final or name not in (req.prefill, req.decode):
                 continue
@@ -233,6 +253,8 @@ class Dispatcher:
         self.fleet.add(name, handle.spec.role)
         self.router.add(handle.spec.role, name)
         self.instance_stats[name] = stats
+        self._last_counts.pop(name, None)
+        self._count(name, stats)
         self.router.report(name, stats)
         self._start_poller(name)
 
@@ -290,6 +312,10 @@ class Dispatcher:
                 req.timing.kv_ready = time.perf_counter()
                 req.move(RequestState.DECODING)
                 self._on_token(req, name, TokenEvent(event[3], event[4], False, None, None))
+        elif kind == "cached":
+            req = self._current(event[1], event[2])
+            if req is not None and req.cached_tokens is None:  # a resumed attempt's prompt includes its output
+                req.cached_tokens = event[3]
         elif kind == "failed":
             req = self._current(event[1], event[2])
             if req is not None:
@@ -368,4 +394,5 @@ class Dispatcher:
                                   **self.instance_stats.get(n, {})}
                               for n, i in self.instances.items() if n in self.fleet.records}, "requests": states,
                 "restarts": dict(self.fleet.restarts_by_role), "migrations": dict(self.migrations),
+                "counters": {k: dict(v) for k, v in self.counters.items()},
                 **({"planner": self.planner.stats()} if self.planner is not None else {})}

@@ -83,7 +83,25 @@ class _ClusterStateCollector:
         yield instances
         yield restarts
         yield migrations
+        yield from self._kv_counters(snap.get("counters", {}) if snap else {})
         yield from self._planner(snap.get("planner") if snap else None)
+
+    def _kv_counters(self, counters: dict):
+        """Prefix-cache lookups and hits by role, and KV bytes moved into decode caches (summed over every
+        incarnation of every instance by the frontend)."""
+        hits = CounterMetricFamily("splitserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                                   labels=LABELS)
+        queries = CounterMetricFamily("splitserve_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
+                                      "prefix cache", labels=LABELS)
+        moved = CounterMetricFamily("splitserve_kv_transfer_bytes", "KV cache bytes transferred from prefill into "
+                                    "decode instances", labels=("model_name",))
+        for family, key in ((hits, "prefix_hit_tokens"), (queries, "prefix_query_tokens")):
+            for role, n in sorted(counters.get(key, {}).items()):
+                family.add_metric([self.model_name, role], n)
+        moved.add_metric([self.model_name], sum(counters.get("kv_received_bytes", {}).values()))
+        yield hits
+        yield queries
+        yield moved
 
     def _planner(self, planner: dict | None):
         """The online planner's last decision: observed rate, target counts, predicted attainment per candidate."""

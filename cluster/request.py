@@ -105,6 +105,7 @@ class Request:
     retries: int = 0  # of failed KV transfers
     migrations: int = 0  # moves off a dead instance
     prompt_on: str | None = None  # the instance counting this prompt as pending work, until its first token
+    cached_tokens: int | None = None  # prompt tokens its (first) prefill found in the prefix cache
     error: str | None = None
     timing: Timing = field(default_factory=Timing)
     token_ids: list[int] = field(default_factory=list)
@@ -159,6 +160,7 @@ class Request:
         self.error = error
         metrics = self.timing.metrics(len(self.token_ids))
         metrics.update(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.token_ids),
+                       cached_tokens=min(self.cached_tokens or 0, len(self.prompt_ids)),
                        attempts=self.attempt, migrations=self.migrations, prefill_instance=self.prefill,
                        decode_instance=self.decode)
         text = self.text.take_delta() if state is RequestState.FINISHED else ""

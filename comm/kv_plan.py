@@ -102,12 +102,15 @@ def sp_block_owners(num_tokens: int, block_size: int, sp: int) -> list[int]:
 @dataclass(frozen=True)
 class DecodeTarget:
     """Where one request's KV goes: the decode instance, its TP degree, the blocks it reserved, and the transfer
-    id it issued for them (unique among that instance's transfers; it names the transfer on the wire)."""
+    id it issued for them (unique among that instance's transfers; it names the transfer on the wire).
+    `cached_blocks`: the first blocks of the table already hold this prompt's KV (the decode side's prefix cache),
+    so only the blocks after them are sent."""
 
     instance: str
     tp: int
     block_table: tuple[int, ...]
     transfer_id: int
+    cached_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,16 +135,17 @@ class TransferOrder:
 
 def transfer_orders(layout: PrefillLayout, num_tokens: int, src_table: list[int],
                     target: DecodeTarget) -> list[TransferOrder]:
-    """Every prefill rank's share of one request's KV. Under SP each block was written by one SP rank, which
-    pushes it; SP rank s owns global ranks s·TP + p. A rank that owns no block of a short prompt still gets an
-    empty order: the decode side expects one completion per link."""
+    """Every prefill rank's share of one request's KV: the blocks the decode side does not hold yet. Under SP each
+    block was written by one SP rank, which pushes it; SP rank s owns global ranks s·TP + p. A rank that has no
+    block to send (a short prompt, or a prefix cached on the decode side) still gets an empty order: the decode
+    side expects one completion per link."""
     used = -(-num_tokens // layout.block_size)
     src, dst = src_table[:used], list(target.block_table[:used])
     plan = plan_heads(layout.num_kv_heads, layout.tp, target.tp)
     owners = sp_block_owners(num_tokens, layout.block_size, layout.sp)
     orders = []
     for s in range(layout.sp):
-        mine = [i for i, owner in enumerate(owners) if owner == s]
+        mine = [i for i, owner in enumerate(owners) if owner == s and i >= target.cached_blocks]
         for p, q in sorted({(h.src_rank, h.dst_rank) for h in plan}):
             link = LinkId(layout.name, s * layout.tp + p, target.instance, q)
             slices = [h for h in plan if (h.src_rank, h.dst_rank) == (p, q)]

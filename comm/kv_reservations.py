@@ -49,6 +49,7 @@ class Reservation:
     params: object  # SamplingParams, passed through to the decode engine
     keys: list[str]
     resumed: int = 0  # the last prompt tokens are output of an earlier attempt (see workers.sequence)
+    cached_blocks: int = 0  # leading blocks found in the decode side's prefix cache: not transferred
 
 
 @dataclass

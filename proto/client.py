@@ -37,6 +37,7 @@ class GenerateResult:
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not recomputed)
     server_timing: dict = field(default_factory=dict)  # the server's own measurements (seconds)
     prefill_instance: str = ""
     decode_instance: str = ""
@@ -101,6 +102,7 @@ class ResultBuilder:
         if msg.finished:
             r.finish_reason = FINISH_REASONS[msg.finish_reason]
             r.prompt_tokens, r.completion_tokens = msg.usage.prompt_tokens, msg.usage.completion_tokens
+            r.cached_tokens = msg.usage.cached_tokens
             r.server_timing = timing_dict(msg.timing)
             r.prefill_instance, r.decode_instance, r.attempts = msg.prefill_instance, msg.decode_instance, msg.attempts
             r.e2e_s = now - self.start

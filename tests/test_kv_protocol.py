@@ -33,15 +33,18 @@ class FakeStore:
         return self.data.pop(key, None) is not None
 
 
+@pytest.mark.parametrize("cached", [0, 1, 5], ids=["full", "delta1", "delta5"])
 @pytest.mark.parametrize("kv_heads, p_tp, p_sp, d_tp", [(4, 2, 1, 1), (4, 1, 1, 4), (2, 4, 1, 2), (8, 2, 2, 4),
                                                          (1, 2, 3, 2), (3, 1, 2, 3)])
-def test_orders_cover_every_block_and_head_exactly_once(kv_heads, p_tp, p_sp, d_tp):
+def test_orders_cover_every_missing_block_and_head_exactly_once(kv_heads, p_tp, p_sp, d_tp, cached):
+    """With `cached` blocks already on the decode side (its prefix cache), exactly the others move."""
     block_size, tokens = 4, 4 * 2 * p_sp * 3 - 1  # a partial last block
     layout = PrefillLayout("p", p_tp, p_sp, kv_heads, block_size)
     num_blocks = -(-tokens // block_size)
     src = [100 + i for i in range(num_blocks + 2)]  # longer than needed: only the used prefix moves
-    target = DecodeTarget("d", d_tp, tuple(200 + i for i in range(num_blocks)), transfer_id=7)
+    target = DecodeTarget("d", d_tp, tuple(200 + i for i in range(num_blocks)), transfer_id=7, cached_blocks=cached)
     orders = transfer_orders(layout, tokens, src, target)
+    # Every link still gets its order (the decode side waits for one completion per link).
     assert {(o.link.prefill_rank, o.link.decode_rank) for o in orders} == links_needed_sp(kv_heads, p_tp, d_tp, p_sp)
     owners = sp_block_owners(tokens, block_size, p_sp)
     covered = {}
@@ -50,13 +53,14 @@ def test_orders_cover_every_block_and_head_exactly_once(kv_heads, p_tp, p_sp, d_
         sp_rank = o.link.prefill_rank // p_tp
         for s, d in zip(o.src_blocks, o.dst_blocks):
             assert s - 100 == d - 200 and owners[d - 200] == sp_rank  # block i to block i, pushed by its owner
+            assert d - 200 >= cached, "a block the decode side holds was sent"
             for h in o.slices:
                 for k in range(h.num_heads):
                     cell = (d, o.link.decode_rank, h.dst_head + k)
                     assert cell not in covered, f"{cell} sent twice"
                     covered[cell] = o.link.prefill_rank
     heads_per_decode_rank = max(kv_heads // d_tp, 1)
-    assert len(covered) == num_blocks * d_tp * heads_per_decode_rank
+    assert len(covered) == (num_blocks - cached) * d_tp * heads_per_decode_rank
 
 
 def test_flags_round_trip():

@@ -393,7 +393,8 @@ def test_full_admission_queue_is_resource_exhausted(ray_runtime, ckpt):
         try:
             first = c.stream(list(range(3, 43)), request_id="a", max_tokens=6, temperature=0.0, ignore_eos=True)
             assert not next(first).finished
-            second = c.stream(list(range(3, 43)), request_id="b", max_tokens=6, temperature=0.0, ignore_eos=True)
+            # Other tokens than the first's: a shared prefix would be found in decode's cache and need fewer blocks.
+            second = c.stream(list(range(53, 93)), request_id="b", max_tokens=6, temperature=0.0, ignore_eos=True)
             got = []
             waiter = threading.Thread(target=lambda: got.extend(second))
             waiter.start()

@@ -42,6 +42,12 @@ class BlockTables:
     def __init__(self):
         self._tables: dict[str, list[int]] = {}
         self._num_tokens: dict[str, int] = {}
+        self.query_tokens = 0  # tokens looked up in the prefix cache, and of those the ones found
+        self.hit_tokens = 0
+
+    def count_lookup(self, num_tokens: int, cached_tokens: int) -> None:
+        self.query_tokens += num_tokens
+        self.hit_tokens += cached_tokens
 
     def has(self, seq_id: str) -> bool:
         return seq_id in self._tables

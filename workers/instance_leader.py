@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from splitserve.comm.kv_plan import DecodeTarget, PrefillLayout, links_needed_sp, transfer_orders
+from splitserve.comm.kv_plan import DecodeTarget, PrefillLayout, links_needed_sp, local_kv_heads, transfer_orders
 from splitserve.comm.kv_reservations import Reservation, Reservations
 from splitserve.workers.engine_builder import build_engine, cache_salt
 from splitserve.workers.model_runner import ModelRunner
@@ -50,6 +50,11 @@ class InstanceLeader:
         self.paused = False  # test hook: commands are still taken, but no step runs
         self.error: str | None = None
         self._last_poll = 0.0
+        self._cached_reported: set[str] = set()  # requests whose cached prompt tokens were reported
+        self.kv_received_bytes = 0  # decode: KV bytes written into this instance's caches by transfers
+        cache = rank.caches[0]  # [2, blocks, block_size, local heads, head_dim], one per layer
+        heads = sum(local_kv_heads(cfg.num_kv_heads, self.spec.tp, q)[1] for q in range(self.spec.tp))
+        self._block_bytes = 2 * cache.shape[2] * heads * cache.shape[-1] * cache.element_size() * len(rank.caches)
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name=f"leader-{self.spec.name}", daemon=True).start()
@@ -96,7 +101,10 @@ class InstanceLeader:
     def stats(self) -> dict:
         return {"free_blocks": self.blocks.num_free_blocks, "num_blocks": self.blocks.num_blocks,
                 "usage": self.blocks.usage, "waiting": self.engine.num_waiting, "running": self.engine.num_running,
-                "pending_transfers": len(self.reservations), "error": self.error}
+                "pending_transfers": len(self.reservations), "error": self.error,
+                "cached_blocks": getattr(self.blocks, "num_cached_blocks", 0),
+                "prefix_hit_tokens": self.blocks.hit_tokens, "prefix_query_tokens": self.blocks.query_tokens,
+                "kv_received_bytes": self.kv_received_bytes}
 
     # ------------------------------------------------------------------------------ loop thread only
     def _emit(self, *events) -> None:
@@ -126,12 +134,17 @@ class InstanceLeader:
             raise ValueError(f"prompt: {n} tokens do not fit the decode instance's KV cache "
                              f"({self.blocks.num_blocks * self.blocks.block_size} token slots)")
         # Blocks are held under the request id: an earlier attempt must let go of its blocks first.
-        if self.reservations.holds(request_id) or request_id in self.attempts or not self.blocks.can_allocate(n + 1):
+        if (self.reservations.holds(request_id) or request_id in self.attempts
+                or not self.blocks.can_allocate(n + 1, prompt_ids)):
             return None
-        table = self.blocks.allocate(request_id, n)
+        # The prompt's longest cached prefix (earlier turns' prompts and answers) stays here; only the rest moves.
+        table = self.blocks.allocate(request_id, n, prompt_ids)
+        cached = self.blocks.num_cached_tokens(request_id)
+        self.blocks.count_lookup(n, cached)
         links = links_needed_sp(self.num_kv_heads, prefill_tp, self.spec.tp, self.spec.prefill_sp)
-        res = Reservation(request_id, attempt, list(prompt_ids), params, [], resumed)
-        return DecodeTarget(self.spec.name, self.spec.tp, tuple(table), self.reservations.open(res, links))
+        res = Reservation(request_id, attempt, list(prompt_ids), params, [], resumed, cached // self.blocks.block_size)
+        return DecodeTarget(self.spec.name, self.spec.tp, tuple(table), self.reservations.open(res, links),
+                            res.cached_blocks)
 
     def _abort(self, request_id, attempt):
         transfer_id = self.reservations.find(request_id, attempt)
@@ -143,11 +156,14 @@ class InstanceLeader:
             self._forget(request_id)
 
     def _forget(self, request_id) -> None:
+        self._cached_reported.discard(request_id)
         self.attempts.pop(request_id, None)
         self.targets.pop(request_id, None)
 
     def _check_transfers(self) -> None:
         result = self.reservations.check()
+        for res in result.finished + [r for r, _ in result.ready]:
+            self.kv_received_bytes += (self.blocks.blocks_needed(len(res.prompt_ids)) - res.cached_blocks) * self._block_bytes
         for res in result.drained + result.finished:
             self.blocks.free(res.request_id)
         for res, error in result.failed:
@@ -159,6 +175,7 @@ class InstanceLeader:
     def _admit(self, res: Reservation, token: int) -> None:
         seq = self._sequence(res.request_id, res.prompt_ids, res.params, res.resumed)
         seq.num_computed_tokens = len(res.prompt_ids)
+        self.blocks.commit(res.request_id, res.prompt_ids)  # the KV that arrived is reusable from now on
         seq.append_token(token)
         self.engine.admit(seq)
         self.attempts[res.request_id] = res.attempt
@@ -185,15 +202,18 @@ class InstanceLeader:
                 self._forget(out.seq.seq_id)
 
     def _report(self, outputs: list[EngineOutput]) -> None:
-        items, failures = [], []
+        items, failures, cached = [], [], []
         for o in outputs:
             rid, attempt = o.seq.seq_id, self.attempts.get(o.seq.seq_id, 0)
+            if self.spec.role != "decode" and rid not in self._cached_reported:  # with the prompt's first token
+                self._cached_reported.add(rid)
+                cached.append(("cached", rid, attempt, o.seq.num_cached_tokens))
             if o.token_id == FAILED_TOKEN:
                 failures.append(("failed", rid, attempt, o.seq.error))
             else:
                 items.append((rid, attempt, len(o.seq.output_token_ids) - 1, o.token_id, o.result.finished,
                               o.result.finish_reason, o.result.stop_reason))
-        self._emit(*([("tokens", items)] if items else []), *failures)
+        self._emit(*cached, *([("tokens", items)] if items else []), *failures)
 
     def _drain_commands(self, timeout: float) -> None:
         try:

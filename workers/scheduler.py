@@ -42,6 +42,7 @@ class PrefillScheduler:
                 break
             self.blocks.allocate(seq.seq_id, seq.num_tokens, prefix)
             seq.start_from_cache(self.blocks.num_cached_tokens(seq.seq_id))
+            self.blocks.count_lookup(seq.num_tokens, seq.num_computed_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             batch.append(seq)
@@ -164,6 +165,7 @@ class SplitFuseScheduler:
             return False
         self.blocks.allocate(seq.seq_id, cached, prefix)
         seq.start_from_cache(self.blocks.num_cached_tokens(seq.seq_id))
+        self.blocks.count_lookup(seq.num_tokens, seq.num_computed_tokens)
         return True
 
     def _make_room(self, seq: Sequence, n: int) -> bool:

@@ -1,0 +1,120 @@
+"""Prefix reuse across disaggregation on a real (local) Ray cluster: multi-turn conversations whose every turn
+resends the whole history. Prefill computes only the uncached suffix, the decode side keeps the earlier turns'
+prompt and answer blocks and receives only the blocks it lacks, and every turn's tokens equal transformers."""
+import pytest
+
+from cluster_helpers import config, wait_for_idle, write_checkpoint
+from hf_checkpoints import hf_greedy, hf_model, random_prompts
+from splitserve.cluster.cluster import Cluster
+from splitserve.workers.sampling_params import SamplingParams
+
+BS = 8
+TURNS = 4
+PARAMS = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10)  # min_tokens: as transformers' reference
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint("llama", tmp_path_factory.mktemp("llama"), seed=41)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    return hf_model(checkpoint)
+
+
+def converse(cluster, hf, conversations: int, seed: int):
+    """`conversations` concurrent conversations of TURNS turns (a shared system prompt, then a new message per
+    turn); every turn checked against transformers. Returns per turn the outputs of every conversation."""
+    system = random_prompts([19], seed=seed)[0]
+    messages = random_prompts([5 + c + t for t in range(TURNS) for c in range(conversations)], seed=seed + 1)
+    histories = [system + random_prompts([3 + c], seed=seed + 2 + c)[0] for c in range(conversations)]
+    turns = []
+    for t in range(TURNS):
+        prompts = [h + messages[t * conversations + c] for c, h in enumerate(histories)]
+        outs = cluster.generate(prompts, [PARAMS] * conversations, timeout=120)
+        assert [o.error for o in outs] == [None] * conversations
+        for c, (prompt, out) in enumerate(zip(prompts, outs)):
+            assert out.token_ids == hf_greedy(hf, prompt, PARAMS.max_tokens), f"turn {t}, conversation {c}"
+            histories[c] = prompt + out.token_ids
+        turns.append(list(zip(prompts, outs)))
+    return turns
+
+
+def _blocks(n: int) -> int:
+    return -(-n // BS)
+
+
+LAYOUTS = {
+    "1p1d": {},
+    "prefill_tp2_decode_tp1": {"prefill": {"tp": 2}},
+    "prefill_tp1_decode_tp2_shm": {"decode": {"tp": 2}, "kv_transfer": {"transport": "shm"}},
+    "sp2_prefill": {"prefill": {"sp": 2}},  # SP prefill caches nothing; its decode side still gets only deltas
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_multiturn_reuses_prefill_and_decode_cache_and_sends_only_the_delta(ray_runtime, checkpoint, hf, layout):
+    with Cluster(config(checkpoint, **LAYOUTS[layout])) as cluster:
+        turns = converse(cluster, hf, conversations=1, seed=3)
+        stats = wait_for_idle(cluster)
+        counters = cluster.stats()["counters"]
+    (first_prompt, first), = turns[0]
+    assert first.metrics["cached_tokens"] == 0
+    sp = "sp" in layout
+    for t, [(prompt, out)] in enumerate(turns[1:], start=1):
+        cached = out.metrics["cached_tokens"]
+        # Prefill reuses the previous turn's prompt blocks (its answer was decoded elsewhere).
+        assert cached == (0 if sp else (len(turns[t - 1][0][0]) // BS) * BS), (t, cached)
+    # Decode received only what it lacked: its hits are exactly the bytes not sent.
+    full_blocks = sum(_blocks(len(p)) for [(p, _)] in turns)
+    decode_hits = counters["prefix_hit_tokens"]["decode"]
+    assert decode_hits > 0 and decode_hits % BS == 0
+    block_bytes = counters["kv_received_bytes"]["decode"] / (full_blocks - decode_hits // BS)
+    assert block_bytes == int(block_bytes) and block_bytes > 0
+    # Later turns' histories are on the decode side already (its own answers included): most blocks stay put.
+    assert decode_hits // BS >= sum(_blocks(len(p)) for [(p, _)] in turns[:-1]) - TURNS
+    assert counters["kv_received_bytes"]["decode"] < 0.6 * full_blocks * block_bytes
+    assert counters["prefix_query_tokens"]["decode"] == sum(len(p) for [(p, _)] in turns)
+    assert all(s["free_blocks"] == s["num_blocks"] for s in stats.values())
+
+
+def test_caching_off_sends_every_block_with_the_same_tokens(ray_runtime, checkpoint, hf):
+    with Cluster(config(checkpoint, engine={"prefix_caching": False})) as cluster:
+        turns = converse(cluster, hf, conversations=1, seed=3)
+        wait_for_idle(cluster)
+        counters = cluster.stats()["counters"]
+    assert all(out.metrics["cached_tokens"] == 0 for turn in turns for _, out in turn)
+    assert counters["prefix_hit_tokens"] == {"prefill": 0, "decode": 0}
+    full_blocks = sum(_blocks(len(p)) for [(p, _)] in turns)
+    assert counters["kv_received_bytes"]["decode"] % full_blocks == 0
+
+
+def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkpoint):
+    import urllib.request
+
+    from splitserve.cluster.server import BackgroundServer, ServerOptions
+    from splitserve.proto.client import Client
+
+    system = random_prompts([40], seed=9)[0]
+    with Cluster(config(checkpoint)) as cluster, \
+            BackgroundServer(options=ServerOptions(port=0, metrics_port=0), cluster=cluster).start() as bg, \
+            Client(bg.target, timeout=60) as client:
+        first = client.generate(system + [7, 8], max_tokens=4, temperature=0.0, ignore_eos=True)
+        second = client.generate(system + [9, 10, 11], max_tokens=4, temperature=0.0, ignore_eos=True)
+        assert (first.cached_tokens, second.cached_tokens) == (0, 40)
+        wait_for_idle(cluster)
+        info = client.server_info()
+        by_role = {i.role: i for i in info.instances}
+        assert (by_role["prefill"].prefix_cache_hit_tokens, by_role["prefill"].prefix_cache_query_tokens) == (40, 85)
+        assert by_role["decode"].prefix_cache_hit_tokens == 40
+        body = urllib.request.urlopen(f"http://127.0.0.1:{bg.metrics_port}/metrics", timeout=10).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+              if line.startswith("splitserve_prefix_cache") or line.startswith("splitserve_kv_transfer_bytes")}
+    model = bg.server.model_name
+    assert values[f'splitserve_prefix_cache_hit_tokens_total{{model_name="{model}",worker_type="prefill"}}'] == 40
+    assert values[f'splitserve_prefix_cache_queries_tokens_total{{model_name="{model}",worker_type="prefill"}}'] == 85
+    assert values[f'splitserve_prefix_cache_hit_tokens_total{{model_name="{model}",worker_type="decode"}}'] == 40
+    # 6 + 6 blocks of 8 tokens sent without reuse; the second request's first 5 blocks stayed on the decode side.
+    sent = values[f'splitserve_kv_transfer_bytes_total{{model_name="{model}"}}']
+    assert sent > 0 and sent / (6 + 6 - 5) == int(sent / 7)
