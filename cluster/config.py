@@ -3,12 +3,14 @@ rejected with the offending key's full path."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from splitserve.cluster.router import ROUTING_POLICIES
 from splitserve.workers.engine_config import (TP_NORM_METHODS, TRANSFER_MODES, TRANSPORTS,  # noqa: F401 (re-exported)
                                               EngineConfig, TransferConfig, choice, positive_float, positive_int)
 
@@ -87,6 +89,20 @@ class RayConfig:
         if self.num_gpus is not None:
             positive_int(f"{path}.num_gpus", self.num_gpus, 0)
         positive_float(f"{path}.placement_timeout_s", self.placement_timeout_s)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How requests are placed on instances (see cluster/router.py)."""
+
+    policy: str = "kv_aware"  # kv_aware: load against prefix-cache overlap; least_loaded: load only
+    overlap_weight: float = 1.0  # a cached prompt token counts as this many pending tokens (blocks on decode) saved
+
+    def validate(self, path: str) -> None:
+        choice(f"{path}.policy", self.policy, ROUTING_POLICIES)
+        w = self.overlap_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"config: '{path}.overlap_weight' must be a number >= 0, got {w!r}")
 
 
 @dataclass(frozen=True)
@@ -218,6 +234,7 @@ class ClusterConfig:
     kv_transfer: TransferConfig = field(default_factory=TransferConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     max_queued_requests: int = 1024
     max_prompt_bytes: int = 1 << 20  # text prompts longer than this are refused before tokenising
     # `auto` (or {auto: {...}}): plan the layout at start-up from Ray's GPUs; a mapping without `auto` is what
@@ -229,7 +246,7 @@ class ClusterConfig:
             raise ValueError(f"config: 'model' must be a preset name or a directory, got {self.model!r}")
         choice("dtype", self.dtype, DTYPES)
         choice("device", self.device, DEVICES)
-        for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray", "fault_tolerance"):
+        for f in ("prefill", "decode", "colocated", "engine", "kv_transfer", "ray", "fault_tolerance", "routing"):
             getattr(self, f).validate(f)
         positive_int("max_queued_requests", self.max_queued_requests)
         positive_int("max_prompt_bytes", self.max_prompt_bytes)
@@ -288,7 +305,8 @@ def _build(cls, data: Any, path: str):
 
 
 _SECTIONS = {"prefill": PrefillConfig, "decode": DecodeConfig, "colocated": ColocatedConfig, "engine": EngineConfig,
-             "kv_transfer": TransferConfig, "ray": RayConfig, "fault_tolerance": FaultToleranceConfig}
+             "kv_transfer": TransferConfig, "ray": RayConfig, "fault_tolerance": FaultToleranceConfig,
+             "routing": RoutingConfig}
 
 DEFAULT_YAML = """\
 model: smollm2-135m      # preset (smollm2-135m, tiny, small), a Hugging Face checkpoint directory, or a .gguf file

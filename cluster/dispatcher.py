@@ -12,6 +12,7 @@ from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.fleet import Fleet
 from splitserve.cluster.request import Request, RequestState, TokenEvent
 from splitserve.cluster.router import Router
+from splitserve.workers.block_manager import block_hashes, cache_salt
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class Dispatcher:
         self.instances, self.config, self.loop = instances, config, loop
         names = {role: [n for n, i in instances.items() if i.spec.role == role]
                  for role in ("prefill", "decode", "colocated")}
-        self.router = Router(names["prefill"], names["decode"], names["colocated"])
+        self.router = Router(names["prefill"], names["decode"], names["colocated"], config.routing.policy,
+                             config.routing.overlap_weight)
         self.fleet = Fleet(instances, config.fault_tolerance, loop, launcher.replace, launcher.stop_instance,
                            self._on_dead, self._on_serving)
         self.by_id: dict[str, Request] = {}
@@ -135,6 +137,13 @@ class Dispatcher:
         """What an attempt sends the engines: the prompt plus what earlier attempts already streamed."""
         return req.prompt_ids + req.token_ids, len(req.token_ids)
 
+    def _prompt_hashes(self, prompt: list[int]) -> list[int]:
+        """The prompt's block hashes as the instances' prefix caches name them (none unless routing uses them)."""
+        if not (self.router.kv_aware and self.config.engine.prefix_caching) or not self.instances:
+            return []
+        spec = next(iter(self.instances.values())).spec
+        return block_hashes(prompt, self.config.engine.block_size, cache_salt(spec.model_dir, spec.dtype))
+
     def _started(self, req: Request) -> None:
         req.timing.dispatched = req.timing.dispatched or time.perf_counter()
         req.move(RequestState.PREFILLING)
@@ -143,7 +152,8 @@ class Dispatcher:
         req.attempt += 1
         attempt, since = req.attempt, time.monotonic()
         prompt, resumed = self._engine_prompt(req)
-        while (name := self.router.pick_colocated()) is None:
+        hashes = self._prompt_hashes(prompt)
+        while (name := self.router.pick_colocated(hashes, self.config.engine.block_size)) is None:
             if req.state.final or not await self._wait_for(req, "colocated", since):
                 return
         req.prefill = req.decode = name
@@ -163,8 +173,10 @@ class Dispatcher:
         attempt, since = req.attempt, time.monotonic()
         prompt, resumed = self._engine_prompt(req)
         need = -(-(len(prompt) + 1) // self.config.engine.block_size)
+        hashes = self._prompt_hashes(prompt)
         while not req.state.final and req.attempt == attempt:
-            prefill, decodes = self.router.pick_prefill(), self.router.decode_order()
+            prefill = self.router.pick_prefill(hashes, self.config.engine.block_size)
+            decodes = self.router.decode_order(hashes)
             if prefill is None or not decodes:
                 if not await self._wait_for(req, "prefill" if prefill is None else "decode", since):
                     return
@@ -213,6 +225,7 @@ class Dispatcher:
             self.instance_stats[name] = result["stats"]
             self._count(name, result["stats"])
             self.router.report(name, result["stats"])
+            self.router.cache_events(name, result.get("cache_events", ()))
             for event in result["events"]:
                 try:
                     self._handle(name, handle, event)

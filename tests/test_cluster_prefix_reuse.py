@@ -25,14 +25,17 @@ def hf(checkpoint):
 
 def converse(cluster, hf, conversations: int, seed: int):
     """`conversations` concurrent conversations of TURNS turns (a shared system prompt, then a new message per
-    turn); every turn checked against transformers. Returns per turn the outputs of every conversation."""
+    turn), submitted in reverse order on odd turns (so load-only routing would swap their instances); every turn
+    checked against transformers. Returns per turn the (prompt, output) of every conversation."""
     system = random_prompts([19], seed=seed)[0]
     messages = random_prompts([5 + c + t for t in range(TURNS) for c in range(conversations)], seed=seed + 1)
     histories = [system + random_prompts([3 + c], seed=seed + 2 + c)[0] for c in range(conversations)]
     turns = []
     for t in range(TURNS):
         prompts = [h + messages[t * conversations + c] for c, h in enumerate(histories)]
-        outs = cluster.generate(prompts, [PARAMS] * conversations, timeout=120)
+        order = list(range(conversations))[::-1 if t % 2 else 1]
+        submitted = cluster.generate([prompts[c] for c in order], [PARAMS] * conversations, timeout=120)
+        outs = [submitted[order.index(c)] for c in range(conversations)]
         assert [o.error for o in outs] == [None] * conversations
         for c, (prompt, out) in enumerate(zip(prompts, outs)):
             assert out.token_ids == hf_greedy(hf, prompt, PARAMS.max_tokens), f"turn {t}, conversation {c}"
@@ -118,3 +121,26 @@ def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkp
     # 6 + 6 blocks of 8 tokens sent without reuse; the second request's first 5 blocks stayed on the decode side.
     sent = values[f'splitserve_kv_transfer_bytes_total{{model_name="{model}"}}']
     assert sent > 0 and sent / (6 + 6 - 5) == int(sent / 7)
+
+
+@pytest.mark.parametrize("policy", ["kv_aware", "least_loaded"])
+def test_2p2d_conversations_follow_their_cache(ray_runtime, checkpoint, hf, policy):
+    """Two conversations on two prefill and two decode instances: KV-aware routing keeps each on the instances that
+    hold its history (every later turn reuses all of it on both sides); load-only routing swaps them each turn."""
+    cfg = config(checkpoint, prefill={"instances": 2}, decode={"instances": 2}, routing={"policy": policy})
+    with Cluster(cfg) as cluster:
+        turns = converse(cluster, hf, conversations=2, seed=5)
+        stats = wait_for_idle(cluster)
+        counters = cluster.stats()["counters"]
+    assert all(s["free_blocks"] == s["num_blocks"] for s in stats.values())
+    later = [(t, c, prompt, out) for t, turn in enumerate(turns) if t for c, (prompt, out) in enumerate(turn)]
+    full_history = [(len(turns[t - 1][c][0]) // BS) * BS for t, c, _, _ in later]
+    cached = [out.metrics["cached_tokens"] for _, _, _, out in later]
+    if policy == "kv_aware":
+        assert cached == full_history
+        for c in range(2):  # each conversation stays on its pair
+            assert len({turn[c][1].metrics["prefill_instance"] for turn in turns}) == 1
+            assert len({turn[c][1].metrics["decode_instance"] for turn in turns}) == 1
+        assert counters["prefix_hit_tokens"]["decode"] >= sum(full_history)
+    else:  # moved between instances, a conversation finds only part of its history
+        assert sum(cached) < sum(full_history)

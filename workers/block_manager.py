@@ -20,6 +20,11 @@ def _check_count(name: str, value: int, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def cache_salt(model_dir, dtype: str) -> str:
+    """What, besides the tokens, decides a block's KV: the checkpoint and the dtype. The router hashes with it too."""
+    return f"{model_dir}|{dtype}"
+
+
 def block_hashes(token_ids, block_size: int, salt: str = "", start: int = 0, parent: int = 0) -> list[int]:
     """Chained hashes of the full blocks of `token_ids` from block `start` on (`parent`: the hash of block
     start - 1). A block's hash covers every token before it, and `salt` (the model), so equal hashes mean equal KV.
@@ -69,9 +74,9 @@ class BlockTables:
     def commit(self, seq_id: str, token_ids) -> None:
         """`token_ids` (a prefix of the sequence) have their KV in its blocks: full blocks become reusable."""
 
-    def take_events(self) -> tuple[list[int], list[int]]:
-        """(hashes stored, hashes evicted) since the last call."""
-        return [], []
+    def take_events(self) -> list[tuple[bool, int]]:
+        """(stored: True / evicted: False, block hash) in order since the last call: what a router mirrors."""
+        return []
 
     def slot_mapping(self, seq_id: str, start: int, end: int) -> list[int]:
         """Flat KV slot (block * block_size + offset) of each token position in [start, end)."""
@@ -112,8 +117,8 @@ class BlockManager(BlockTables):
         self._by_hash: dict[int, int] = {}
         self._seq_hashes: dict[str, list[int]] = {}  # chained hashes of each sequence's committed blocks
         self._cached_tokens: dict[str, int] = {}
-        self._stored: list[int] = []
-        self._evicted: list[int] = []
+        self.record_events = False  # an instance leader turns this on and takes the events for its router
+        self._events: list[tuple[bool, int]] = []
         super().__init__()
 
     @property
@@ -207,13 +212,13 @@ class BlockManager(BlockTables):
             # Two sequences may have computed the same block: the first one's stays the cached copy.
             if h not in self._by_hash and block not in self._hash_of:
                 self._by_hash[h], self._hash_of[block] = block, h
-                self._stored.append(h)
+                if self.record_events:
+                    self._events.append((True, h))
         hashes.extend(new)
 
-    def take_events(self) -> tuple[list[int], list[int]]:
-        stored, evicted = self._stored, self._evicted
-        self._stored, self._evicted = [], []
-        return stored, evicted
+    def take_events(self) -> list[tuple[bool, int]]:
+        events, self._events = self._events, []
+        return events
 
     def free(self, seq_id: str) -> int:
         # Unknown ids are not an error: an abort can race with a normal finish.
@@ -245,7 +250,8 @@ class BlockManager(BlockTables):
             block, _ = self._cached_free.popitem(last=False)
             h = self._hash_of.pop(block)
             del self._by_hash[h]
-            self._evicted.append(h)
+            if self.record_events:
+                self._events.append((False, h))
         self._refs[block] = 1
         return block
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.workers.block_manager import BlockManager
+from splitserve.workers.block_manager import BlockManager, cache_salt  # noqa: F401 (cache_salt re-exported)
 from splitserve.workers.engine_config import EngineConfig
 from splitserve.workers.engine_core import EngineCore
 from splitserve.workers.kv_cache import cuda_budget, num_blocks_for_budget
@@ -17,11 +17,6 @@ from splitserve.workers.splitfuse_engine import SplitFuseEngine
 from splitserve.workers.sp_block_manager import SPBlockManager
 
 ROLES = ("prefill", "decode", "colocated")
-
-
-def cache_salt(model_dir, dtype: str) -> str:
-    """What, besides the tokens, decides a block's KV: the checkpoint and the dtype. The router hashes with it too."""
-    return f"{model_dir}|{dtype}"
 
 
 def kv_cache_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype) -> int:

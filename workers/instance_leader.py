@@ -40,12 +40,14 @@ class InstanceLeader:
         self.engine = build_engine(self.spec.role, runner, rank.num_blocks, self.spec.engine, context_len,
                                    sp=self.spec.sp, cache_salt=cache_salt(self.spec.model_dir, self.spec.dtype))
         self.blocks = self.engine.blocks
+        self.blocks.record_events = True
         self.attempts: dict[str, int] = {}  # request id -> the attempt this instance's engine holds
         self.targets: dict[str, DecodeTarget] = {}  # prefill: where each request's KV goes
         self.reservations = Reservations(rank.store)  # decode: KV on its way here
         self.commands: queue.Queue = queue.Queue()
         self.cond = threading.Condition()
         self.events: list[tuple] = []
+        self.cache_events: list[tuple[bool, int]] = []  # prefix-cache blocks stored / evicted, for the router
         self.running = True
         self.paused = False  # test hook: commands are still taken, but no step runs
         self.error: str | None = None
@@ -95,8 +97,9 @@ class InstanceLeader:
             time.sleep(pause)
         with self.cond:
             events, self.events = self.events, []
+            cache_events, self.cache_events = self.cache_events, []
         self._last_poll = time.monotonic()
-        return {"events": events, "stats": self.stats()}
+        return {"events": events, "stats": self.stats(), "cache_events": cache_events}
 
     def stats(self) -> dict:
         return {"free_blocks": self.blocks.num_free_blocks, "num_blocks": self.blocks.num_blocks,
@@ -108,10 +111,15 @@ class InstanceLeader:
 
     # ------------------------------------------------------------------------------ loop thread only
     def _emit(self, *events) -> None:
-        if events:
+        """Queues events for the next poll, with the cache changes so far (so a finished request's blocks are
+        known to the router by the time its last token is)."""
+        cache_events = self.blocks.take_events()
+        if events or cache_events:
             with self.cond:
                 self.events.extend(events)
-                self.cond.notify_all()
+                self.cache_events.extend(cache_events)
+                if events:
+                    self.cond.notify_all()
 
     def _sequence(self, request_id, prompt_ids, params, resumed) -> Sequence:
         return Sequence(request_id, prompt_ids, params, StopChecker(params, self.eos, None), resumed)
@@ -241,6 +249,7 @@ class InstanceLeader:
                     self._check_transfers()
                 if not self.paused:
                     self._step()
+                self._emit()  # cache changes of commands and transfers (reservations, aborts)
             except Exception as e:  # a broken instance reports, it does not hang its requests
                 log.exception("instance %s failed", self.spec.name)
                 self.error = f"{type(e).__name__}: {e}"
