@@ -54,6 +54,7 @@ def format_report(report: dict) -> str:
     row("Benchmark duration (s):", num(report["duration_s"]))
     row("Total input tokens:", report["total_input_tokens"])
     row("Total output tokens:", report["total_output_tokens"])
+    row("Prefix cache hit rate (%):", num(100 * report.get("prefix_hit_rate", 0.0), 1))
     row("Request throughput (req/s):", num(report["request_throughput"]))
     row("Output token throughput (tok/s):", num(report["output_throughput"]))
     row("Total token throughput (tok/s):", num(report["total_token_throughput"]))
@@ -89,17 +90,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate")
     parser.add_argument("--dataset", default="sharegpt", choices=ALL_DATASETS,
                         help="synthetic lengths with published means (sharegpt 755/200, humaneval 171/98, "
-                             "longbench 1738/91 tokens in/out), random, or jsonl (--dataset-path)")
+                             "longbench 1738/91 tokens in/out), random, jsonl (--dataset-path), or multiturn "
+                             "(--num-prompts conversations of --turns turns resending their history)")
     parser.add_argument("--dataset-path", default=None,
                         help="JSONL: `prompt` or `prompt_token_ids`, optional `max_tokens`/`output_len` per line")
     parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--input-len", type=int, default=512, help="random: mean prompt tokens")
+    parser.add_argument("--input-len", type=int, default=512,
+                        help="random: mean prompt tokens; multiturn: the shared system prompt's tokens")
     parser.add_argument("--output-len", type=int, default=128,
-                        help="random: mean output tokens; jsonl: output of lines that give none")
+                        help="random: mean output tokens; jsonl: output of lines that give none; multiturn: "
+                             "answer tokens per turn")
+    parser.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
+    parser.add_argument("--message-len", type=int, default=64, help="multiturn: new message tokens per turn")
     parser.add_argument("--range-ratio", type=float, default=0.0,
                         help="random: lengths uniform in [L*(1-r), L*(1+r)]")
     rates = parser.add_mutually_exclusive_group()
-    rates.add_argument("--rate", default=None, help="requests per second, or inf (all at once); default inf")
+    rates.add_argument("--rate", default=None, help="requests (multiturn: conversations) per second, or inf (all "
+                       "at once); default inf")
     rates.add_argument("--rates", default=None, help="a sweep: r1,r2,... (one report per rate)")
     parser.add_argument("--burstiness", type=float, default=1.0,
                         help="gamma shape of the inter-arrival times (1 = Poisson, < 1 burstier)")
@@ -155,7 +162,8 @@ async def _main(args, rates: list[float], token: str | None) -> dict:
     workload = build_workload(args.dataset, args.num_prompts, max_context=model["max_context"],
                               vocab_size=model["vocab_size"], eos_token_ids=model["eos_token_ids"],
                               has_tokenizer=model["has_tokenizer"], seed=args.seed, dataset_path=args.dataset_path,
-                              input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio)
+                              input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+                              turns=args.turns, message_len=args.message_len)
     results = []
     for rate in rates:
         report = await run_benchmark(

@@ -22,6 +22,7 @@ class RequestRecord:
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache
 
     @property
     def tpot_s(self) -> float | None:
@@ -66,6 +67,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo_ttft_s: f
         "duration_s": duration_s,
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
+        "cached_input_tokens": sum(r.cached_tokens for r in done),
+        "prefix_hit_rate": sum(r.cached_tokens for r in done) / in_tokens if in_tokens else 0.0,
         "request_throughput": per_s(len(done)),
         "output_throughput": per_s(out_tokens),
         "total_token_throughput": per_s(in_tokens + out_tokens),

@@ -2,7 +2,9 @@
 
 `sharegpt`, `humaneval`, `longbench` draw prompt and output lengths from lognormals with the published means and the
 planner's spreads (`placement/workload.py`), so a bench run and a `splitserve plan` simulation see the same
-distributions; `random` draws lengths uniformly around `--input-len` / `--output-len`; `jsonl` replays a file.
+distributions; `random` draws lengths uniformly around `--input-len` / `--output-len`; `jsonl` replays a file;
+`multiturn` is conversations whose every turn resends the whole history (a system prompt shared by all of them,
+earlier messages and the server's own answers) plus a new message, the prefix-reuse workload.
 Synthetic prompts are random token ids sent with `ignore_eos` and `max_tokens` = the sampled output length."""
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Sequence
 from splitserve.placement.workload import DATASETS
 
 SYNTHETIC_DATASETS = tuple(DATASETS)
-ALL_DATASETS = SYNTHETIC_DATASETS + ("random", "jsonl")
+ALL_DATASETS = SYNTHETIC_DATASETS + ("random", "jsonl", "multiturn")
 CONTEXT_FRACTION = 0.5  # synthetic means are scaled down until prompt + output fits in this share of the context
 LOW_TOKEN_ID = 10  # random prompt ids start here: low ids are often control tokens (bos, eos, pad)
 
@@ -27,6 +29,20 @@ class BenchRequest:
     prompt: str | tuple[int, ...]
     prompt_len: int
     output_len: int
+
+
+@dataclass(frozen=True)
+class BenchConversation:
+    """A multi-turn conversation: turn t sends system + (message, answer) of every earlier turn + messages[t]; the
+    answers are the server's, so the driver sends the turns one after another."""
+
+    system: tuple[int, ...]
+    messages: tuple[tuple[int, ...], ...]
+    output_len: int
+
+    @property
+    def turns(self) -> int:
+        return len(self.messages)
 
 
 # ---------------------------------------------------------------------------------------------------- arrivals
@@ -186,12 +202,36 @@ def _jsonl_request(where: str, line: str, max_context: int, default_output_len: 
     raise ValueError(f"dataset_path: {where} needs a non-empty `prompt` string or `prompt_token_ids` list")
 
 
+def multiturn_workload(num: int, turns: int, system_len: int, message_len: int, output_len: int, *,
+                       max_context: int, vocab_size: int, eos_token_ids: Sequence[int] = (),
+                       seed: int = 0) -> list[BenchConversation]:
+    """`num` conversations of `turns` turns sharing one system prompt of `system_len` tokens; each turn adds a
+    message of `message_len` tokens and an answer of `output_len`. The last turn must fit the context."""
+    for name, value in (("turns", turns), ("input_len", system_len), ("message_len", message_len),
+                        ("output_len", output_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+    longest = system_len + turns * (message_len + output_len)
+    if longest > max_context:
+        raise ValueError(f"input_len/message_len/output_len/turns: the last turn of a conversation reaches "
+                         f"{longest} tokens, beyond the model's context of {max_context}")
+    rng = random.Random(seed + 1)
+    system = random_token_ids(rng, system_len, vocab_size, eos_token_ids)
+    return [BenchConversation(system, tuple(random_token_ids(rng, message_len, vocab_size, eos_token_ids)
+                                            for _ in range(turns)), output_len) for _ in range(num)]
+
+
 def build_workload(dataset: str, num: int, *, max_context: int, vocab_size: int, eos_token_ids: Sequence[int] = (),
                    has_tokenizer: bool = True, seed: int = 0, dataset_path: str | None = None, input_len: int = 512,
-                   output_len: int = 128, range_ratio: float = 0.0) -> list[BenchRequest]:
-    """The requests of one benchmark, deterministic under `seed`, fitted to the server's model."""
+                   output_len: int = 128, range_ratio: float = 0.0, turns: int = 4,
+                   message_len: int = 64) -> list[BenchRequest] | list[BenchConversation]:
+    """The requests of one benchmark, deterministic under `seed`, fitted to the server's model. `multiturn`:
+    `num` conversations of `turns` turns, `input_len` the shared system prompt, `message_len` each new message."""
     if num < 1:
         raise ValueError(f"num_prompts: must be >= 1, got {num}")
+    if dataset == "multiturn":
+        return multiturn_workload(num, turns, input_len, message_len, output_len, max_context=max_context,
+                                  vocab_size=vocab_size, eos_token_ids=eos_token_ids, seed=seed)
     if dataset == "jsonl":
         if not dataset_path:
             raise ValueError("dataset_path: required with --dataset jsonl")

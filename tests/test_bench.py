@@ -95,6 +95,28 @@ def test_workloads_are_seeded_token_ids_inside_the_vocab():
     assert all(20 <= r.prompt_len <= 60 and 5 <= r.output_len <= 15 for r in rand)
 
 
+def test_multiturn_workload_shares_a_system_prompt_and_must_fit_the_context():
+    kwargs = dict(max_context=200, vocab_size=300, eos_token_ids=[11], seed=2, input_len=30, output_len=8,
+                  turns=3, message_len=6)
+    work = bench.build_workload("multiturn", 4, **kwargs)
+    assert work == bench.build_workload("multiturn", 4, **kwargs) and len(work) == 4
+    assert len({c.system for c in work}) == 1 and len(work[0].system) == 30
+    assert all(c.turns == 3 and c.output_len == 8 and all(len(m) == 6 for m in c.messages) for c in work)
+    assert len({c.messages for c in work}) == 4 and all(11 not in m for c in work for m in c.messages)
+    with pytest.raises(ValueError, match="turns: must be an integer >= 1"):
+        bench.build_workload("multiturn", 4, **{**kwargs, "turns": 0})
+    with pytest.raises(ValueError, match=r"input_len/message_len/output_len/turns: .* 242 tokens"):
+        bench.build_workload("multiturn", 4, **{**kwargs, "input_len": 200})
+
+
+def test_prefix_hit_rate_of_records():
+    records = [RequestRecord(ok=True, prompt_tokens=40, output_tokens=2, ttft_s=0.1, e2e_s=0.2, cached_tokens=32),
+               RequestRecord(ok=True, prompt_tokens=60, output_tokens=2, ttft_s=0.1, e2e_s=0.2, cached_tokens=0),
+               RequestRecord(ok=False, error="UNAVAILABLE", cached_tokens=0)]
+    s = bench.summarize(records, 1.0)
+    assert s["cached_input_tokens"] == 32 and s["prefix_hit_rate"] == pytest.approx(0.32)
+
+
 def test_jsonl_workload(tmp_path):
     path = tmp_path / "w.jsonl"
     path.write_text('{"prompt": "hello", "max_tokens": 5}\n\n{"prompt_token_ids": [3, 4, 5], "output_len": 100}\n'
@@ -284,6 +306,30 @@ def test_bench_end_to_end_with_a_rate_sweep_and_slos(server, tmp_path, capsys):
                      "--slo-ttft-ms", str(FIRST_TOKEN_S * 1e3 / 3), name="tight.json")
     res = tight["results"][0]
     assert rc == 0 and res["completed"] == 4 and res["slo_attainment"] == 0.0 and res["goodput"] == 0.0
+
+
+def test_bench_multiturn_resends_the_history_with_the_servers_answers(server, tmp_path, capsys):
+    address, servicer = server
+    servicer.requests.clear()
+    rc, data = _run(address, tmp_path, "--dataset", "multiturn", "--num-prompts", "2", "--turns", "3",
+                    "--input-len", "10", "--message-len", "4", "--output-len", "5", "--rate", "inf", name="mt.json")
+    res = data["results"][0]
+    assert rc == 0 and (res["completed"], res["failed"]) == (6, 0)
+    by_conversation = {}
+    for r in servicer.requests:
+        conversation, turn = r.request_id.rsplit("-t", 1)
+        by_conversation.setdefault(conversation, {})[int(turn)] = list(r.token_ids.ids)
+    assert len(by_conversation) == 2
+    systems = set()
+    for turns in by_conversation.values():
+        assert sorted(turns) == [0, 1, 2] and len(turns[0]) == 14
+        systems.add(tuple(turns[0][:10]))
+        for t in (1, 2):  # the previous prompt, the fake server's answer (100..104), then 4 new tokens
+            assert turns[t][: len(turns[t - 1]) + 5] == turns[t - 1] + [100, 101, 102, 103, 104]
+            assert len(turns[t]) == len(turns[t - 1]) + 5 + 4
+    assert len(systems) == 1
+    assert res["total_input_tokens"] == 2 * (14 + 23 + 32)
+    assert "Prefix cache hit rate (%):" in capsys.readouterr().out
 
 
 def test_bench_counts_failures_by_status_code(server, tmp_path, monkeypatch, capsys):
