@@ -103,9 +103,9 @@ def print_result(result) -> None:
     t = result.server_timing
     kv = f", KV transfer {t['kv_transfer_s'] * 1e3:.1f} ms" if t.get("kv_transfer_s") is not None else ""
     cached = f", {result.cached_tokens} prompt tokens cached" if result.cached_tokens else ""
-    print(f"    [{result.completion_tokens} tokens{cached}, finish={result.finish_reason}, "
+    print(f"    [{result.completion_tokens} tokens, finish={result.finish_reason}, "
           f"TTFT {result.ttft_s * 1e3:.1f} ms, TPOT {_tpot(result) * 1e3:.2f} ms{kv}, "
-          f"{result.prefill_instance} -> {result.decode_instance}]", flush=True)
+          f"{result.prefill_instance} -> {result.decode_instance}{cached}]", flush=True)
 
 
 def generate_on_server(args) -> int:

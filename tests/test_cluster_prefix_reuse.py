@@ -93,7 +93,7 @@ def test_caching_off_sends_every_block_with_the_same_tokens(ray_runtime, checkpo
     assert counters["kv_received_bytes"]["decode"] % full_blocks == 0
 
 
-def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkpoint):
+def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkpoint, capsys):
     import urllib.request
 
     from splitserve.cluster.server import BackgroundServer, ServerOptions
@@ -111,6 +111,13 @@ def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkp
         by_role = {i.role: i for i in info.instances}
         assert (by_role["prefill"].prefix_cache_hit_tokens, by_role["prefill"].prefix_cache_query_tokens) == (40, 85)
         assert by_role["decode"].prefix_cache_hit_tokens == 40
+        from splitserve.cluster.cli import main
+        from splitserve.cluster.serve_cli import print_result
+
+        assert main(["info", "--server", bg.target]) == 0
+        print_result(second)
+        out = capsys.readouterr().out
+        assert "prefix cache hits 40/85 tokens (47%)" in out and ", 40 prompt tokens cached]" in out
         body = urllib.request.urlopen(f"http://127.0.0.1:{bg.metrics_port}/metrics", timeout=10).read().decode()
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
               if line.startswith("splitserve_prefix_cache") or line.startswith("splitserve_kv_transfer_bytes")}
@@ -144,3 +151,16 @@ def test_2p2d_conversations_follow_their_cache(ray_runtime, checkpoint, hf, poli
         assert counters["prefix_hit_tokens"]["decode"] >= sum(full_history)
     else:  # moved between instances, a conversation finds only part of its history
         assert sum(cached) < sum(full_history)
+
+
+def test_colocated_instance_reuses_prompts_and_answers(ray_runtime, checkpoint, hf):
+    """One colocated instance holds each turn's prompt and answer: the next turn computes only its new tokens."""
+    cfg = config(checkpoint, prefill={"instances": 0}, decode={"instances": 0}, colocated={"instances": 1})
+    with Cluster(cfg) as cluster:
+        turns = converse(cluster, hf, conversations=1, seed=7)
+        stats = wait_for_idle(cluster)
+    for t, [(prompt, out)] in enumerate(turns[1:], start=1):
+        (before, answer), = [(p, o.token_ids) for p, o in turns[t - 1]]
+        history_kv = len(before) + len(answer) - 1  # the last answer token was never fed back
+        assert out.metrics["cached_tokens"] == min(history_kv // BS, (len(prompt) - 1) // BS) * BS, t
+    assert all(s["free_blocks"] == s["num_blocks"] and s["cached_blocks"] > 0 for s in stats.values())
