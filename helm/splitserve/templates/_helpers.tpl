@@ -65,7 +65,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $decode := dict "instances" (int .Values.decode.replicas) "tp" (int .Values.decode.tp) }}
 {{- $auto := .Values.autoscaling | default dict }}
 {{- $ray := merge (dict "address" "auto" "role_resources" true "autoscaler" ($auto.enabled | default false)) (deepCopy $c.ray) }}
-{{- $cfg := dict "model" (include "splitserve.modelPath" .) "dtype" $c.dtype "device" $c.device "prefill" $prefill "decode" $decode "engine" $c.engine "kv_transfer" $c.kv_transfer "ray" $ray "max_queued_requests" (int $c.max_queued_requests) }}
+{{- $cfg := dict "model" (include "splitserve.configModel" .) "dtype" $c.dtype "device" $c.device "prefill" $prefill "decode" $decode "engine" $c.engine "kv_transfer" $c.kv_transfer "ray" $ray "max_queued_requests" (int $c.max_queued_requests) }}
 {{- with $c.fault_tolerance }}{{- $_ := set $cfg "fault_tolerance" . }}{{- end }}
 {{- with $c.max_prompt_bytes }}{{- $_ := set $cfg "max_prompt_bytes" (int .) }}{{- end }}
 {{- if $auto.enabled }}
@@ -94,6 +94,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "splitserve.modelVolume" -}}
+{{- if ne .Values.model.source "preset" }}
 - name: model
 {{- if eq .Values.model.source "pvc" }}
   persistentVolumeClaim:
@@ -108,16 +109,28 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     reference: {{ required "model.reference is required when model.source is image" .Values.model.reference }}
     pullPolicy: {{ .Values.model.pullPolicy }}
 {{- else }}
-{{- fail (printf "model.source must be pvc, hostPath or image, got %q" .Values.model.source) }}
+{{- fail (printf "model.source must be pvc, hostPath, image or preset, got %q" .Values.model.source) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
 {{- define "splitserve.modelMount" -}}
+{{- if ne .Values.model.source "preset" }}
 - name: model
   mountPath: {{ include "splitserve.modelPath" . }}
   readOnly: true
 {{- with .Values.model.subPath }}
   subPath: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The config's model: a preset baked into the image, or the mounted checkpoint. */}}
+{{- define "splitserve.configModel" -}}
+{{- if eq .Values.model.source "preset" }}
+{{- required "model.preset is required when model.source is preset" .Values.model.preset }}
+{{- else }}
+{{- include "splitserve.modelPath" . }}
 {{- end }}
 {{- end }}
 
