@@ -2,7 +2,11 @@
 path is checked on CPU-only machines: `python -m splitserve.kernels.compile_check [sm]`."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -11,10 +15,26 @@ from triton.compiler import ASTSource
 from splitserve.kernels import add_rmsnorm_triton, allreduce_rmsnorm_triton, paged_attention_triton
 
 
-def _compile(fn, args: dict, constexprs: dict, target: GPUTarget, warps: int):
+def _compile(fn, args: dict, constexprs: dict, target: GPUTarget, warps: int, aligned: tuple = ()):
+    """`aligned`: arguments divisible by 16, as Triton's launcher specialises them at run time (pointers from
+    torch, strides and sizes that are multiples of 16), which is what lets loads vectorise."""
     signature = {**args, **{name: "constexpr" for name in constexprs}}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": warps})
+
+
+def spilled_bytes(ptx: str, sm: int) -> int:
+    """Register spill stores ptxas reports for `ptx` (Triton's bundled ptxas)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = re.search(r"^\.target (sm_\w+)", ptx, re.M).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        done = subprocess.run([get_ptxas(sm).path, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr))
 
 
 def _paged_attention(dt: str, decode: bool, splits: int, target: GPUTarget):
@@ -24,11 +44,13 @@ def _paged_attention(dt: str, decode: bool, splits: int, target: GPUTarget):
     ptr, index = "*" + dt, "*i64"
     ints = ("window", "partition", "block_size", "head_dim", "group", "stride_qt", "stride_qh", "stride_kb",
             "stride_kt", "stride_kh", "stride_vb", "stride_vt", "stride_vh", "stride_bt", "stride_ot", "stride_oh")
+    pointers = ("q_ptr", "k_ptr", "v_ptr", "bt_ptr", "ctx_ptr", "qs_ptr", "out_ptr", "part_out_ptr", "part_lse_ptr")
     return _compile(pa._paged_attention_kernel, {
         "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "bt_ptr": index, "ctx_ptr": index, "qs_ptr": index, "out_ptr": ptr,
         "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32", **{name: "i32" for name in ints}},
         {"DECODE": decode, "HAS_WINDOW": True, "NUM_SPLITS": splits, "IEEE": False, "BLOCK_Q": block_q,
-         "BLOCK_G": block_g, "BLOCK_N": pa.BLOCK_N, "BLOCK_D": block_d}, target, 4).asm["ptx"]
+         "BLOCK_G": block_g, "BLOCK_N": pa.BLOCK_N, "BLOCK_D": block_d}, target, pa.num_warps(block_d),
+        aligned=pointers + tuple(n for n in ints if n not in ("window", "group", "stride_bt"))).asm["ptx"]
 
 
 def compile_all(sm: int = 90) -> list[str]:
@@ -64,3 +86,6 @@ if __name__ == "__main__":
     barriers = sum(p.count("atom.global.release.sys.cas") for p in ptx)
     mma = sum("mma.sync" in p or "wgmma" in p for p in ptx)
     print(f"compiled {len(ptx)} kernels; {barriers} release CAS sites; {mma} with tensor-core MMA")
+    attention = [p for p in ptx if "_paged_attention_kernel" in p]
+    spills = sum(spilled_bytes(p, int(sys.argv[1]) if len(sys.argv) > 1 else 90) for p in attention)
+    print(f"paged attention: {len(attention)} variants, {spills} bytes of register spills")

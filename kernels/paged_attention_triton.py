@@ -152,6 +152,11 @@ def launch_shape(decode: bool, group: int, head_dim: int) -> tuple[int, int, int
     return max(1, (64 if block_d <= 128 else 32) // block_g), block_g, block_d
 
 
+def num_warps(block_d: int) -> int:
+    """8 warps from head_dim 128 on: fewer registers per thread (no spills, more resident warps)."""
+    return 8 if block_d >= 128 else 4
+
+
 def choose_splits(programs: int, keys: int, wanted: int) -> int:
     """A power of two (few compiled variants): enough splits to fill the device, none shorter than
     MIN_PARTITION keys."""
@@ -200,7 +205,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, quer
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         DECODE=decode, HAS_WINDOW=window is not None, NUM_SPLITS=num_splits, IEEE=q.dtype == torch.float32,
-        BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=4)
+        BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_N=BLOCK_N, BLOCK_D=block_d, num_warps=num_warps(block_d))
     if num_splits > 1:
         _merge_splits_kernel[(tokens, heads)](part_out, part_lse, out, heads, head_dim, out.stride(0), out.stride(1),
                                               NUM_SPLITS=num_splits, BLOCK_D=block_d, num_warps=1)
