@@ -90,18 +90,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate")
     parser.add_argument("--dataset", default="sharegpt", choices=ALL_DATASETS,
                         help="synthetic lengths with published means (sharegpt 755/200, humaneval 171/98, "
-                             "longbench 1738/91 tokens in/out), random, jsonl (--dataset-path), or multiturn "
-                             "(--num-prompts conversations of --turns turns resending their history)")
+                             "longbench 1738/91 tokens in/out), random, jsonl (--dataset-path), multiturn "
+                             "(--num-prompts conversations of --turns turns resending their history), or "
+                             "shared-prefix (--num-prefixes prefixes of --input-len, suffixes of --message-len)")
     parser.add_argument("--dataset-path", default=None,
                         help="JSONL: `prompt` or `prompt_token_ids`, optional `max_tokens`/`output_len` per line")
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--input-len", type=int, default=512,
-                        help="random: mean prompt tokens; multiturn: the shared system prompt's tokens")
+                        help="random: mean prompt tokens; multiturn: the shared system prompt's tokens; "
+                             "shared-prefix: each prefix's tokens")
     parser.add_argument("--output-len", type=int, default=128,
                         help="random: mean output tokens; jsonl: output of lines that give none; multiturn: "
                              "answer tokens per turn")
     parser.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
-    parser.add_argument("--message-len", type=int, default=64, help="multiturn: new message tokens per turn")
+    parser.add_argument("--message-len", type=int, default=64,
+                        help="multiturn: new message tokens per turn; shared-prefix: suffix tokens")
+    parser.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct prefixes")
     parser.add_argument("--range-ratio", type=float, default=0.0,
                         help="random: lengths uniform in [L*(1-r), L*(1+r)]")
     rates = parser.add_mutually_exclusive_group()
@@ -163,7 +167,7 @@ async def _main(args, rates: list[float], token: str | None) -> dict:
                               vocab_size=model["vocab_size"], eos_token_ids=model["eos_token_ids"],
                               has_tokenizer=model["has_tokenizer"], seed=args.seed, dataset_path=args.dataset_path,
                               input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
-                              turns=args.turns, message_len=args.message_len)
+                              turns=args.turns, message_len=args.message_len, num_prefixes=args.num_prefixes)
     results = []
     for rate in rates:
         report = await run_benchmark(

@@ -4,7 +4,8 @@
 planner's spreads (`placement/workload.py`), so a bench run and a `splitserve plan` simulation see the same
 distributions; `random` draws lengths uniformly around `--input-len` / `--output-len`; `jsonl` replays a file;
 `multiturn` is conversations whose every turn resends the whole history (a system prompt shared by all of them,
-earlier messages and the server's own answers) plus a new message, the prefix-reuse workload.
+earlier messages and the server's own answers) plus a new message; `shared-prefix` is K prefixes x suffixes. The
+last two are the prefix-reuse workloads.
 Synthetic prompts are random token ids sent with `ignore_eos` and `max_tokens` = the sampled output length."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Sequence
 from splitserve.placement.workload import DATASETS
 
 SYNTHETIC_DATASETS = tuple(DATASETS)
-ALL_DATASETS = SYNTHETIC_DATASETS + ("random", "jsonl", "multiturn")
+ALL_DATASETS = SYNTHETIC_DATASETS + ("random", "jsonl", "multiturn", "shared-prefix")
 CONTEXT_FRACTION = 0.5  # synthetic means are scaled down until prompt + output fits in this share of the context
 LOW_TOKEN_ID = 10  # random prompt ids start here: low ids are often control tokens (bos, eos, pad)
 
@@ -221,17 +222,39 @@ def multiturn_workload(num: int, turns: int, system_len: int, message_len: int, 
                                             for _ in range(turns)), output_len) for _ in range(num)]
 
 
+def shared_prefix_workload(num: int, num_prefixes: int, prefix_len: int, suffix_len: int, output_len: int, *,
+                           max_context: int, vocab_size: int, eos_token_ids: Sequence[int] = (),
+                           seed: int = 0) -> list[BenchRequest]:
+    """`num` requests, request i = prefix i mod `num_prefixes` (each `prefix_len` tokens) + its own suffix of
+    `suffix_len` tokens (few-shot templates, agents' tool preambles)."""
+    for name, value in (("num_prefixes", num_prefixes), ("input_len", prefix_len), ("message_len", suffix_len),
+                        ("output_len", output_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+    if prefix_len + suffix_len + output_len > max_context:
+        raise ValueError(f"input_len/message_len/output_len: {prefix_len + suffix_len + output_len} tokens exceed "
+                         f"the model's context of {max_context}")
+    rng = random.Random(seed + 1)
+    prefixes = [random_token_ids(rng, prefix_len, vocab_size, eos_token_ids) for _ in range(num_prefixes)]
+    return [BenchRequest(prefixes[i % num_prefixes] + random_token_ids(rng, suffix_len, vocab_size, eos_token_ids),
+                         prefix_len + suffix_len, output_len) for i in range(num)]
+
+
 def build_workload(dataset: str, num: int, *, max_context: int, vocab_size: int, eos_token_ids: Sequence[int] = (),
                    has_tokenizer: bool = True, seed: int = 0, dataset_path: str | None = None, input_len: int = 512,
-                   output_len: int = 128, range_ratio: float = 0.0, turns: int = 4,
-                   message_len: int = 64) -> list[BenchRequest] | list[BenchConversation]:
+                   output_len: int = 128, range_ratio: float = 0.0, turns: int = 4, message_len: int = 64,
+                   num_prefixes: int = 4) -> list[BenchRequest] | list[BenchConversation]:
     """The requests of one benchmark, deterministic under `seed`, fitted to the server's model. `multiturn`:
-    `num` conversations of `turns` turns, `input_len` the shared system prompt, `message_len` each new message."""
+    `num` conversations of `turns` turns, `input_len` the shared system prompt, `message_len` each new message.
+    `shared-prefix`: `num` requests over `num_prefixes` prefixes of `input_len`, suffixes of `message_len`."""
     if num < 1:
         raise ValueError(f"num_prompts: must be >= 1, got {num}")
     if dataset == "multiturn":
         return multiturn_workload(num, turns, input_len, message_len, output_len, max_context=max_context,
                                   vocab_size=vocab_size, eos_token_ids=eos_token_ids, seed=seed)
+    if dataset == "shared-prefix":
+        return shared_prefix_workload(num, num_prefixes, input_len, message_len, output_len, max_context=max_context,
+                                      vocab_size=vocab_size, eos_token_ids=eos_token_ids, seed=seed)
     if dataset == "jsonl":
         if not dataset_path:
             raise ValueError("dataset_path: required with --dataset jsonl")

@@ -109,6 +109,19 @@ def test_multiturn_workload_shares_a_system_prompt_and_must_fit_the_context():
         bench.build_workload("multiturn", 4, **{**kwargs, "input_len": 200})
 
 
+def test_shared_prefix_workload_is_k_prefixes_times_suffixes():
+    kwargs = dict(max_context=100, vocab_size=300, seed=1, input_len=20, message_len=5, output_len=7, num_prefixes=3)
+    work = bench.build_workload("shared-prefix", 9, **kwargs)
+    assert work == bench.build_workload("shared-prefix", 9, **kwargs)
+    assert all(r.prompt_len == len(r.prompt) == 25 and r.output_len == 7 for r in work)
+    assert len({r.prompt[:20] for r in work}) == 3 and len({r.prompt for r in work}) == 9
+    assert all(work[i].prompt[:20] == work[i + 3].prompt[:20] for i in range(6))
+    with pytest.raises(ValueError, match="num_prefixes: must be an integer >= 1"):
+        bench.build_workload("shared-prefix", 9, **{**kwargs, "num_prefixes": 0})
+    with pytest.raises(ValueError, match="input_len/message_len/output_len: 112 tokens exceed"):
+        bench.build_workload("shared-prefix", 9, **{**kwargs, "input_len": 100})
+
+
 def test_prefix_hit_rate_of_records():
     records = [RequestRecord(ok=True, prompt_tokens=40, output_tokens=2, ttft_s=0.1, e2e_s=0.2, cached_tokens=32),
                RequestRecord(ok=True, prompt_tokens=60, output_tokens=2, ttft_s=0.1, e2e_s=0.2, cached_tokens=0),
