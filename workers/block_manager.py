@@ -117,6 +117,7 @@ class BlockManager(BlockTables):
         self._by_hash: dict[int, int] = {}
         self._seq_hashes: dict[str, list[int]] = {}  # chained hashes of each sequence's committed blocks
         self._cached_tokens: dict[str, int] = {}
+        self._hash_memo: OrderedDict[tuple, list[int]] = OrderedDict()  # the last prompts looked up
         self.record_events = False  # an instance leader turns this on and takes the events for its router
         self._events: list[tuple[bool, int]] = []
         super().__init__()
@@ -147,12 +148,24 @@ class BlockManager(BlockTables):
         if not self.prefix_caching or not prefix:
             return []
         blocks = []
-        for h in block_hashes(prefix, self.block_size, self.salt):
+        for h in self._hashes(prefix):
             block = self._by_hash.get(h)
             if block is None:
                 break
             blocks.append(block)
         return blocks
+
+    def _hashes(self, prefix) -> list[int]:
+        # A waiting prompt is looked up at every scheduling attempt (and several times in one): hash it once.
+        key = tuple(prefix)
+        hashes = self._hash_memo.get(key)
+        if hashes is None:
+            hashes = self._hash_memo[key] = block_hashes(key, self.block_size, self.salt)
+            if len(self._hash_memo) > 8:
+                self._hash_memo.popitem(last=False)
+        else:
+            self._hash_memo.move_to_end(key)
+        return hashes
 
     def can_allocate(self, num_tokens: int, prefix=None, reserve: int = 0) -> bool:
         return self._free_blocks_taken(num_tokens, self.match(prefix)) + reserve <= self.num_free_blocks
