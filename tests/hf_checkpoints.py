@@ -26,17 +26,42 @@ VARIANTS = {
     "llama_mqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1)),
 }
 
+# Architectures the native model does not cover (served by the transformers backend): full configs, not BASE.
+_HF_BASE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=1024, bos_token_id=0, eos_token_id=1)
+HF_VARIANTS = {
+    # learned positions, pre-scaled queries (scaling=1.0 through the interface)
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=128, word_embed_proj_dim=64, pad_token_id=1)),
+    # fused qkv and gate_up projections, GQA
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(intermediate_size=128, num_key_value_heads=2, pad_token_id=2)),
+    # partial rotary, parallel attention + MLP residual
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(intermediate_size=128, rotary_pct=0.5)),
+    # q/k norms, head_dim != hidden / heads, a sliding window on the second layer only
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        intermediate_size=128, num_key_value_heads=2, head_dim=24, use_sliding_window=True, sliding_window=12,
+        max_window_layers=1)),
+    # scaled embeddings, one KV head
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(intermediate_size=128, num_key_value_heads=1, head_dim=16,
+                                                      pad_token_id=2)),
+    # Conv1D layers, tied embeddings (AutoTP cannot shard it: TP 1 only)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_inner=128)),
+}
+
 
 def write_checkpoint(kind: str, directory: Path, seed: int = 0, max_shard_size: str | None = None, **overrides) -> Path:
     import transformers
 
-    config_cls, model_cls, extra = VARIANTS[kind]
-    cfg = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
+    if kind in HF_VARIANTS:
+        config_cls, model_cls, extra = HF_VARIANTS[kind]
+        cfg = getattr(transformers, config_cls)(**{**_HF_BASE, **extra, **overrides})
+    else:
+        config_cls, model_cls, extra = VARIANTS[kind]
+        cfg = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # larger than the default init so logits have clear winners
         for name, p in model.named_parameters():
-            if "norm" not in name:
+            if "norm" not in name and ".ln_" not in name:
                 p.normal_(0, 0.08)
             elif p.dim() == 1:
                 p.uniform_(0.5, 1.5)

@@ -32,10 +32,11 @@ def _edit_weights(directory, fn):
     save_file(weights, path)
 
 
-def test_unknown_architecture_names_supported_ones(ckpt):
+def test_native_backend_names_supported_architectures(ckpt):
     _edit_config(ckpt, architectures=["GPT2LMHeadModel"], model_type="gpt2")
-    with pytest.raises(ValueError, match=r"unsupported architecture.*LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
-        load_config(ckpt)
+    with pytest.raises(ValueError, match=r"native runs only .*LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"
+                                         r".*GPT2LMHeadModel needs backend transformers"):
+        load_model(ckpt, backend="native")
 
 
 def test_missing_weight_is_named(ckpt):

@@ -63,6 +63,14 @@ def _require(raw: dict, key: str, kind=int):
     return value
 
 
+def is_native(raw: dict) -> bool:
+    """Whether the native (Llama-family) model covers this config.json's architecture."""
+    archs = raw.get("architectures") or []
+    if archs:
+        return any(arch in SUPPORTED_ARCHITECTURES for arch in archs)
+    return raw.get("model_type") in SUPPORTED_ARCHITECTURES.values()
+
+
 def _architecture(raw: dict) -> str:
     archs = raw.get("architectures") or []
     for arch in archs:
@@ -189,4 +197,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"model: {generation} is not usable: {e}") from None
         raw = {**raw, "eos_token_id": list(dict.fromkeys([*_eos_ids(raw), *extra]))}
+    if not is_native(raw):  # any other decoder is described by transformers' config (the transformers backend)
+        from splitserve.workers.hf_config import parse_hf_config
+
+        return parse_hf_config(model_dir, raw)
     return parse_config(raw)

@@ -9,6 +9,9 @@ TRANSPORTS = ("p2p", "shm")
 TRANSFER_MODES = ("layerwise", "after_prefill")
 # Kept free of torch here; a test checks it equals splitserve.comm.fused_norm.METHODS.
 TP_NORM_METHODS = ("reference", "rs_ag", "symmetric", "symmetric_oneshot", "symmetric_rs", "auto")
+# native: the hand-written Llama family; transformers: the checkpoint's own transformers class on our paged cache
+# (sharded by DeepSpeed AutoTP); auto: native for the Llama family, transformers otherwise.
+MODEL_BACKENDS = ("auto", "native", "transformers")
 
 
 def _where(path: str, name: str) -> str:
@@ -44,6 +47,7 @@ class EngineConfig:
     tp_norm_method: str = "reference"  # how TP all-reduce + RMSNorm run (see comm/fused_norm.py)
     overlap_min_tokens: int | None = None  # split forwards of at least this many tokens to overlap TP comm
     prefix_caching: bool = True  # reuse the KV of cached full blocks of earlier requests (see block_manager.py)
+    backend: str = "auto"  # model backend, one of MODEL_BACKENDS
 
     def validate(self, path: str = "") -> "EngineConfig":
         positive_int(_where(path, "block_size"), self.block_size)
@@ -51,6 +55,7 @@ class EngineConfig:
             raise ValueError(f"config: '{_where(path, 'prefix_caching')}' must be true or false, "
                              f"got {self.prefix_caching!r}")
         choice(_where(path, "tp_norm_method"), self.tp_norm_method, TP_NORM_METHODS)
+        choice(_where(path, "backend"), self.backend, MODEL_BACKENDS)
         if self.overlap_min_tokens is not None:
             positive_int(_where(path, "overlap_min_tokens"), self.overlap_min_tokens, 2)
         positive_int(_where(path, "kv_cache_bytes"), self.kv_cache_bytes)

@@ -90,7 +90,7 @@ class RankWorker:
         else:
             self.tp, self.sp = sp_tp_groups(self.rank, spec.sp, spec.tp)
         self.dtype = resolve_dtype(spec.dtype)
-        self.model = load_model(spec.model_dir, self.dtype, self.device, self.tp)
+        self.model = load_model(spec.model_dir, self.dtype, self.device, self.tp, spec.engine.backend)
         self.model.configure_tp(spec.engine.tp_norm_method, spec.engine.overlap_min_tokens)
         self._allocate_cache()
         self.runner = ModelRunner(self.model, self.caches, self.model.cfg.eos_token_ids, self.device)

@@ -52,16 +52,17 @@ class LLM:
                  gpu_memory_fraction: float = _DEFAULTS.gpu_memory_fraction, max_num_seqs: int = _DEFAULTS.max_num_seqs,
                  max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens, max_model_len: int | None = None,
                  tp_norm_method: str = _DEFAULTS.tp_norm_method, overlap_min_tokens: int | None = None,
-                 chunked_prefill: bool = False, prefix_caching: bool = _DEFAULTS.prefix_caching):
+                 chunked_prefill: bool = False, prefix_caching: bool = _DEFAULTS.prefix_caching,
+                 backend: str = _DEFAULTS.backend):
         """Engine options are `EngineConfig`'s, with its defaults. `chunked_prefill`: fuse prompt chunks with
         decode tokens in one forward per step (Dynamic SplitFuse) instead of alternating prompt batches and
-        decode steps."""
+        decode steps. `backend`: native, transformers or auto (see `EngineConfig.backend`)."""
         config = EngineConfig(block_size, kv_cache_bytes, gpu_memory_fraction, max_num_seqs, max_num_batched_tokens,
-                              max_model_len, tp_norm_method, overlap_min_tokens, prefix_caching).validate()
+                              max_model_len, tp_norm_method, overlap_min_tokens, prefix_caching, backend).validate()
         self.model_dir = resolve_model(model)
         self.device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
-        self.model = load_model(self.model_dir, torch_dtype, self.device, tp)
+        self.model = load_model(self.model_dir, torch_dtype, self.device, tp, config.backend)
         self.model.configure_tp(config.tp_norm_method, config.overlap_min_tokens)
         cfg = self.model.cfg
         self.tokenizer = load_tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from splitserve.comm.tensor_parallel import SINGLE, TPGroup
 from splitserve.workers.config import load_config
+from splitserve.workers.hf_config import resolve_backend
 from splitserve.workers.model import CausalLM
 
 # Checkpoint tensors we knowingly do not use (precomputed by some exporters).
@@ -70,8 +71,13 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
         raise ValueError(f"model: checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def load_model(model_dir: str | Path, dtype="float32", device="cpu", tp: TPGroup = SINGLE) -> CausalLM:
+def load_model(model_dir: str | Path, dtype="float32", device="cpu", tp: TPGroup = SINGLE, backend: str = "auto"):
+    """A `CausalLM` (native backend) or an `HFCausalLM` (transformers backend), per `resolve_backend`."""
     cfg = load_config(model_dir)
+    if resolve_backend(backend, cfg.architecture) == "transformers":
+        from splitserve.workers.hf_model import load_hf_model
+
+        return load_hf_model(model_dir, cfg, resolve_dtype(dtype), torch.device(device), tp)
     with torch.device(device):
         model = CausalLM(cfg, tp, resolve_dtype(dtype), device)
     load_weights(model, model_dir)
