@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from splitserve.cluster import config as cluster_config
+from splitserve.workers.engine_config import MODEL_BACKENDS
 
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -192,6 +193,8 @@ def test_config_map_holds_a_config_splitserve_accepts(chart, rendered, layout):
     assert (cfg.dtype, cfg.device) == (values["config"]["dtype"], values["config"]["device"])
     engine = values["config"]["engine"]
     assert {k: getattr(cfg.engine, k) for k in engine} == engine
+    assert (cfg.routing.policy, cfg.routing.overlap_weight) == (values["config"]["routing"]["policy"],
+                                                                values["config"]["routing"]["overlap_weight"])
     # Ray's GPUs across the worker groups are exactly the devices the config needs.
     rc = one(rendered[layout], "RayCluster")
     gpus = sum(g["replicas"] * int(g["rayStartParams"]["num-gpus"]) for g in rc["spec"]["workerGroupSpecs"])
@@ -486,5 +489,8 @@ def test_schema_enums_match_the_cluster_config():
     assert tuple(config["kv_transfer"]["properties"]["mode"]["enum"]) == cluster_config.TRANSFER_MODES
     prefill = schema["properties"]["prefill"]["properties"]
     assert tuple(prefill["spAlgorithm"]["enum"]) == cluster_config.SP_ALGORITHMS
+    assert tuple(config["routing"]["properties"]["policy"]["enum"]) == cluster_config.ROUTING_POLICIES
+    assert set(config["routing"]["properties"]) == {f.name for f in cluster_config.fields(cluster_config.RoutingConfig)}
+    assert tuple(config["engine"]["properties"]["backend"]["enum"]) == MODEL_BACKENDS
     engine_keys = set(config["engine"]["properties"])
     assert engine_keys == {f.name for f in cluster_config.fields(cluster_config.EngineConfig)}

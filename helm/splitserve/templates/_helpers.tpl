@@ -67,6 +67,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $ray := merge (dict "address" "auto" "role_resources" true "autoscaler" ($auto.enabled | default false)) (deepCopy $c.ray) }}
 {{- $cfg := dict "model" (include "splitserve.configModel" .) "dtype" $c.dtype "device" $c.device "prefill" $prefill "decode" $decode "engine" $c.engine "kv_transfer" $c.kv_transfer "ray" $ray "max_queued_requests" (int $c.max_queued_requests) }}
 {{- with $c.fault_tolerance }}{{- $_ := set $cfg "fault_tolerance" . }}{{- end }}
+{{- with $c.routing }}{{- $_ := set $cfg "routing" . }}{{- end }}
 {{- with $c.max_prompt_bytes }}{{- $_ := set $cfg "max_prompt_bytes" (int .) }}{{- end }}
 {{- if $auto.enabled }}
 {{- $bounds := dict "min_prefill" (int $auto.prefill.minReplicas) "max_prefill" (int $auto.prefill.maxReplicas) "min_decode" (int $auto.decode.minReplicas) "max_decode" (int $auto.decode.maxReplicas) }}
