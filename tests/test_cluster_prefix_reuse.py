@@ -93,7 +93,8 @@ def test_caching_off_sends_every_block_with_the_same_tokens(ray_runtime, checkpo
     assert counters["kv_received_bytes"]["decode"] % full_blocks == 0
 
 
-def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkpoint, capsys):
+def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkpoint, capsys, tmp_path):
+    import json
     import urllib.request
 
     from splitserve.cluster.server import BackgroundServer, ServerOptions
@@ -119,6 +120,14 @@ def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkp
         out = capsys.readouterr().out
         assert "prefix cache hits 40/85 tokens (47%)" in out and ", 40 prompt tokens cached]" in out
         body = urllib.request.urlopen(f"http://127.0.0.1:{bg.metrics_port}/metrics", timeout=10).read().decode()
+        report = tmp_path / "bench.json"
+        assert main(["bench", "--server", bg.target, "--dataset", "multiturn", "--num-prompts", "2", "--turns", "3",
+                     "--input-len", "24", "--message-len", "8", "--output-len", "4", "--no-progress",
+                     "--output", str(report)]) == 0
+        result = json.loads(report.read_text())["results"][0]
+        # A first turn finds the shared 24-token system prompt's full blocks once another conversation computed
+        # them; later turns find their whole history.
+        assert result["completed"] == 6 and result["prefix_hit_rate"] > 0.5
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
               if line.startswith("splitserve_prefix_cache") or line.startswith("splitserve_kv_transfer_bytes")}
     model = bg.server.model_name
