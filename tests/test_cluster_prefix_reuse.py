@@ -23,6 +23,13 @@ def hf(checkpoint):
     return hf_model(checkpoint)
 
 
+@pytest.fixture(scope="module")
+def mqa(tmp_path_factory):
+    """(checkpoint, transformers model) with one KV head: replicated over TP ranks on both sides."""
+    path = write_checkpoint("llama_mqa", tmp_path_factory.mktemp("mqa"), seed=42)
+    return path, hf_model(path)
+
+
 def converse(cluster, hf, conversations: int, seed: int):
     """`conversations` concurrent conversations of TURNS turns (a shared system prompt, then a new message per
     turn), submitted in reverse order on odd turns (so load-only routing would swap their instances); every turn
@@ -53,11 +60,15 @@ LAYOUTS = {
     "prefill_tp2_decode_tp1": {"prefill": {"tp": 2}},
     "prefill_tp1_decode_tp2_shm": {"decode": {"tp": 2}, "kv_transfer": {"transport": "shm"}},
     "sp2_prefill": {"prefill": {"sp": 2}},  # SP prefill caches nothing; its decode side still gets only deltas
+    "after_prefill": {"kv_transfer": {"mode": "after_prefill"}},
+    "mqa_tp2_both": {"prefill": {"tp": 2}, "decode": {"tp": 2}},
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_multiturn_reuses_prefill_and_decode_cache_and_sends_only_the_delta(ray_runtime, checkpoint, hf, layout):
+def test_multiturn_reuses_prefill_and_decode_cache_and_sends_only_the_delta(ray_runtime, checkpoint, hf, mqa, layout):
+    if layout.startswith("mqa"):
+        checkpoint, hf = mqa
     with Cluster(config(checkpoint, **LAYOUTS[layout])) as cluster:
         turns = converse(cluster, hf, conversations=1, seed=3)
         stats = wait_for_idle(cluster)
