@@ -6,6 +6,7 @@ import pytest
 from cluster_helpers import config, wait_for_idle, write_checkpoint
 from hf_checkpoints import hf_greedy, hf_model, random_prompts
 from splitserve.cluster.cluster import Cluster
+from splitserve.cluster.request import RequestState
 from splitserve.workers.sampling_params import SamplingParams
 
 BS = 8
@@ -184,3 +185,36 @@ def test_colocated_instance_reuses_prompts_and_answers(ray_runtime, checkpoint, 
         history_kv = len(before) + len(answer) - 1  # the last answer token was never fed back
         assert out.metrics["cached_tokens"] == min(history_kv // BS, (len(prompt) - 1) // BS) * BS, t
     assert all(s["free_blocks"] == s["num_blocks"] and s["cached_blocks"] > 0 for s in stats.values())
+
+
+def test_abort_and_transfer_retry_on_shared_blocks_free_what_they_own(ray_runtime, checkpoint, hf):
+    """Requests that share cached blocks: one aborted mid-decode, one whose first transfer stalls and is retried.
+    Both instances come back to idle (no referenced block), the cached history survives, and the next turn is
+    still exact."""
+    import time
+
+    cfg = config(checkpoint, kv_transfer={"timeout_s": 3.0, "retries": 1})
+    with Cluster(cfg) as cluster:
+        history = random_prompts([33], seed=21)[0]
+        first = cluster.generate([history], [PARAMS], timeout=60)[0]
+        assert first.token_ids == hf_greedy(hf, history, PARAMS.max_tokens)
+        history += first.token_ids
+        # Aborted while decoding on top of the shared history's blocks.
+        long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        cluster.submit(history + [7, 8, 9], long, "aborted")
+        deadline = time.monotonic() + 30
+        while cluster.request_state("aborted") is not RequestState.DECODING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cluster.request_state("aborted") is RequestState.DECODING
+        assert cluster.abort("aborted")
+        wait_for_idle(cluster)
+        # The first transfer of a request reusing the history stalls; the retry resumes and completes.
+        cluster.rank_call("prefill-0", 0, "inject_transfer_faults", 1)
+        prompt = history + random_prompts([5], seed=22)[0]
+        out = cluster.generate([prompt], [PARAMS], timeout=60)[0]
+        assert out.error is None and out.metrics["attempts"] == 2
+        assert out.token_ids == hf_greedy(hf, prompt, PARAMS.max_tokens)
+        stats = wait_for_idle(cluster)
+        counters = cluster.stats()["counters"]
+    assert all(s["free_blocks"] == s["num_blocks"] and s["cached_blocks"] > 0 for s in stats.values())
+    assert out.metrics["cached_tokens"] > 0 and counters["prefix_hit_tokens"]["decode"] > 0
