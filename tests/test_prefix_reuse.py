@@ -96,10 +96,14 @@ def test_small_cache_evicts_and_preempts_without_stale_hits(checkpoints):
     assert small.blocks.num_blocks == 10
     small.blocks.record_events = True
     heads = random_prompts([20, 18, 22], seed=8)
+    preemptions = 0
     for round_ in range(2):
         prompts = [h + t for h, t in zip(heads, random_prompts([3, 5, 2], seed=20 + round_))]
         params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
         outs = small.generate(prompts, params)
         assert [o.token_ids for o in outs] == [o.token_ids for o in big.generate(prompts, params)]
         assert small.blocks.num_used_blocks == 0
+        preemptions += sum(o.num_preemptions for o in outs)
+    assert preemptions > 0, "nothing was preempted: the cache was not small enough to test preemption"
+    assert sum(o.cached_tokens for o in outs) > 0  # the second round still found some of the heads cached
     assert any(not stored for stored, _ in small.blocks.take_events()), "nothing was evicted: the cache was not small enough to test eviction"
