@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=None,
                         help="target requests/s; without it the plan fills the cluster")
     parser.add_argument("--output", default=None, help="write the plan YAML here (default: print it)")
-    parser.add_argument("--profile", default=None, help="fitted latency profile JSON to use over the analytic model")
+    parser.add_argument("--profile", default=None, help="fitted latency profile JSON to use over the analytic model, or `distserve` for DistServe's "
+                             "published OPT-13B/66B/175B A100-80GB profiles")
     parser.add_argument("--arrival", choices=ARRIVAL_PROCESSES, default="poisson")
     parser.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma arrivals")
     parser.add_argument("--requests", type=int, default=400, help="simulated requests per goodput probe")
@@ -123,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
         if args.rate is not None and not args.rate > 0:
             raise ValueError(f"rate: must be positive, got {args.rate!r}")
         latency = AnalyticLatency(model, cluster)
-        if args.profile:
+        if args.profile == "distserve":  # DistServe's published OPT profiles (A100-80GB)
+            from splitserve.placement.distserve_profile import DistServeLatency
+
+            latency = DistServeLatency(args.model, fallback=latency)
+        elif args.profile:
             latency = ProfileLatency(Profile.load(args.profile), fallback=latency)
         trace = make_trace(workload, args.requests, args.seed, args.arrival, args.cv, model.max_positions)
         options = SearchOptions(num_requests=args.requests, seed=args.seed, affinity=args.affinity,

@@ -34,13 +34,20 @@ class LatencyModel(Protocol):
 class Efficiency:
     """Fractions of peak actually reached, and fixed per-forward costs; calibrated by a profile, not by hand."""
 
-    prefill_compute: float = 0.6
+    prefill_compute: float = 0.8  # at full GEMM rows; see half_efficiency_rows
     decode_compute: float = 0.4
     memory: float = 0.75
     link: float = 0.8
-    forward_overhead: float = 3e-3  # framework + launch overhead per forward
+    forward_overhead: float = 3e-3  # framework + launch overhead per forward (paid by every pipeline stage)
     layer_overhead: float = 30e-6  # kernel launches per layer
     tp_overlap: float = 0.0  # fraction of TP comm hidden behind compute (TokenWeave-style split); 0 = none
+    # Prefill GEMMs reach half their peak efficiency at this many rows per rank (efficiency rows/(rows + this)):
+    # short prompts, and SP's per-rank shards of them, do not fill the matrix units.
+    half_efficiency_rows: float = 150.0
+    # A TP shard of a layer runs below one device's efficiency (narrower GEMMs, synchronisation beyond the bytes of
+    # its all-reduces): compute and weight-read time x (1 + this x (1 - 1/tp)). 0.7 matches DistServe's OPT-13B
+    # A100 fits (TP 2: 1.35x the ideal per-token cost, TP 4: 1.49x).
+    tp_penalty: float = 0.7
 
     def __post_init__(self) -> None:
         for field in ("prefill_compute", "decode_compute", "memory", "link"):
@@ -48,6 +55,10 @@ class Efficiency:
                 raise ValueError(f"{field}: efficiency must be in (0, 1], got {getattr(self, field)!r}")
         if not 0 <= self.tp_overlap <= 1:
             raise ValueError(f"tp_overlap: must be in [0, 1], got {self.tp_overlap!r}")
+        if not self.tp_penalty >= 0:
+            raise ValueError(f"tp_penalty: must be >= 0, got {self.tp_penalty!r}")
+        if not self.half_efficiency_rows >= 0:
+            raise ValueError(f"half_efficiency_rows: must be >= 0, got {self.half_efficiency_rows!r}")
 
 
 def _local_heads(model: ModelSpec, tp: int) -> tuple[float, int]:
@@ -72,6 +83,7 @@ class _Linear:
     """Per-layout constants: every cost below is affine in (tokens, attention pairs, KV tokens read, logits)."""
 
     compute_token: float
+    compute_fixed: float  # the rows a prefill GEMM would need to run at full efficiency (see Efficiency)
     compute_pair: float
     compute_logit: float
     memory_fixed: float
@@ -133,18 +145,25 @@ class AnalyticLatency:
             bandwidth, latency = self._link(pipeline_crosses_nodes(self.cluster, par))
             comm_token += (par.pp - 1) * act_bytes / bandwidth
             comm_fixed += (par.pp - 1) * latency
+        # A pipeline runs as fast as its largest stage: ceil(L/pp) layers of L. Each stage is a forward of its own,
+        # with its own framework overhead, one after another for a given batch.
+        imbalance = -(-layers // par.pp) * par.pp / layers
+        sharded = 1 + eff.tp_penalty * (1 - 1 / par.tp)
+        comm_fixed += (par.pp - 1) * eff.forward_overhead
         sp_token = sp_fixed = 0.0
         if par.sp > 1:
             bandwidth, latency = self._link(stage_crosses_nodes(self.cluster, par))
             forward, backward = sp_step_bytes(m, par.tp, par.sp_algorithm, 1.0 / par.sp)
             sp_token = layers * (par.sp - 1) * max(forward, backward) / bandwidth
             sp_fixed = layers * (par.sp - 1) * latency
+        compute_token = 2 * layers * m.layer_params() / flops_rate * imbalance * sharded
         return _Linear(
-            compute_token=2 * layers * m.layer_params() / flops_rate,
+            compute_token=compute_token,
+            compute_fixed=compute_token * eff.half_efficiency_rows * par.sp if prefill else 0.0,
             # Causal attention pairs: QK^T and PV at 2 FLOPs per multiply-add each.
             compute_pair=4 * layers * m.num_heads * m.head_dim / flops_rate,
             compute_logit=2 * m.hidden_size * m.vocab_size / flops_rate,
-            memory_fixed=m.weight_bytes() / par.tp / memory_rate,
+            memory_fixed=m.weight_bytes() / par.tp / memory_rate * imbalance * sharded,
             memory_kv_token=kv_per_token / memory_rate,
             comm_token=comm_token,
             comm_fixed=comm_fixed + eff.forward_overhead + eff.layer_overhead * layers,
@@ -153,7 +172,7 @@ class AnalyticLatency:
 
     def _time(self, k: _Linear, tokens: float, pairs: float, kv_read: float, logits: int) -> float:
         attention = k.compute_pair * pairs
-        compute = k.compute_token * tokens + attention + k.compute_logit * logits
+        compute = k.compute_token * tokens + k.compute_fixed + attention + k.compute_logit * logits
         memory = k.memory_fixed + k.memory_kv_token * (kv_read + tokens)
         time = (compute if compute > memory else memory) + k.comm_token * tokens + k.comm_fixed
         if k.sp_token:

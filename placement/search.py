@@ -137,6 +137,8 @@ class Planner:
         hw = self.cluster.hardware
         need = self._max_prompt if role == "prefill" else self._max_request
         problem = memory_problem(self.model, hw, par, need)
+        timing = getattr(self.latency, "layout_problem", None)  # a profile that times only some layouts
+        problem = problem or (timing(par) if timing else None)
         if problem:
             result = Goodput(0.0, problem)
         elif role == "prefill":
