@@ -74,7 +74,7 @@ def test_multiturn_reuses_prefill_and_decode_cache_and_sends_only_the_delta(ray_
         turns = converse(cluster, hf, conversations=1, seed=3)
         stats = wait_for_idle(cluster)
         counters = cluster.stats()["counters"]
-    (first_prompt, first), = turns[0]
+    (_, first), = turns[0]
     assert first.metrics["cached_tokens"] == 0
     sp = "sp" in layout
     for t, [(prompt, out)] in enumerate(turns[1:], start=1):
@@ -141,7 +141,7 @@ def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkp
         # them; later turns find their whole history.
         assert result["completed"] == 6 and result["prefix_hit_rate"] > 0.5
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-              if line.startswith("splitserve_prefix_cache") or line.startswith("splitserve_kv_transfer_bytes")}
+              if line.startswith(("splitserve_prefix_cache", "splitserve_kv_transfer_bytes"))}
     model = bg.server.model_name
     assert values[f'splitserve_prefix_cache_hit_tokens_total{{model_name="{model}",worker_type="prefill"}}'] == 40
     assert values[f'splitserve_prefix_cache_queries_tokens_total{{model_name="{model}",worker_type="prefill"}}'] == 85
