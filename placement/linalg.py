@@ -27,9 +27,11 @@ def solve(matrix: Sequence[Sequence[float]], rhs: Sequence[float]) -> list[float
     return x
 
 
-def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
-    """Coefficients minimising ||rows·x − targets||². Columns are scaled to unit max first: Σl² reaches 1e7
-    while the intercept column is 1, and unscaled normal equations would lose most of their digits."""
+def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float],
+                  weights: Sequence[float] | None = None) -> list[float]:
+    """Coefficients minimising Σ w·(row·x − target)² (w = 1 without `weights`). Columns are scaled to unit max
+    first: Σl² reaches 1e7 while the intercept column is 1, and unscaled normal equations would lose most of their
+    digits."""
     if len(rows) != len(targets):
         raise ValueError(f"samples: {len(rows)} feature rows but {len(targets)} measurements")
     if not rows:
@@ -37,24 +39,27 @@ def least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> 
     k = len(rows[0])
     if len(rows) < k:
         raise ValueError(f"samples: need at least {k} measurements to fit {k} coefficients, got {len(rows)}")
+    w = [1.0] * len(rows) if weights is None else weights
     scale = [max(abs(row[j]) for row in rows) or 1.0 for j in range(k)]
     scaled = [[row[j] / scale[j] for j in range(k)] for row in rows]
-    normal = [[sum(r[i] * r[j] for r in scaled) for j in range(k)] for i in range(k)]
-    moment = [sum(r[i] * y for r, y in zip(scaled, targets)) for i in range(k)]
+    normal = [[sum(wi * r[i] * r[j] for r, wi in zip(scaled, w)) for j in range(k)] for i in range(k)]
+    moment = [sum(wi * r[i] * y for r, y, wi in zip(scaled, targets, w)) for i in range(k)]
     x = solve(normal, moment)
     return [x[j] / scale[j] for j in range(k)]
 
 
-def nonnegative_least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+def nonnegative_least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float],
+                              weights: Sequence[float] | None = None) -> list[float]:
     """Least squares with every coefficient >= 0, for the few coefficients of a latency fit: the best of the
     unconstrained fits over each subset of columns (the others held at 0) whose coefficients are all >= 0. A time
     model with a negative term would predict negative times on shapes outside the measured ones."""
     k = len(rows[0]) if rows else 0
+    w = [1.0] * len(rows) if weights is None else weights
     best, best_error = None, math.inf
     for mask in range(1, 1 << k):
         cols = [j for j in range(k) if mask >> j & 1]
         try:
-            sub = least_squares([[row[j] for j in cols] for row in rows], targets)
+            sub = least_squares([[row[j] for j in cols] for row in rows], targets, weights)
         except ValueError:
             continue
         if min(sub) < 0:
@@ -62,7 +67,7 @@ def nonnegative_least_squares(rows: Sequence[Sequence[float]], targets: Sequence
         x = [0.0] * k
         for j, v in zip(cols, sub):
             x[j] = v
-        error = sum((sum(r[j] * x[j] for j in range(k)) - y) ** 2 for r, y in zip(rows, targets))
+        error = sum(wi * (sum(r[j] * x[j] for j in range(k)) - y) ** 2 for r, y, wi in zip(rows, targets, w))
         if error < best_error:
             best, best_error = x, error
     if best is None:

@@ -1,4 +1,5 @@
-"""Fitted latency profiles: DistServe's functional forms fitted by least squares, stored as JSON, used as a
+"""Fitted latency profiles: DistServe's functional forms fitted to repeated measurements (median per shape,
+outlier-robust, non-negative; `robust_fit`), stored as JSON with each coefficient's bootstrap interval, used as a
 LatencyModel in place of (or on top of) the analytic defaults.
 
 prefill(ms) = a + b·Σl + c·Σl²     decode step(ms) = a + b·Σctx + c·batch
@@ -7,12 +8,12 @@ prefill(ms) = a + b·Σl + c·Σl²     decode step(ms) = a + b·Σctx + c·batc
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from splitserve.placement.latency import LatencyModel
-from splitserve.placement.linalg import nonnegative_least_squares
 from splitserve.placement.parallel import Parallel
+from splitserve.placement.robust_fit import FitReport, fit_shapes, group
 
 FORMAT = "splitserve-profile/1"
 
@@ -47,16 +48,65 @@ def _prefill_features(lengths: Sequence[int], prefixes: Sequence[int] | None) ->
     return [1.0, float(sum(lengths)), float(square)]
 
 
-def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Coefficients:
-    """samples: (prompt lengths of one batch, measured seconds)."""
+@dataclass(frozen=True)
+class Uncertainty:
+    """How well a phase's coefficients are known: a bootstrap interval per coefficient (seconds)."""
+
+    low: Coefficients
+    high: Coefficients
+    level: float
+    shapes: int
+    samples: int
+    relative_residual: float
+    draws: tuple[Coefficients, ...] = field(default=(), compare=False, repr=False)  # bootstrap fits; not saved
+
+    @classmethod
+    def of(cls, report: FitReport) -> "Uncertainty":
+        return cls(Coefficients(*report.low), Coefficients(*report.high), report.level, report.shapes,
+                   report.samples, report.relative_residual, tuple(Coefficients(*d) for d in report.draws))
+
+    def to_dict(self) -> dict[str, Any]:
+        lo, hi = self.low.to_ms(), self.high.to_ms()
+        return {"ci_ms": {k: [lo[k], hi[k]] for k in "abc"}, "level": self.level, "shapes": self.shapes,
+                "samples": self.samples, "relative_residual": self.relative_residual}
+
+    @classmethod
+    def from_dict(cls, data: Any, field: str) -> "Uncertainty":
+        try:
+            ci = data["ci_ms"]
+            low = Coefficients.from_ms({k: ci[k][0] for k in "abc"}, f"{field}.ci_ms")
+            high = Coefficients.from_ms({k: ci[k][1] for k in "abc"}, f"{field}.ci_ms")
+            return cls(low, high, float(data["level"]), int(data["shapes"]), int(data["samples"]),
+                       float(data["relative_residual"]))
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"{field}: expected ci_ms {{a, b, c: [low, high]}}, level, shapes, samples and "
+                             f"relative_residual ({exc!r})") from exc
+
+
+def fit_prefill_report(samples: Sequence[tuple[Sequence[int], float]], resamples: int = 200,
+                       seed: int = 0) -> tuple[Coefficients, Uncertainty]:
+    """samples: (prompt lengths of one batch, measured seconds); repeats of a batch are separate samples."""
     rows = [_prefill_features(lengths, None) for lengths, _ in samples]
-    return Coefficients(*nonnegative_least_squares(rows, [t for _, t in samples]))
+    report = fit_shapes(group(rows, [t for _, t in samples]), resamples, seed=seed)
+    return Coefficients(*report.coefficients), Uncertainty.of(report)
+
+
+def fit_decode_report(samples: Sequence[tuple[int, int, float]], resamples: int = 200,
+                      seed: int = 0) -> tuple[Coefficients, Uncertainty]:
+    """samples: (batch size, total context tokens, measured seconds per step); repeats are separate samples."""
+    rows = [[1.0, float(ctx), float(batch)] for batch, ctx, _ in samples]
+    report = fit_shapes(group(rows, [t for *_, t in samples]), resamples, seed=seed)
+    return Coefficients(*report.coefficients), Uncertainty.of(report)
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Coefficients:
+    """The robust fit alone (no bootstrap)."""
+    return fit_prefill_report(samples, resamples=0)[0]
 
 
 def fit_decode(samples: Sequence[tuple[int, int, float]]) -> Coefficients:
-    """samples: (batch size, total context tokens, measured seconds per step)."""
-    rows = [[1.0, float(ctx), float(batch)] for batch, ctx, _ in samples]
-    return Coefficients(*nonnegative_least_squares(rows, [t for _, _, t in samples]))
+    """The robust fit alone (no bootstrap)."""
+    return fit_decode_report(samples, resamples=0)[0]
 
 
 @dataclass(frozen=True)
@@ -64,6 +114,7 @@ class ProfileEntry:
     par: Parallel
     prefill: Coefficients | None
     decode: Coefficients | None
+    uncertainty: Mapping[str, Uncertainty] | None = None  # phase -> how well its fit is known
 
 
 @dataclass(frozen=True)
@@ -85,6 +136,8 @@ class Profile:
                 out["prefill"] = e.prefill.to_ms()
             if e.decode:
                 out["decode"] = e.decode.to_ms()
+            if e.uncertainty:
+                out["uncertainty"] = {phase: u.to_dict() for phase, u in e.uncertainty.items()}
             return out
 
         return {"format": FORMAT, "model": self.model, "hardware": self.hardware, "unit": "ms",
@@ -107,7 +160,12 @@ class Profile:
             decode = Coefficients.from_ms(raw["decode"], f"{field}.decode") if "decode" in raw else None
             if prefill is None and decode is None:
                 raise ValueError(f"{field}: needs prefill or decode coefficients")
-            entries.append(ProfileEntry(par, prefill, decode))
+            raw_u = raw.get("uncertainty") or {}
+            if not isinstance(raw_u, Mapping) or not set(raw_u) <= {"prefill", "decode"}:
+                raise ValueError(f"{field}.uncertainty: expected an object with prefill and/or decode")
+            uncertainty = {phase: Uncertainty.from_dict(u, f"{field}.uncertainty.{phase}")
+                           for phase, u in raw_u.items()} or None
+            entries.append(ProfileEntry(par, prefill, decode, uncertainty))
         if not entries:
             raise ValueError("profile.entries: empty")
         return cls(model=str(data.get("model", "")), hardware=str(data.get("hardware", "")), entries=tuple(entries))
