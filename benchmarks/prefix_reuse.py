@@ -4,7 +4,10 @@ trace with prefix caching off, on with least-loaded routing, and on with KV-awar
 TTFT (all turns, and turns after the first), mean TPOT, prefill and decode prefix-cache hit rates, KV bytes
 transferred into decode, and whether the greedy tokens equal the caching-off run's.
 
-    python benchmarks/prefix_reuse.py [--model small] [--conversations 8] [--turns 4] [--layouts 1P1D,2P2D]
+    python benchmarks/prefix_reuse.py [--model small] [--conversations 8] [--turns 5] [--layouts 1P1D,2P2D]
+
+The defaults give a trace whose prompts are ~90 % earlier history (512-token system prompt, 24-token messages and
+answers, 5 turns).
 
 Ratios come from one run of each configuration on this machine (CPU ranks sharing its cores): they show what reuse
 saves in computed tokens and moved bytes, not GPU latencies.
@@ -113,10 +116,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small")
     ap.add_argument("--conversations", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=4)
-    ap.add_argument("--system", type=int, default=384, help="shared system prompt tokens")
-    ap.add_argument("--message", type=int, default=32, help="new user tokens per turn")
-    ap.add_argument("--output", type=int, default=32, help="answer tokens per turn")
+    ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument("--system", type=int, default=512, help="shared system prompt tokens")
+    ap.add_argument("--message", type=int, default=24, help="new user tokens per turn")
+    ap.add_argument("--output", type=int, default=24, help="answer tokens per turn")
     ap.add_argument("--rate", type=float, default=2.0, help="conversation starts per second (Poisson)")
     ap.add_argument("--layouts", default="1P1D,2P2D")
     ap.add_argument("--seed", type=int, default=0)
