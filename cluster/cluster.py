@@ -17,6 +17,7 @@ from splitserve.cluster.request import Request, RequestState, StreamChunk
 from splitserve.cluster.scaling import Scaler, ScaleResult
 from splitserve.workers.config import load_config as load_model_config
 from splitserve.workers.config import tp_problem
+from splitserve.workers.hf_config import autotp_problem, resolve_backend
 from splitserve.workers.chat_template import ChatTemplate, is_messages
 from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.presets import resolve_model
@@ -63,6 +64,7 @@ class Cluster:
             ray = self.launcher.init_ray()
             self.config = self.launcher.config = plan_config(self.config, self.model_dir, ray.nodes())
         self._check_tp()
+        self._check_backend()
         self.instances = {inst.name: inst for inst in self.launcher.start()}
         self._running = True
         self.loop = asyncio.new_event_loop()
@@ -224,6 +226,15 @@ class Cluster:
             section = getattr(self.config, role)
             problem = tp_problem(self.model_config, section.tp) if section.instances else None
             if problem:
+                raise ValueError(f"{role}.tp: {problem}")
+
+    def _check_backend(self) -> None:
+        """Refuses, before any process starts, a model backend that cannot run the model at the configured TP."""
+        backend = resolve_backend(self.config.engine.backend, self.model_config.architecture)
+        for role in ("prefill", "decode", "colocated"):
+            section = getattr(self.config, role)
+            problem = autotp_problem(self.model_config, section.tp) if backend == "transformers" else None
+            if problem and section.instances:
                 raise ValueError(f"{role}.tp: {problem}")
 
     # --------------------------------------------------------------------------------------- admission

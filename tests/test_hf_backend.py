@@ -15,7 +15,8 @@ from splitserve.workers.llm import LLM
 from splitserve.workers.loader import load_model
 from splitserve.workers.sampling_params import SamplingParams
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+# min_tokens masks eos as the reference (min_new_tokens) does
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16)
 LENGTHS = [5, 17, 40, 3, 29]
 
 
@@ -106,3 +107,32 @@ def test_unknown_model_type_is_refused_naming_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}))
     with pytest.raises(ValueError, match=r"architecture NoSuchForCausalLM: transformers cannot load it"):
         load_config(tmp_path)
+
+
+def _tp2_generate(rank, world, dirs, prompts):
+    from splitserve.comm.tensor_parallel import TPGroup
+
+    tp = TPGroup.from_group()
+    tokens = {}
+    for kind, directory in dirs.items():
+        try:
+            llm = LLM(str(directory), device="cpu", block_size=8, tp=tp, chunked_prefill=True, max_num_batched_tokens=32)
+            tokens[kind] = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+        except ValueError as e:
+            tokens[kind] = str(e)
+    return tokens
+
+
+def test_autotp_tp2_matches_transformers_and_refuses_what_it_cannot_split(checkpoints):
+    """Two gloo ranks, SplitFuse (prompt chunks, decode rows, mixed batches) on AutoTP shards."""
+    from distributed import run_distributed
+
+    prompts = random_prompts(LENGTHS, seed=9)
+    dirs = {k: checkpoints[k] for k in ("phi3", "gpt_neox", "gemma", "gpt2")}
+    ranks = run_distributed(_tp2_generate, 2, dirs, prompts)
+    assert ranks[0] == ranks[1]
+    for kind in ("phi3", "gpt_neox"):
+        hf = hf_model(checkpoints[kind])
+        assert ranks[0][kind] == [hf_greedy(hf, p, GREEDY.max_tokens) for p in prompts], kind
+    assert "GemmaForCausalLM: AutoTP would split 4 attention heads and 1 KV heads unevenly" in ranks[0]["gemma"]
+    assert "GPT2LMHeadModel: DeepSpeed AutoTP cannot shard GPT-2-style" in ranks[0]["gpt2"]

@@ -9,7 +9,7 @@ from splitserve.workers.engine_config import MODEL_BACKENDS
 # transformers model types whose attention adds an ALiBi bias inside the module: the paged path has no bias term.
 _ALIBI_MODEL_TYPES = ("bloom", "mpt")
 # GPT-2-style layers (Conv1D with fused qkv) that AutoTP refuses to shard ("use kernel injection").
-NO_AUTOTP_MODEL_TYPES = ("gpt2", "gpt_bigcode")
+NO_AUTOTP_ARCHITECTURES = ("GPT2LMHeadModel",)
 
 
 def architecture_of(raw: dict) -> str:
@@ -54,11 +54,18 @@ def unsupported_reason(config) -> str | None:
     return None
 
 
-def autotp_problem(config, architecture: str, tp: int) -> str | None:
-    """Why DeepSpeed AutoTP cannot shard this model over `tp` ranks (None if it can, or at TP 1)."""
-    if tp > 1 and config.model_type in NO_AUTOTP_MODEL_TYPES:
-        return (f"{architecture}: DeepSpeed AutoTP cannot shard GPT-2-style (Conv1D) layers; "
-                "serve it with tp 1")
+def autotp_problem(cfg: ModelConfig, tp: int) -> str | None:
+    """Why DeepSpeed AutoTP cannot shard this model over `tp` ranks the way the KV transfer plans expect (None if
+    it can, and always at TP 1): every rank must hold heads / tp query heads and kv_heads / tp KV heads."""
+    if tp == 1:
+        return None
+    arch = cfg.architecture
+    if arch in NO_AUTOTP_ARCHITECTURES:
+        return (f"{arch}: DeepSpeed AutoTP cannot shard GPT-2-style (Conv1D) layers (it asks for kernel injection, "
+                "which has no paged KV cache); serve it with tp 1")
+    if cfg.num_heads % tp or cfg.num_kv_heads % tp:
+        return (f"{arch}: AutoTP would split {cfg.num_heads} attention heads and {cfg.num_kv_heads} KV heads "
+                f"unevenly over {tp} ranks; use a TP degree that divides {cfg.num_kv_heads}")
     return None
 
 

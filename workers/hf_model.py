@@ -14,7 +14,7 @@ from torch import nn
 
 from splitserve.comm.tensor_parallel import SINGLE, TPGroup
 from splitserve.workers.config import ModelConfig
-from splitserve.workers.hf_config import hf_config, unsupported_reason
+from splitserve.workers.hf_config import autotp_problem, hf_config, unsupported_reason
 from splitserve.workers.layers.attention import AttentionMetadata, PagedAttention
 
 ATTENTION = "splitserve_paged"
@@ -95,7 +95,8 @@ class HFCausalLM(nn.Module):
         return out.last_hidden_state[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.hf.get_output_embeddings()(hidden).float()
+        # As one batch row: AutoTP's sharded LM head slices its input as [batch, tokens, hidden].
+        logits = self.hf.get_output_embeddings()(hidden[None])[0].float()
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -166,6 +167,9 @@ def load_hf_model(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, d
     reason = unsupported_reason(config)
     if reason:
         raise ValueError(f"model: architecture {arch}: {reason}")
+    problem = autotp_problem(cfg, tp.size)
+    if problem:
+        raise ValueError(f"tp: {problem}")
     register_attention()
     try:
         hf, info = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=ATTENTION,
@@ -181,5 +185,9 @@ def load_hf_model(model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, d
     if tp.size > 1:
         from splitserve.workers.hf_tensor_parallel import shard_with_autotp
 
-        hf = shard_with_autotp(hf, config, arch, tp, dtype)
-    return HFCausalLM(hf, cfg, tp)
+        hf = shard_with_autotp(hf, arch, tp, dtype)
+    model = HFCausalLM(hf, cfg, tp)
+    if model.num_kv_heads * tp.size != cfg.num_kv_heads:  # the transfer plans route heads by an even split
+        raise ValueError(f"model: architecture {arch}: rank {tp.rank} holds {model.num_kv_heads} of "
+                         f"{cfg.num_kv_heads} KV heads after sharding over {tp.size} ranks; expected an even split")
+    return model
