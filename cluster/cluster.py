@@ -221,12 +221,17 @@ class Cluster:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def _check_tp(self) -> None:
-        """Refuses, before any process starts, a TP degree the model's heads cannot be split over."""
+        """Refuses, before any process starts, a TP degree the model's heads cannot be split over, and more pipeline
+        stages than layers."""
         for role in ("prefill", "decode", "colocated"):
             section = getattr(self.config, role)
             problem = tp_problem(self.model_config, section.tp) if section.instances else None
             if problem:
                 raise ValueError(f"{role}.tp: {problem}")
+            layers = self.model_config.num_layers
+            if section.instances and section.pp > layers:
+                raise ValueError(f"{role}.pp: {section.pp} pipeline stages cannot split the model's {layers} layers "
+                                 "(each stage needs at least one)")
 
     def _check_backend(self) -> None:
         """Refuses, before any process starts, a model backend that cannot run the model at the configured TP."""

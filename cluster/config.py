@@ -19,12 +19,6 @@ DEVICES = ("auto", "cpu", "cuda")
 SP_ALGORITHMS = ("ring", "token_ring")
 
 
-def _no_pipeline(path: str, pp) -> None:
-    positive_int(f"{path}.pp", pp)
-    if pp != 1:
-        raise ValueError(f"config: '{path}.pp' > 1 (pipeline parallelism) is not available yet")
-
-
 @dataclass(frozen=True)
 class PrefillConfig:
     instances: int = 1
@@ -37,12 +31,17 @@ class PrefillConfig:
         positive_int(f"{path}.instances", self.instances, 0)
         positive_int(f"{path}.tp", self.tp)
         positive_int(f"{path}.sp", self.sp)
-        _no_pipeline(path, self.pp)
+        positive_int(f"{path}.pp", self.pp)
         choice(f"{path}.sp_algorithm", self.sp_algorithm, SP_ALGORITHMS)
+        if self.sp > 1 and self.pp > 1:
+            raise ValueError(f"config: '{path}.sp' > 1 with '{path}.pp' > 1 is not supported: sequence-parallel "
+                             "attention rings over every SP rank in each layer and pads prompts into zigzag shards, "
+                             "so each pipeline stage would need its own ring and the residual stream would move "
+                             "between stages in zigzag shards; choose sp or pp")
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.sp
+        return self.tp * self.sp * self.pp
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,11 @@ class DecodeConfig:
     def validate(self, path: str) -> None:
         positive_int(f"{path}.instances", self.instances, 0)
         positive_int(f"{path}.tp", self.tp)
-        _no_pipeline(path, self.pp)
+        positive_int(f"{path}.pp", self.pp)
 
     @property
     def world_size(self) -> int:
-        return self.tp
+        return self.tp * self.pp
 
 
 @dataclass(frozen=True)

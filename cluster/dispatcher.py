@@ -403,7 +403,7 @@ class Dispatcher:
         states: dict[str, int] = {}
         for req in self.by_id.values():
             states[req.state.value] = states.get(req.state.value, 0) + 1
-        return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, "sp": i.spec.sp, **self.fleet.describe(n),
+        return {"instances": {n: {"role": i.spec.role, "tp": i.spec.tp, "sp": i.spec.sp, "pp": i.spec.pp, **self.fleet.describe(n),
                                   **self.instance_stats.get(n, {})}
                               for n, i in self.instances.items() if n in self.fleet.records}, "requests": states,
                 "restarts": dict(self.fleet.restarts_by_role), "migrations": dict(self.migrations),

@@ -1,5 +1,6 @@
-"""Starts (or attaches to) Ray, places each instance's ranks together in a STRICT_PACK placement group, builds
-each instance's process group and the prefill -> decode links, and starts the instance loops."""
+"""Starts (or attaches to) Ray, places each instance's ranks together in a STRICT_PACK placement group (one per
+pipeline stage, so stages may sit on different nodes), builds each instance's process group and the prefill ->
+decode links, and starts the instance loops."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from splitserve.cluster.config import ClusterConfig
-from splitserve.comm.kv_plan import links_needed_sp
+from splitserve.comm.kv_plan import links_needed_pp
 from splitserve.comm.links import LinkId
 from splitserve.workers.config import load_config as load_model_config
 from splitserve.workers.instance import InstanceSpec
@@ -54,8 +55,13 @@ def rank_bundle(role: str, role_resources: bool) -> dict:
 class InstanceHandle:
     spec: InstanceSpec
     actors: list
-    placement_group: object
+    placement_groups: list  # one per pipeline stage
     first_stats: dict | None = None  # the leader's stats right after a runtime launch
+
+    @property
+    def placement_group(self):
+        """The first stage's placement group (an instance without pipeline stages has only this one)."""
+        return self.placement_groups[0]
 
     @property
     def leader(self):
@@ -168,11 +174,11 @@ class Launcher:
         per_node = self.gpus_per_node(ray, free=False)
         largest = max(per_node.values(), default=0)
         for spec in self._specs():
-            if spec.world_size > largest:
+            if stage_size(spec) > largest:
                 raise ValueError(
-                    f"placement: instance {spec.name} needs {spec.world_size} GPUs on one node (STRICT_PACK) but "
-                    f"the largest node has {largest:g} (GPUs per node: {_format_nodes(per_node)}); lower its tp/sp "
-                    f"or add larger nodes. Check with `ray status`.")
+                    f"placement: instance {spec.name} needs {stage_size(spec)} GPUs on one node per pipeline stage "
+                    f"(STRICT_PACK) but the largest node has {largest:g} (GPUs per node: {_format_nodes(per_node)}); "
+                    f"lower its tp/sp, raise its pp, or add larger nodes. Check with `ray status`.")
 
     def _specs(self) -> list[InstanceSpec]:
         c = self.config
@@ -182,12 +188,12 @@ class Launcher:
 
     def spec_for(self, role: str, index: int) -> InstanceSpec:
         c = self.config
-        # Decode must know the prefill SP degree: every SP rank pushes its own blocks over its own links.
+        # Decode must know the prefill SP and PP degrees: every SP rank and stage pushes over its own links.
         extra = {"prefill": {"sp": c.prefill.sp, "sp_algorithm": c.prefill.sp_algorithm},
-                 "decode": {"prefill_sp": c.prefill.sp}}.get(role, {})
-        tp = {"prefill": c.prefill.tp, "decode": c.decode.tp, "colocated": c.colocated.tp}[role]
-        return InstanceSpec(self.cluster_id, f"{role}-{index}", role, tp, self.model_dir, c.dtype, c.device,
-                            c.engine, c.kv_transfer, **extra)
+                 "decode": {"prefill_sp": c.prefill.sp, "prefill_pp": c.prefill.pp}}.get(role, {})
+        section = {"prefill": c.prefill, "decode": c.decode, "colocated": c.colocated}[role]
+        return InstanceSpec(self.cluster_id, f"{role}-{index}", role, section.tp, self.model_dir, c.dtype, c.device,
+                            c.engine, c.kv_transfer, pp=section.pp, **extra)
 
     def _place(self, ray, spec: InstanceSpec) -> InstanceHandle:
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -195,23 +201,30 @@ class Launcher:
 
         from splitserve.workers.actor import RankActor
 
-        pg = placement_group([rank_bundle(spec.role, self.config.ray.role_resources)] * spec.world_size,
-                             strategy="STRICT_PACK", name=f"{self.cluster_id}-{spec.name}")
+        # A stage's ranks share a node (TP and SP collectives); stages need not, so each has its own group.
+        size = stage_size(spec)
+        bundle = rank_bundle(spec.role, self.config.ray.role_resources)
+        pgs = [placement_group([bundle] * size, strategy="STRICT_PACK",
+                               name=f"{self.cluster_id}-{spec.name}" + (f"-stage{s}" if spec.pp > 1 else ""))
+               for s in range(spec.pp)]
         timeout = self.config.ray.placement_timeout_s
         try:
-            ray.get(pg.ready(), timeout=timeout)
+            ray.get([pg.ready() for pg in pgs], timeout=timeout)
         except Exception:
-            remove_placement_group(pg)
+            for pg in pgs:
+                remove_placement_group(pg)
             placed = ", ".join(i.name for i in self.instances) or "none"
             free = self.gpus_per_node(ray, free=True)
+            per_stage = f" for each of its {spec.pp} stages" if spec.pp > 1 else ""
             raise ValueError(
-                f"placement: instance {spec.name} needs {spec.world_size} GPUs on one node (STRICT_PACK) and no node "
+                f"placement: instance {spec.name} needs {size} GPUs on one node{per_stage} (STRICT_PACK) and no node "
                 f"had them free within {timeout:.0f}s (free GPUs per node: {_format_nodes(free) or 'unknown'}; "
                 f"instances placed before it: {placed}). Free GPUs held by other jobs or actors, shrink the layout, "
                 "or raise ray.placement_timeout_s; check with `ray status`.") from None
         actors = [RankActor.options(num_cpus=0, num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=rank)).remote(spec, rank) for rank in range(spec.world_size)]
-        return InstanceHandle(spec, actors, pg)
+            pgs[rank // size], placement_group_bundle_index=rank % size)).remote(spec, rank)
+            for rank in range(spec.world_size)]
+        return InstanceHandle(spec, actors, pgs)
 
     # ----------------------------------------------------------------------------------------- start-up
     def start(self) -> list[InstanceHandle]:
@@ -250,8 +263,9 @@ class Launcher:
         index = 1 + max((int(i.name.rsplit("-", 1)[1]) for i in self.instances if i.spec.role == role), default=-1)
         spec = self.spec_for(role, index)
         free = {} if self.config.ray.autoscaler else self.gpus_per_node(ray, free=True)
-        if free and max(free.values()) < spec.world_size:
-            raise ValueError(f"scale: a new {role} instance needs {spec.world_size} free GPUs on one node but the Ray "
+        if free and (max(free.values()) < stage_size(spec) or sum(free.values()) < spec.world_size):
+            raise ValueError(f"scale: a new {role} instance needs {spec.world_size} free GPUs ({stage_size(spec)} "
+                             f"on one node per pipeline stage) but the Ray "
                              f"cluster has {_format_nodes(free)} free (GPUs per node); add GPUs or remove instances. "
                              "Check with `ray status`.")
         handle = self._place(ray, spec)
@@ -311,10 +325,12 @@ class Launcher:
         host, port = self._link_address or self._start_link_store(ray)
         self._link_address = (host, port)
         self._generation += 1
-        kv_heads = load_model_config(self.model_dir).num_kv_heads
+        model_config = load_model_config(self.model_dir)
+        kv_heads, num_layers = model_config.num_kv_heads, model_config.num_layers
         per_actor: dict[tuple[str, int], list[LinkId]] = {}
         for p, d in pairs:
-            for pr, dr in sorted(links_needed_sp(kv_heads, p.spec.tp, d.spec.tp, p.spec.sp)):
+            for pr, dr in sorted(links_needed_pp(kv_heads, num_layers, p.spec.tp, p.spec.sp, p.spec.pp, d.spec.tp,
+                                                 d.spec.pp)):
                 link = LinkId(p.name, pr, d.name, dr)
                 per_actor.setdefault((p.name, pr), []).append(link)
                 per_actor.setdefault((d.name, dr), []).append(link)
@@ -353,10 +369,11 @@ class Launcher:
                 ray.kill(a)
             except Exception:  # already gone
                 pass
-        try:
-            remove_placement_group(inst.placement_group)
-        except Exception:  # already removed
-            pass
+        for pg in inst.placement_groups:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # already removed
+                pass
 
     def shutdown(self) -> None:
         self.closed = True
@@ -385,6 +402,11 @@ class _LinkStoreHost:
         host = ray.util.get_node_ip_address()
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
         return host, self.store.port
+
+
+def stage_size(spec: InstanceSpec) -> int:
+    """Ranks of one pipeline stage: they must share a node."""
+    return spec.world_size // spec.pp
 
 
 def _format_nodes(gpus: dict[str, float]) -> str:

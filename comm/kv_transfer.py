@@ -139,7 +139,10 @@ class KVSender:
         meta = order.dst_blocks + [v for s in order.slices for v in (s.dst_head, s.num_heads)]
         inline = len(meta) <= _HEADER_LEN - _HEADER_FIELDS
         header = torch.zeros(_HEADER_LEN, dtype=torch.long)
-        header[:_HEADER_FIELDS] = torch.tensor([MAGIC, order.transfer_id, n, len(self.caches), len(order.slices), int(inline), 0, 0])
+        span = order.layers
+        num_layers, dst_first = (len(self.caches), 0) if span is None else (span.count, span.dst_first)
+        header[:_HEADER_FIELDS] = torch.tensor([MAGIC, order.transfer_id, n, num_layers, len(order.slices), int(inline),
+                                                dst_first, 0])
         if inline:
             header[_HEADER_FIELDS : _HEADER_FIELDS + len(meta)] = torch.tensor(meta, dtype=torch.long)
         # Not waited for one by one: the ack proves they arrived; `_finish` collects them with the data.
@@ -170,18 +173,25 @@ class KVSender:
                           for s in order.slices], dim=3)
 
     def _send_layer(self, job: dict, layer: int) -> None:
+        """`layer` indexes this rank's cache layers; a pipeline-parallel order moves only its span of them, as the
+        span's i-th layer (tag i) into the decode rank's layer dst_first + i."""
         if job["stall"] or not job["order"].src_blocks:  # an SP rank that holds no block of this prompt
             return
         order = job["order"]
+        span = order.layers
+        index = layer if span is None else layer - span.src_first
+        if span is not None and not 0 <= index < span.count:
+            return  # a layer this decode rank does not hold
+        dst_layer = index if span is None else span.dst_first + index
         data = self._gather(layer, order) if self.transport == "p2p" else None
         if self.transport == "shm":
             # The fence: no copy starts after the deadline. The decode side waits until its own (later) deadline
             # plus SHM_FENCE_S before it reports the transfer failed and frees the blocks.
             if time.monotonic() > job["deadline"]:
                 raise LinkTimeout(f"{order.link.key}: transfer deadline passed; no late writes into the decode cache")
-            copy_blocks(self.caches[layer], self.shm_caches(order.link)[layer], order)
+            copy_blocks(self.caches[layer], self.shm_caches(order.link)[dst_layer], order)
         else:
-            job["works"].append((job["link"].isend(data, _tag(order.transfer_id, layer)), data))
+            job["works"].append((job["link"].isend(data, _tag(order.transfer_id, index)), data))
 
     def _finish(self, job: dict, first_token: tuple[int, bool]) -> None:
         if job["stall"]:
@@ -255,8 +265,8 @@ class KVReceiver:
     def _receive(self, header: torch.Tensor) -> None:
         """Handshake here; the data of an accepted transfer arrives in its own thread, so the next header (the
         sender handshakes every order of a forward before pushing layers) is taken at once."""
-        magic, transfer_id, n, num_layers, num_slices, inline = header[:6].tolist()
-        assert magic == MAGIC and num_layers == len(self.caches), "peer speaks another protocol or model"
+        magic, transfer_id, n, num_layers, num_slices, inline, dst_first = header[:7].tolist()
+        assert magic == MAGIC and dst_first + num_layers <= len(self.caches), "peer speaks another protocol or model"
         deadline = time.monotonic() + self.timeout_s
         key = transfer_key(transfer_id, self.link.id.decode_rank, self.link.id.prefill_rank)
         size = n + 2 * num_slices
@@ -272,9 +282,11 @@ class KVReceiver:
             self._failed(key, e)
             return
         if go:
-            threading.Thread(target=self._receive_data, args=(transfer_id, key, meta, n, deadline), daemon=True).start()
+            threading.Thread(target=self._receive_data, args=(transfer_id, key, meta, n, range(dst_first,
+                             dst_first + num_layers), deadline), daemon=True).start()
 
-    def _receive_data(self, transfer_id: int, key: str, meta: torch.Tensor, n: int, deadline: float) -> None:
+    def _receive_data(self, transfer_id: int, key: str, meta: torch.Tensor, n: int, layers: range,
+                      deadline: float) -> None:
         blocks = meta[:n].tolist()
         heads, offset = [], 0
         for head, count in meta[n:].view(-1, 2).tolist():
@@ -282,7 +294,7 @@ class KVReceiver:
             offset += count
         try:
             if self.transport == "p2p" and n:
-                self._receive_layers(transfer_id, blocks, heads, offset, deadline)
+                self._receive_layers(transfer_id, blocks, heads, offset, layers, deadline)
             done = self.link.recv(torch.zeros(3, dtype=torch.long), _tag(transfer_id, _TAG_STRIDE - 1), deadline)
             _, token, finished = done.tolist()
             self.store.set(key, done_value(token, bool(finished)))
@@ -296,13 +308,14 @@ class KVReceiver:
         if isinstance(error, (LinkBroken, RuntimeError)):
             self.broken = str(error)
 
-    def _receive_layers(self, transfer_id, blocks, heads, num_heads, deadline) -> None:
+    def _receive_layers(self, transfer_id, blocks, heads, num_heads, layers: range, deadline) -> None:
+        """`layers`: this rank's cache layers the transfer fills, the i-th from the message tagged i."""
         ref = self.caches[0]
         shape = (2, len(blocks), ref.shape[2], num_heads, ref.shape[-1])
-        bufs = [torch.empty(shape, dtype=self.caches[0].dtype, device=self.caches[0].device) for _ in self.caches]
-        items = [(self.link.irecv(buf, _tag(transfer_id, layer)), buf) for layer, buf in enumerate(bufs)]
-        for layer in self.link.completions(items, deadline):
-            write_layer(self.caches[layer], bufs[layer], blocks, heads)
+        bufs = [torch.empty(shape, dtype=ref.dtype, device=ref.device) for _ in layers]
+        items = [(self.link.irecv(buf, _tag(transfer_id, i)), buf) for i, buf in enumerate(bufs)]
+        for i in self.link.completions(items, deadline):
+            write_layer(self.caches[layers[i]], bufs[i], blocks, heads)
 
 
 def remove_shared_cache(path: str) -> None:

@@ -101,14 +101,15 @@ def plan_parts(positions: torch.Tensor, meta, min_tokens: int | None, block_size
 
 
 def run_stages(stages: list[Stage], hidden: torch.Tensor, residual: torch.Tensor, parts: list[Part],
-               tp: TPGroup, method: str) -> torch.Tensor:
+               tp: TPGroup, method: str, with_residual: bool = False):
     """Runs the stages over the parts; with two parts, part i's reduction of stage s is in flight while the
-    other part computes, and is waited for only just before part i computes stage s + 1."""
+    other part computes, and is waited for only just before part i computes stage s + 1. Returns the last
+    normed output, and with `with_residual` (a pipeline stage hands the residual stream on) (normed, residual)."""
     if len(parts) == 1:
         for st in stages:
             hidden, residual = allreduce_add_rmsnorm(st.compute(hidden, parts[0]), residual, st.weight, st.eps,
                                                      tp, method)
-        return hidden
+        return (hidden, residual) if with_residual else hidden
     hs = [hidden[p.rows] for p in parts]
     rs = [residual[p.rows] for p in parts]
     pending = [None] * len(parts)
@@ -117,4 +118,6 @@ def run_stages(stages: list[Stage], hidden: torch.Tensor, residual: torch.Tensor
             if pending[i] is not None:
                 hs[i], rs[i] = pending[i].wait()
             pending[i] = allreduce_add_rmsnorm_async(st.compute(hs[i], part), rs[i], st.weight, st.eps, tp, method)
-    return torch.cat([p.wait()[0] for p in pending])
+    outs = [p.wait() for p in pending]
+    hidden = torch.cat([o[0] for o in outs])
+    return (hidden, torch.cat([o[1] for o in outs])) if with_residual else hidden

@@ -23,7 +23,8 @@ def kv_cache_blocks(config: EngineConfig, model, device: torch.device, dtype: to
     """How many blocks this rank's cache holds: the byte budget on CPU, the free share of the GPU on CUDA."""
     budget = (cuda_budget(config.gpu_memory_fraction, device) if device.type == "cuda" else config.kv_cache_bytes)
     cfg = model.cfg
-    return num_blocks_for_budget(budget, cfg.num_layers, config.block_size, model.num_kv_heads, cfg.head_dim, dtype)
+    layers = len(getattr(model, "layer_range", range(cfg.num_layers)))  # a pipeline stage caches its layers only
+    return num_blocks_for_budget(budget, layers, config.block_size, model.num_kv_heads, cfg.head_dim, dtype)
 
 
 def build_engine(role: str, runner, num_blocks: int, config: EngineConfig, context_len: int, sp: int = 1,

@@ -15,6 +15,7 @@ class EngineCore:
         self.blocks = blocks
         self.prefill = PrefillEngine(runner, blocks, max_num_batched_tokens, max_num_seqs, max_model_len)
         self.decode = DecodeEngine(runner, blocks, max_num_seqs, max_model_len)
+        self.num_preemptions = 0  # decodes sent back to be recomputed, for the instance's stats
 
     def step(self) -> list[EngineOutput]:
         """One round: a prompt batch if any can be admitted, then one decode step."""
@@ -23,6 +24,7 @@ class EngineCore:
             if not out.result.finished:
                 self.decode.add(out.seq)
         decode = self.decode.step()
+        self.num_preemptions += len(decode.preempted)
         for seq in decode.preempted:
             self.prefill.add(seq, front=True)
         return outputs + decode.outputs

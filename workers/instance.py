@@ -1,5 +1,6 @@
 """One rank of an instance: its model shard, KV cache and process group; followers execute what rank 0 (the
-leader) broadcasts, and every rank pushes (prefill) or accepts (decode) its share of each request's KV."""
+leader) broadcasts, and every rank pushes (prefill) or accepts (decode) its share of each request's KV. With
+pipeline stages each rank holds its stage's layers and only their KV (see workers/pipeline.py)."""
 from __future__ import annotations
 
 import logging
@@ -11,12 +12,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from splitserve.comm.kv_plan import LinkId, TransferOrder
+from splitserve.comm.kv_plan import LinkId, TransferOrder, stage_layers
 from splitserve.comm.kv_transfer import KVReceiver, KVSender, map_shared_cache, remove_shared_cache, shm_path
 from splitserve.comm.links import RECEIVER, SENDER, Link
 from splitserve.comm.sequence_parallel import SPGroup
 from splitserve.comm.tensor_parallel import TPGroup
 from splitserve.workers.batch import ForwardBatch
+from splitserve.workers.config import load_config
 from splitserve.workers.engine_builder import ROLES, kv_cache_blocks
 from splitserve.workers.engine_config import EngineConfig, TransferConfig
 from splitserve.workers.kv_cache import allocate_kv_cache
@@ -42,16 +44,25 @@ class InstanceSpec:
     sp: int = 1  # prefill only: sequence-parallel ranks, each with `tp` ranks (global rank = sp_rank·tp + tp_rank)
     sp_algorithm: str = "ring"
     prefill_sp: int = 1  # decode only: the SP degree of the prefill instances that push KV here
+    pp: int = 1  # pipeline stages, each `tp` ranks (global rank = stage·tp + tp_rank)
+    prefill_pp: int = 1  # decode only: the PP degree of the prefill instances that push KV here
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role: must be one of {ROLES}, got {self.role!r}")
         if self.sp != 1 and self.role != "prefill":
             raise ValueError(f"sp: only prefill instances run sequence-parallel, got sp={self.sp} for {self.role}")
+        if self.sp > 1 and self.pp > 1:
+            raise ValueError(SP_PP_REFUSAL)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.sp
+        return self.tp * self.sp * self.pp
+
+
+SP_PP_REFUSAL = ("prefill: sp > 1 with pp > 1 is not supported: sequence-parallel attention rings over every SP rank "
+                 "in each layer and pads prompts into zigzag shards, so pipeline stages would each need their own "
+                 "ring and pass zigzag-sharded residual streams between stages; use sp or pp on prefill, not both")
 
 
 class RankWorker:
@@ -85,15 +96,28 @@ class RankWorker:
                                 world_size=spec.world_size, timeout=timedelta(days=7))  # idle followers wait in broadcast
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if spec.sp == 1:
+        if spec.pp > 1:
+            from splitserve.workers.pipeline import stage_groups
+
+            self.tp = stage_groups(self.rank, spec.pp, spec.tp)
+        elif spec.sp == 1:
             self.tp = TPGroup.from_group()
         else:
             self.tp, self.sp = sp_tp_groups(self.rank, spec.sp, spec.tp)
         self.dtype = resolve_dtype(spec.dtype)
-        self.model = load_model(spec.model_dir, self.dtype, self.device, self.tp, spec.engine.backend)
+        num_layers = load_config(spec.model_dir).num_layers
+        self.layers = stage_layers(num_layers, spec.pp)[self.rank // (spec.tp * spec.sp)] if spec.pp > 1 else None
+        self.model = load_model(spec.model_dir, self.dtype, self.device, self.tp, spec.engine.backend,
+                                layers=self.layers)
+        if spec.pp > 1 and not hasattr(self.model, "layer_range"):
+            raise ValueError("pp: pipeline stages run on the native model backend only")
         self.model.configure_tp(spec.engine.tp_norm_method, spec.engine.overlap_min_tokens)
         self._allocate_cache()
         self.runner = ModelRunner(self.model, self.caches, self.model.cfg.eos_token_ids, self.device)
+        if spec.pp > 1:
+            from splitserve.workers.pipeline import PipelineStage, StagePosition
+
+            self.pipeline = PipelineStage(self.runner, StagePosition.of(self.rank, spec.pp, spec.tp))
         return {"num_blocks": self.num_blocks, "kv_heads": self.model.num_kv_heads}
 
     def _allocate_cache(self) -> None:
@@ -105,11 +129,12 @@ class RankWorker:
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
         self.num_blocks = int(count.item())
         shape = (2, self.num_blocks, block_size, kv_heads, cfg.head_dim)
+        num_layers = len(self.model.layers)  # a pipeline stage caches only its own layers
         if self.spec.role == "decode" and self.spec.transfer.transport == "shm" and self.device.type == "cpu":
             self._shm_file = shm_path(self.spec.cluster_id, self.spec.name, self.rank)
-            self.caches = map_shared_cache(self._shm_file, cfg.num_layers, shape, self.dtype, create=True)
+            self.caches = map_shared_cache(self._shm_file, num_layers, shape, self.dtype, create=True)
         else:
-            self.caches = allocate_kv_cache(cfg.num_layers, self.num_blocks, block_size, kv_heads, cfg.head_dim,
+            self.caches = allocate_kv_cache(num_layers, self.num_blocks, block_size, kv_heads, cfg.head_dim,
                                             self.dtype, self.device)
         self._layer_of = {id(c): i for i, c in enumerate(self.caches)}
 
@@ -152,15 +177,16 @@ class RankWorker:
         if link_id not in self._peer_caches:
             ref = self.caches[0]
             path = shm_path(self.spec.cluster_id, link_id.decode_instance, link_id.decode_rank)
-            self._peer_caches[link_id] = map_shared_cache(path, len(self.caches), self.peer_cache_shapes[link_id],
-                                                          ref.dtype, create=False)
+            num_layers, *shape = self.peer_cache_shapes[link_id]
+            self._peer_caches[link_id] = map_shared_cache(path, num_layers, tuple(shape), ref.dtype, create=False)
         return self._peer_caches[link_id]
 
     def set_peer_cache_shapes(self, shapes: dict) -> None:
         self.peer_cache_shapes.update(shapes)
 
     def cache_shape(self) -> tuple:
-        return tuple(self.caches[0].shape)
+        """(cache layers of this rank, *one layer's shape)."""
+        return (len(self.caches), *self.caches[0].shape)
 
     def start(self) -> None:
         if self.rank == 0:
@@ -219,6 +245,8 @@ class RankWorker:
     def _forward_logits(self, batch: ForwardBatch, hook=None) -> torch.Tensor:
         if self.spec.sp > 1:
             return self.sp_runner.forward_logits(batch, hook)
+        if self.spec.pp > 1:
+            return self.pipeline.forward_logits(batch, hook)
         return self.runner.forward_logits(batch, hook)
 
     @property

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from splitserve.comm.kv_plan import DecodeTarget, PrefillLayout, links_needed_sp, local_kv_heads, transfer_orders
+from splitserve.comm.kv_plan import DecodeTarget, PrefillLayout, links_needed_pp, local_kv_heads, transfer_orders
 from splitserve.comm.kv_reservations import Reservation, Reservations
 from splitserve.workers.engine_builder import build_engine, cache_salt
 from splitserve.workers.model_runner import ModelRunner
@@ -33,8 +33,9 @@ class InstanceLeader:
         cfg = rank.model.cfg
         self.eos = cfg.eos_token_ids
         self.num_kv_heads = cfg.num_kv_heads
+        self.num_layers = cfg.num_layers
         self.layout = PrefillLayout(self.spec.name, self.spec.tp, self.spec.sp, cfg.num_kv_heads,
-                                    self.spec.engine.block_size)
+                                    self.spec.engine.block_size, self.spec.pp, cfg.num_layers)
         runner = ModelRunner(rank.model, rank.caches, self.eos, rank.device, execute=self._execute)
         context_len = self.spec.engine.context_len(cfg.max_position_embeddings)
         self.engine = build_engine(self.spec.role, runner, rank.num_blocks, self.spec.engine, context_len,
@@ -56,7 +57,7 @@ class InstanceLeader:
         self.kv_received_bytes = 0  # decode: KV bytes written into this instance's caches by transfers
         cache = rank.caches[0]  # [2, blocks, block_size, local heads, head_dim], one per layer
         heads = sum(local_kv_heads(cfg.num_kv_heads, self.spec.tp, q)[1] for q in range(self.spec.tp))
-        self._block_bytes = 2 * cache.shape[2] * heads * cache.shape[-1] * cache.element_size() * len(rank.caches)
+        self._block_bytes = 2 * cache.shape[2] * heads * cache.shape[-1] * cache.element_size() * cfg.num_layers
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name=f"leader-{self.spec.name}", daemon=True).start()
@@ -107,7 +108,8 @@ class InstanceLeader:
                 "pending_transfers": len(self.reservations), "error": self.error,
                 "cached_blocks": getattr(self.blocks, "num_cached_blocks", 0),
                 "prefix_hit_tokens": self.blocks.hit_tokens, "prefix_query_tokens": self.blocks.query_tokens,
-                "kv_received_bytes": self.kv_received_bytes}
+                "kv_received_bytes": self.kv_received_bytes,
+                "preemptions": getattr(self.engine, "num_preemptions", 0)}
 
     # ------------------------------------------------------------------------------ loop thread only
     def _emit(self, *events) -> None:
@@ -149,10 +151,12 @@ class InstanceLeader:
         table = self.blocks.allocate(request_id, n, prompt_ids)
         cached = self.blocks.num_cached_tokens(request_id)
         self.blocks.count_lookup(n, cached)
-        links = links_needed_sp(self.num_kv_heads, prefill_tp, self.spec.tp, self.spec.prefill_sp)
+        spec = self.spec
+        links = links_needed_pp(self.num_kv_heads, self.num_layers, prefill_tp, spec.prefill_sp, spec.prefill_pp,
+                                spec.tp, spec.pp)
         res = Reservation(request_id, attempt, list(prompt_ids), params, [], resumed, cached // self.blocks.block_size)
         return DecodeTarget(self.spec.name, self.spec.tp, tuple(table), self.reservations.open(res, links),
-                            res.cached_blocks)
+                            res.cached_blocks, self.spec.pp)
 
     def _abort(self, request_id, attempt):
         transfer_id = self.reservations.find(request_id, attempt)

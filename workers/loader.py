@@ -61,6 +61,8 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
                 if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.cfg.tie_word_embeddings):
                     continue
                 if name not in targets:
+                    if getattr(model, "other_stage_weight", lambda _: False)(name):  # another pipeline stage's
+                        continue
                     raise ValueError(f"model: unexpected weight '{name}' in {path.name}")
                 param, loader, shard = targets[name]
                 tensor = f.get_tensor(name).to(device=param.device, dtype=param.dtype)
@@ -71,14 +73,17 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
         raise ValueError(f"model: checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def load_model(model_dir: str | Path, dtype="float32", device="cpu", tp: TPGroup = SINGLE, backend: str = "auto"):
+def load_model(model_dir: str | Path, dtype="float32", device="cpu", tp: TPGroup = SINGLE, backend: str = "auto",
+               layers: range | None = None):
     """A `CausalLM` (native backend) or an `HFCausalLM` (transformers backend), per `resolve_backend`."""
     cfg = load_config(model_dir)
     if resolve_backend(backend, cfg.architecture) == "transformers":
         from splitserve.workers.hf_model import load_hf_model
 
+        if layers is not None and layers != range(cfg.num_layers):
+            raise ValueError(f"pp: pipeline stages are not available with the transformers backend ({cfg.architecture})")
         return load_hf_model(model_dir, cfg, resolve_dtype(dtype), torch.device(device), tp)
     with torch.device(device):
-        model = CausalLM(cfg, tp, resolve_dtype(dtype), device)
+        model = CausalLM(cfg, tp, resolve_dtype(dtype), device, layers)
     load_weights(model, model_dir)
     return model.eval()

@@ -69,18 +69,32 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Forward over packed tokens of several sequences; `compute_logits` on the rows that need sampling."""
+    """Forward over packed tokens of several sequences; `compute_logits` on the rows that need sampling.
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, dtype=torch.float32, device="cpu"):
+    A pipeline stage holds only `layers` (a contiguous range); the first stage also holds the embedding, the last
+    the final norm and LM head. Stages pass the residual stream: a later stage's forward takes it instead of token
+    ids, an earlier stage's forward returns it."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, dtype=torch.float32, device="cpu",
+                 layers: range | None = None):
         super().__init__()
         self.cfg, self.tp = cfg, tp
+        self.layer_range = range(cfg.num_layers) if layers is None else layers
+        self.is_first, self.is_last = self.layer_range.start == 0, self.layer_range.stop == cfg.num_layers
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary, dtype, device) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        if self.is_first:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary, dtype, device) for _ in self.layer_range)
+        if self.is_last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, dtype, device)
+            if cfg.tie_word_embeddings and self.is_first:
+                self.lm_head.weight = self.embed_tokens.weight
+        else:
+            # The stage's last reduction adds the residual; its norm belongs to the next stage's first layer, which
+            # normalises the residual it receives, so a unit weight stands in here (its output is not used).
+            self.register_buffer("handoff_norm", torch.ones(cfg.hidden_size, dtype=dtype, device=device),
+                                 persistent=False)
         self.configure_tp()
 
     def configure_tp(self, norm_method: str = "reference", overlap_min_tokens: int | None = None) -> None:
@@ -97,14 +111,20 @@ class CausalLM(nn.Module):
     def num_kv_heads(self) -> int:
         return self.layers[0].self_attn.num_kv_heads
 
-    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata):
+    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata,
+                residual: torch.Tensor | None = None):
         """Each row-parallel output is reduced together with the residual add + RMSNorm that follows it (the next
         layer's input norm, or the final norm), optionally overlapped across two token parts. At TP = 1 the
-        reduction is the identity, so the same path runs the fused add + RMSNorm (kernel or torch twin) alone."""
-        residual = self.embed_tokens(input_ids)
+        reduction is the identity, so the same path runs the fused add + RMSNorm (kernel or torch twin) alone.
+        Pipeline stages: `residual` is the previous stage's output (for every stage but the first); a stage before
+        the last returns its residual stream, the last the final-normed hidden states."""
+        if residual is None:
+            residual = self.embed_tokens(input_ids)
         hidden = self.layers[0].input_layernorm(residual)
         parts = self._parts(positions, meta, kv_caches)
-        return run_stages(self.tp_stages(kv_caches), hidden, residual, parts, self.tp, self.tp_norm_method)
+        hidden, residual = run_stages(self.tp_stages(kv_caches), hidden, residual, parts, self.tp,
+                                      self.tp_norm_method, with_residual=True)
+        return hidden if self.is_last else residual
 
     def _parts(self, positions, meta, kv_caches):
         # Splitting the batch only buys overlap of communication, which a single rank does not have.
@@ -114,17 +134,28 @@ class CausalLM(nn.Module):
 
     def tp_stages(self, kv_caches) -> list[Stage]:
         """Two stages per layer: attention then MLP, each reduced with the norm that follows it."""
-        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        next_norms = [(n.input_layernorm.weight, n.input_layernorm.eps) for n in self.layers[1:]]
+        next_norms.append((self.norm.weight, self.norm.eps) if self.is_last else (self.handoff_norm, self.cfg.rms_norm_eps))
         stages = []
-        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+        for i, (layer, (weight, eps)) in enumerate(zip(self.layers, next_norms)):
             cache = None if kv_caches is None else kv_caches[i]
             post = layer.post_attention_layernorm
             stages.append(Stage(partial(layer.attention_partial, kv_cache=cache), post.weight, post.eps))
-            stages.append(Stage(layer.mlp_partial, next_norm.weight, next_norm.eps))
+            stages.append(Stage(layer.mlp_partial, weight, eps))
         return stages
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def other_stage_weight(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to another pipeline stage (the loader skips it)."""
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2]) not in self.layer_range
+        if name.startswith("model.embed_tokens."):
+            return not self.is_first and not (self.is_last and self.cfg.tie_word_embeddings)
+        if name.startswith(("model.norm.", "lm_head.")):
+            return not self.is_last
+        return False
 
     def checkpoint_params(self) -> dict[str, tuple[nn.Parameter, object, object]]:
         """Every checkpoint tensor name -> (our parameter, its owner's weight loader, shard id)."""
@@ -136,13 +167,18 @@ class CausalLM(nn.Module):
             if loader is None:
                 continue
             for pname, param in module.named_parameters(recurse=False):
-                if module is self.lm_head and self.cfg.tie_word_embeddings:
+                if module is getattr(self, "lm_head", None) and self.cfg.tie_word_embeddings:
                     continue
                 ours = f"{module_name}.{pname}"
                 prefix, _, leaf = module_name.rpartition(".")
                 names = [(f"{prefix}.{src}.{pname}", shard) for src, (dst, shard) in fused.items() if dst == leaf]
                 for ckpt, shard in names or [(ours, None)]:
+                    if ckpt.startswith("layers."):  # stage-local layer index -> the checkpoint's
+                        _, index, rest = ckpt.split(".", 2)
+                        ckpt = f"layers.{self.layer_range[int(index)]}.{rest}"
                     if not ckpt.startswith("lm_head"):
                         ckpt = "model." + ckpt
                     out[ckpt] = (param, loader, shard)
+        if self.is_last and not self.is_first and self.cfg.tie_word_embeddings:  # the tied head, without the embedding
+            out["model.embed_tokens.weight"] = (self.lm_head.weight, self.lm_head.weight_loader, None)
         return out

@@ -17,6 +17,7 @@ class SplitFuseEngine:
         self.blocks = blocks
         self.max_model_len = max_model_len
         self.scheduler = SplitFuseScheduler(blocks, max_num_batched_tokens, max_num_seqs)
+        self.num_preemptions = 0  # decodes sent back to be recomputed, for the instance's stats
 
     def add(self, seq: Sequence, front: bool = False) -> None:
         check_context(seq.num_tokens, self.max_model_len)
@@ -38,7 +39,8 @@ class SplitFuseEngine:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def step(self) -> list[EngineOutput]:
-        batch, _ = self.scheduler.schedule()
+        batch, preempted = self.scheduler.schedule()
+        self.num_preemptions += len(preempted)
         if not batch:
             return []
         seqs = [seq for seq, _ in batch]
