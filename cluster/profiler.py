@@ -1,5 +1,7 @@
 """`splitserve profile`: measures this machine's prefill and decode step times for a model (TP 1, in-process, one
-thread like every rank actor), fits DistServe's forms and writes a profile the planner loads (`--profile`).
+thread like every rank actor), fits DistServe's forms and writes a profile the planner loads (`--profile`). Every
+shape is timed `--repeats` times; the fit uses each shape's median, down-weights shapes that stray (a busy
+machine), and reports a bootstrap interval per coefficient, printed and saved with the profile.
 
 With `--server` the decode step is fitted through a running server instead: batches of requests decoding together
 as the decode rank really runs them (mixed contexts, sampling, scheduling, events). The in-process fit covers the
@@ -14,25 +16,30 @@ import time
 import torch
 
 from splitserve.placement.parallel import Parallel
-from splitserve.placement.profile import Profile, ProfileEntry, fit_decode, fit_prefill
+from splitserve.placement.profile import Profile, ProfileEntry, Uncertainty, fit_decode_report, fit_prefill_report
 from splitserve.workers.batch import build_batch
 from splitserve.workers.llm import LLM
 from splitserve.workers.sampling_params import SamplingParams
 
 PREFILL_BATCHES = ([64], [128], [256], [512], [1024], [128] * 4, [256] * 4, [512, 512], [64] * 16)
-DECODE_POINTS = [(b, ctx) for b in (1, 4, 16) for ctx in (128, 512, 1024)]
-SERVING_DECODE_BATCHES = (1, 2, 4, 8, 12, 16, 20)
+DECODE_POINTS = [(b, ctx) for b in (1, 2, 4, 8, 16) for ctx in (128, 512, 1024)]
+SERVING_DECODE_BATCHES = (1, 2, 4, 6, 8, 12, 16, 20, 24)
 SERVING_DECODE_OUTPUT = 64
+SERVING_DECODE_ROUNDS = 3
 
 
-def _time(fn, repeats: int) -> float:
+def _times(fn, repeats: int) -> list[float]:
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return samples
+
+
+def _time(fn, repeats: int) -> float:
+    return statistics.median(_times(fn, repeats))
 
 
 def _sequences(llm: LLM, lengths: list[int], computed_all_but_last: bool):
@@ -45,34 +52,52 @@ def _sequences(llm: LLM, lengths: list[int], computed_all_but_last: bool):
     return seqs
 
 
-def measure(llm: LLM, prefill_batches, decode_points, repeats: int = 3):
-    """([(lengths, seconds)], [(batch, total context, seconds)]) for forwards that write into the real cache."""
+def measure(llm: LLM, prefill_batches, decode_points, repeats: int = 5):
+    """([(lengths, [seconds per repeat])], [(batch, total context, [seconds per repeat])]) for forwards that write
+    into the real cache. The shapes are swept `repeats` times, one repeat of each per sweep, so that a minute in
+    which the machine was busy touches one repeat of many shapes rather than every repeat of a few."""
     runner = llm.runner
-    prefill, decode = [], []
-    for lengths in prefill_batches:
-        seqs = _sequences(llm, lengths, computed_all_but_last=False)
-        batch = build_batch(seqs, llm.blocks)
-        prefill.append((list(lengths), _time(lambda: runner.forward_logits(batch), repeats)))
-        for s in seqs:
-            llm.blocks.free(s.seq_id)
-    for size, ctx in decode_points:
-        seqs = _sequences(llm, [ctx] * size, computed_all_but_last=True)
-        batch = build_batch(seqs, llm.blocks)
-        decode.append((size, size * ctx, _time(lambda: runner.forward_logits(batch), repeats)))
-        for s in seqs:
-            llm.blocks.free(s.seq_id)
+    shapes = [("prefill", lengths) for lengths in prefill_batches] + [("decode", p) for p in decode_points]
+    times: list[list[float]] = [[] for _ in shapes]
+    for sweep in range(repeats):
+        for i, (phase, shape) in enumerate(shapes):
+            lengths = list(shape) if phase == "prefill" else [shape[1]] * shape[0]
+            seqs = _sequences(llm, lengths, computed_all_but_last=phase == "decode")
+            batch = build_batch(seqs, llm.blocks)
+            if sweep == 0:
+                runner.forward_logits(batch)  # warm-up
+            start = time.perf_counter()
+            runner.forward_logits(batch)
+            times[i].append(time.perf_counter() - start)
+            for s in seqs:
+                llm.blocks.free(s.seq_id)
+    prefill = [(list(shape), t) for (phase, shape), t in zip(shapes, times) if phase == "prefill"]
+    decode = [(shape[0], shape[0] * shape[1], t) for (phase, shape), t in zip(shapes, times) if phase == "decode"]
     return prefill, decode
 
 
-def profile_model(model: str, dtype: str = "float32", device: str = "cpu", repeats: int = 3,
-                  prefill_batches=PREFILL_BATCHES, decode_points=DECODE_POINTS):
+def profile_model(model: str, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
+                  prefill_batches=PREFILL_BATCHES, decode_points=DECODE_POINTS, resamples: int = 200):
+    """(profile, [(lengths, median seconds)], [(batch, total context, median seconds)]); the profile's entry
+    carries each phase's uncertainty."""
     torch.set_num_threads(1)
     longest = max(max(sum(b) for b in prefill_batches), max(b * c for b, c in decode_points))
     llm = LLM(model, dtype=dtype, device=device, kv_cache_bytes=_cache_bytes(model, longest))
     prefill, decode = measure(llm, prefill_batches, decode_points, repeats)
-    entry = ProfileEntry(Parallel(), fit_prefill(prefill), fit_decode(decode))
+    k_prefill, u_prefill = fit_prefill_report([(ls, t) for ls, ts in prefill for t in ts], resamples)
+    k_decode, u_decode = fit_decode_report([(b, c, t) for b, c, ts in decode for t in ts], resamples)
+    entry = ProfileEntry(Parallel(), k_prefill, k_decode, {"prefill": u_prefill, "decode": u_decode})
     hardware = "cpu" if llm.device.type == "cpu" else torch.cuda.get_device_name(llm.device)
-    return Profile(model=model, hardware=hardware, entries=(entry,)), prefill, decode
+    return (Profile(model=model, hardware=hardware, entries=(entry,)),
+            [(ls, statistics.median(ts)) for ls, ts in prefill], [(b, c, statistics.median(ts)) for b, c, ts in decode])
+
+
+def uncertainty_line(name: str, k, u: Uncertainty) -> str:
+    """`decode (ms): a = 15.1 [14.2, 16.0], ...` with the interval level, shapes, samples and the residual."""
+    v, lo, hi = k.to_ms(), u.low.to_ms(), u.high.to_ms()
+    terms = ", ".join(f"{c} = {v[c]:.4g} [{lo[c]:.4g}, {hi[c]:.4g}]" for c in "abc")
+    return (f"{name} (ms): {terms}  ({100 * u.level:.0f} % bootstrap intervals; {u.shapes} shapes, {u.samples} "
+            f"samples; robust relative residual {100 * u.relative_residual:.1f} %)")
 
 
 def _cache_bytes(model: str, tokens: int) -> int:
@@ -83,18 +108,29 @@ def _cache_bytes(model: str, tokens: int) -> int:
     return 2 * (tokens + 64 * 16) * cfg.kv_bytes_per_token  # room for the largest point, with slack for blocks
 
 
+def _rotated(q, shift: int):
+    """The same request with its prompt ids rotated: another prompt of the same length (no cached prefix)."""
+    if shift == 0 or not isinstance(q.prompt, tuple):
+        return q
+    shift %= len(q.prompt)
+    return dataclasses.replace(q, prompt=q.prompt[shift:] + q.prompt[:shift])
+
+
 def serving_decode_fit(target: str, workload, handoff_s: float, max_batched_tokens: int,
-                       timeout: float | None = None, token: str | None = None):
+                       timeout: float | None = None, token: str | None = None, rounds: int = SERVING_DECODE_ROUNDS,
+                       resamples: int = 200):
     """Decode steps as the client sees them: B requests (from `workload`, short and long prompts apart) sent at
     once, prefilled together and decoding together; the step is their median TPOT less the share of the hand-off
-    (first token -> KV ready). No prefill runs meanwhile. Returns (Coefficients, info with the measured points)."""
+    (first token -> KV ready). No prefill runs meanwhile. Every batch is sent `rounds` times (its prompts rotated,
+    the rounds apart in time) and the fit takes each batch's median. Returns (Coefficients, Uncertainty, info with
+    the measured points)."""
     from splitserve.cluster import bench
 
     start = time.perf_counter()
     median = statistics.median(q.prompt_len for q in workload)
     pools = {"short": [q for q in workload if q.prompt_len < median],
              "long": [q for q in workload if q.prompt_len >= median]}
-    samples, points = [], []
+    batches = []
     for size, group in ((b, g) for b in SERVING_DECODE_BATCHES for g in pools):
         batch, rest, tokens = [], [], 0
         for q in pools[group]:  # the next prompts that fit one prefill batch; the others stay for later batches
@@ -107,21 +143,30 @@ def serving_decode_fit(target: str, workload, handoff_s: float, max_batched_toke
         if not batch:
             raise ValueError(f"workload: too few prompts (or none under {max_batched_tokens} tokens) for a "
                              f"{group}-prompt decode batch of {size}")
+        batches.append(batch)
+    steps: list[list[float]] = [[] for _ in batches]
+    for round_ in range(rounds):
+        for batch, times in zip(batches, steps):
+            report = asyncio.run(bench.run_benchmark(target, [_rotated(q, round_) for q in batch], float("inf"),
+                                                     timeout=timeout, token=token, keep_records=True))
+            tpots = [r["tpot_s"] for r in report["requests"] if r["ok"]]
+            if len(tpots) < len(batch):
+                raise RuntimeError(f"serving decode profile: {len(batch) - len(tpots)} of {len(batch)} requests "
+                                   "failed")
+            times.append(statistics.median(tpots) - handoff_s / (SERVING_DECODE_OUTPUT - 1))
+    samples, points = [], []
+    for batch, times in zip(batches, steps):
         size = len(batch)
-        report = asyncio.run(bench.run_benchmark(target, batch, float("inf"), timeout=timeout, token=token,
-                                                 keep_records=True))
-        tpots = [r["tpot_s"] for r in report["requests"] if r["ok"]]
-        if len(tpots) < size:
-            raise RuntimeError(f"serving decode profile: {size - len(tpots)} of {size} requests failed")
-        step = statistics.median(tpots) - handoff_s / (SERVING_DECODE_OUTPUT - 1)
         context = sum(r.prompt_len for r in batch) + size * SERVING_DECODE_OUTPUT // 2
-        samples.append((size, context, step))
+        samples += [(size, context, t) for t in times]
         points.append({"batch": size, "context": context, "longest": max(r.prompt_len for r in batch)
-                       + SERVING_DECODE_OUTPUT // 2, "measured_ms": step * 1e3})
-    k = fit_decode(samples)
+                       + SERVING_DECODE_OUTPUT // 2, "measured_ms": statistics.median(times) * 1e3,
+                       "repeats_ms": [t * 1e3 for t in times]})
+    k, u = fit_decode_report(samples, resamples)
     for p in points:
         p["fitted_ms"] = (k.a + k.b * p["context"] + k.c * p["batch"]) * 1e3
-    return k, {"seconds": round(time.perf_counter() - start, 1), "decode_ms": k.to_ms(), "points": points}
+    return k, u, {"seconds": round(time.perf_counter() - start, 1), "decode_ms": k.to_ms(),
+                  "uncertainty": u.to_dict(), "points": points}
 
 
 def _server_decode(args, decode_in_process):
@@ -137,25 +182,25 @@ def _server_decode(args, decode_in_process):
         for i in range(4):  # unloaded requests: the hand-off each decode batch pays once
             r = client.generate([bench.LOW_TOKEN_ID + i] * 64, max_tokens=8, temperature=0.0, ignore_eos=True)
             handoffs.append(r.server_timing.get("kv_transfer_s") or 0.0)
-    workload = bench.build_workload(args.workload, 200, max_context=info.max_context, vocab_size=info.vocab_size,
+    workload = bench.build_workload(args.workload, 400, max_context=info.max_context, vocab_size=info.vocab_size,
                                     eos_token_ids=list(info.eos_token_ids), has_tokenizer=info.has_tokenizer,
                                     seed=0)
-    k, details = serving_decode_fit(args.server, workload, statistics.median(handoffs[1:]),
-                                    args.max_batched_tokens, args.timeout, token)
+    k, u, details = serving_decode_fit(args.server, workload, statistics.median(handoffs[1:]),
+                                       args.max_batched_tokens, args.timeout, token)
     print(f"decode through {args.server} ({details['seconds']} s)  {'batch x context':<16}{'measured ms':>12}"
           f"{'fitted ms':>11}")
     for p in details["points"]:
         print(f"        {'':<32}{p['batch']:>3} x {p['context'] // p['batch']:<10}{p['measured_ms']:>12.2f}"
               f"{p['fitted_ms']:>11.2f}")
     print(f"decode fit (ms): in-process {decode_in_process.to_ms()} -> through the server {k.to_ms()}")
-    return k
+    return k, u
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="small", help="preset or local HF checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of every shape (the fit takes medians)")
     p.add_argument("--output", default="profile.json")
     p.add_argument("--server", default=None,
                    help="fit the decode step through this running server (HOST:PORT, serving the same model)")
@@ -180,10 +225,11 @@ def run(args) -> int:
         fit = entry.decode.a + entry.decode.b * ctx + entry.decode.c * batch
         print(f"        {f'{batch} x {ctx // batch}':<24}{t * 1e3:>12.2f}{fit * 1e3:>11.2f}")
     if args.server:
-        entry = dataclasses.replace(entry, decode=_server_decode(args, entry.decode))
+        decode, uncertainty = _server_decode(args, entry.decode)
+        entry = dataclasses.replace(entry, decode=decode, uncertainty={**entry.uncertainty, "decode": uncertainty})
         profile = dataclasses.replace(profile, entries=(entry,))
-    coeffs = {k: v.to_ms() for k, v in (("prefill", entry.prefill), ("decode", entry.decode))}
-    print(f"fitted (ms): {coeffs}")
+    for phase in ("prefill", "decode"):
+        print(uncertainty_line(phase, getattr(entry, phase), entry.uncertainty[phase]))
     profile.save(args.output)
     print(f"wrote {args.output}; use it with `splitserve plan --profile {args.output} --model {args.model} ...`")
     return 0
