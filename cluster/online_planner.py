@@ -93,8 +93,10 @@ class OnlinePlannerLoop:
         return Trace(tuple(arrivals), tuple(p for p, _ in picks), tuple(max(1, o) for _, o in picks))
 
     def predict(self, rate: float, trace: Trace, counts: tuple[int, int], kv_tokens: int) -> float:
+        # A decode instance runs at most max_num_seqs sequences at once, whatever its KV could hold.
         result = simulate_disaggregated(self.latency, trace, rate, self.prefill_par, self.decode_par, counts[0],
-                                        counts[1], kv_capacity=kv_tokens)
+                                        counts[1], kv_capacity=kv_tokens, max_batch=self.config.engine.max_num_seqs,
+                                        token_budget=self.config.engine.max_num_batched_tokens)
         return result.attainment(self.slo)
 
     def choose(self, rate: float, lengths: list[tuple[int, int]], kv_tokens: int) -> tuple[tuple[int, int], dict]:
