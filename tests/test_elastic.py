@@ -93,3 +93,26 @@ def test_scale_requests_that_cannot_be(ray_runtime, ckpt):
         same = cluster.scale(decode=1)
         assert same.added == [] and same.removed == []
         assert len(cluster.generate([[3, 4, 5]], SamplingParams(max_tokens=3))[0].token_ids) == 3
+
+
+def test_scaling_a_role_to_zero_is_refused_while_requests_stream(ray_runtime, ckpt, load):
+    """Requests in flight need both roles: a request to remove the last instance of either is refused, names the
+    role, and changes nothing; every streaming request still ends with its reference tokens."""
+    prompts, params, expected = load
+
+    def refuse_both():
+        errors = []
+        for role in ("prefill", "decode"):
+            with pytest.raises(ScaleError) as err:
+                cluster.scale(**{role: 0})
+            errors.append(str(err.value))
+        return errors
+
+    with Cluster(config(ckpt)) as cluster:
+        outputs, errors = _while_streaming(cluster, prompts, params, refuse_both)
+        assert [e.split(":")[0] for e in errors] == ["prefill", "decode"]
+        assert all("at least one instance must stay" in e for e in errors)
+        assert [o.error for o in outputs] == [None] * len(prompts)
+        assert [o.token_ids for o in outputs] == expected
+        assert _roles(cluster) == {"prefill-0": "serving", "decode-0": "serving"}
+        wait_for_idle(cluster)
