@@ -85,6 +85,11 @@ def _restrict(meta, lo: int, hi: int, block_size: int):
         context_lens_t=None if fresh else torch.tensor(context_lens, dtype=torch.long, device=device))
 
 
+def restrict_rows(meta, lo: int, hi: int, block_size: int):
+    """Attention metadata for token rows [lo, hi) of a batch (a pipeline micro-batch, cut at sequence boundaries)."""
+    return _restrict(meta, lo, hi, block_size)
+
+
 def plan_parts(positions: torch.Tensor, meta, min_tokens: int | None, block_size: int | None) -> list[Part]:
     """One part (no overlap) below `min_tokens`, else two; `block_size` is None without a paged KV cache."""
     total = positions.shape[0]

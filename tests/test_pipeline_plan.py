@@ -1,6 +1,7 @@
 """The transfer plan with pipeline stages on either side: balanced contiguous layer ranges, and for odd (TP, SP, PP)
 pairs and random ones, every (layer, KV head) of every block the decode side lacks lands exactly once, on the decode
-rank that holds that layer and head, from a prefill rank that holds them; one order per link."""
+rank that holds that layer and head, from a prefill rank that holds them; one order per link. And a stage's
+micro-batches: whole sequences covering the batch."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -110,3 +111,18 @@ def test_random_layout_pairs_land_every_layer_head_and_block_once(pair):
     kv_heads, num_layers, p_tp, p_sp, p_pp, d_tp, d_pp, tokens, cached = pair
     cached = min(cached, -(-tokens // 4) - 1)  # the last prompt block is never cached (decode side keeps it open)
     check_plan(kv_heads, num_layers, p_tp, p_sp, p_pp, d_tp, d_pp, tokens, max(cached, 0))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=12), st.integers(1, 6))
+def test_micro_batches_cover_the_batch_in_whole_sequences(query_lens, pp):
+    from splitserve.workers.pipeline import micro_batches
+
+    parts = micro_batches(query_lens, pp)
+    starts = {0}
+    for n in query_lens:
+        starts.add(max(starts) + n)
+    assert len(parts) == min(pp, len(query_lens))
+    assert parts[0][0] == 0 and parts[-1][1] == sum(query_lens)
+    assert all(lo < hi and lo in starts and hi in starts for lo, hi in parts)  # non-empty, at sequence boundaries
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))

@@ -1,7 +1,10 @@
 """One rank's forward in a pipeline-parallel instance: the residual stream arrives from the previous stage, this
 stage's layers run (their K/V into this stage's cache), the stream goes on to the next stage, and the last stage's
 logits go back to the leader, which samples. Point-to-point on the instance's process group; each TP rank talks to
-the same TP rank of the neighbouring stages (every TP rank holds the whole residual stream)."""
+the same TP rank of the neighbouring stages (every TP rank holds the whole residual stream).
+
+A batch of several sequences flows as up to PP micro-batches (cut at sequence boundaries, near-equal in tokens):
+while a stage computes micro-batch i + 1, the next stage computes micro-batch i."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from splitserve.comm.overlap import restrict_rows
 from splitserve.workers.batch import ForwardBatch
 from splitserve.workers.model_runner import ModelRunner
 
@@ -64,16 +68,34 @@ class PipelineStage:
         """Float32 logits [len(sample_rows), vocab] on the leader (global rank 0); None on every other rank."""
         runner, pos = self.runner, self.pos
         meta = runner._metadata(batch)
-        meta.on_kv_written = on_kv_written
         ids, positions = runner._tensor(batch.input_ids), runner._tensor(batch.positions)
-        residual = None
-        if not pos.first:
-            residual = torch.empty(len(batch.input_ids), self.hidden_size, dtype=self.dtype, device=runner.device)
-            dist.recv(residual, src=pos.rank_of(pos.stage - 1))
-        out = runner.model(ids, positions, runner.kv_caches, meta, residual)
-        if not pos.last:
-            dist.send(out.contiguous(), dst=pos.rank_of(pos.stage + 1))
+        parts = micro_batches(batch.query_lens, pos.pp)
+        block_size = runner.kv_caches[0].shape[2]
+        prev, next_ = pos.rank_of(pos.stage - 1), pos.rank_of(pos.stage + 1)
+        inbox = []
+        if not pos.first:  # every micro-batch's receive is posted at once; each is waited for when its turn comes
+            for i, (lo, hi) in enumerate(parts):
+                buf = torch.empty(hi - lo, self.hidden_size, dtype=self.dtype, device=runner.device)
+                inbox.append((dist.irecv(buf, src=prev, tag=i), buf))
+        outs, sends = [], []
+        for i, (lo, hi) in enumerate(parts):
+            part = meta if len(parts) == 1 else restrict_rows(meta, lo, hi, block_size)
+            # A layer's KV is complete (and may be pushed) once the last micro-batch has written it.
+            part.on_kv_written = on_kv_written if i == len(parts) - 1 else None
+            residual = None
+            if inbox:
+                inbox[i][0].wait()
+                residual = inbox[i][1]
+            out = runner.model(ids[lo:hi], positions[lo:hi], runner.kv_caches, part, residual)
+            if pos.last:
+                outs.append(out)
+            else:
+                out = out.contiguous()
+                sends.append((dist.isend(out, dst=next_, tag=i), out))
+        for work, _ in sends:
+            work.wait()
         rows = batch.sample_rows
+        out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else None
         leader = pos.first and pos.tp_rank == 0
         if pos.last:
             logits = runner.model.compute_logits(out[runner._tensor(rows)]) if rows else None
@@ -87,3 +109,19 @@ class PipelineStage:
         if leader:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=runner.device)
         return None
+
+
+def micro_batches(query_lens: list[int], pp: int) -> list[tuple[int, int]]:
+    """Token ranges [lo, hi) of up to `pp` micro-batches of whole sequences, each near total / pp tokens."""
+    count = min(pp, len(query_lens))
+    total = sum(query_lens)
+    bounds, start, done = [], 0, 0
+    for i, n in enumerate(query_lens):
+        done += n
+        left = len(query_lens) - i - 1  # sequences after this one
+        cuts_needed = count - 1 - len(bounds)
+        if cuts_needed and (done >= total * (len(bounds) + 1) / count or left == cuts_needed):
+            bounds.append((start, done))
+            start = done
+    bounds.append((start, total))
+    return bounds

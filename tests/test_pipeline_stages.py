@@ -1,0 +1,88 @@
+"""Pipeline stages on gloo processes (PP3, and TP2·PP2) against one process: a prompt batch that flows as
+micro-batches and a decode step give the same logits on the leader, each stage's cache holds exactly that stage's
+layers of the single-process K/V, and each layer's KV-written hook fires once, after its last micro-batch."""
+import pytest
+import torch
+
+from distributed import run_distributed
+from hf_checkpoints import random_prompts, write_checkpoint
+from splitserve.workers.batch import ForwardBatch
+
+BLOCK = 8
+PROMPTS = random_prompts([9, 33, 4, 21], seed=7)
+
+
+def _batches(next_tokens=None):
+    """The prompt batch (fresh sequences on consecutive blocks), or one decode step appending `next_tokens`."""
+    ids, positions, slots, query, context, tables, rows = [], [], [], [], [], [], []
+    first = 0
+    for i, prompt in enumerate(PROMPTS):
+        table = list(range(first, first + len(prompt) // BLOCK + 1))
+        first += len(table)
+        span = range(len(prompt)) if next_tokens is None else range(len(prompt), len(prompt) + 1)
+        ids += prompt if next_tokens is None else [next_tokens[i]]
+        positions += span
+        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in span]
+        query.append(len(span))
+        context.append(span.stop)
+        tables.append(table)
+        rows.append(len(ids) - 1)
+    return ForwardBatch(ids, positions, slots, query, context, tables, rows)
+
+
+def _run(model_dir, tp, pp, rank):
+    """(leader logits of the prompt batch, of the decode step, this rank's caches by global layer, hook layers)."""
+    from splitserve.comm.kv_plan import stage_layers
+    from splitserve.workers.kv_cache import allocate_kv_cache
+    from splitserve.workers.loader import load_model
+    from splitserve.workers.model_runner import ModelRunner
+    from splitserve.workers.pipeline import PipelineStage, StagePosition, stage_groups
+
+    group = stage_groups(rank, pp, tp) if pp > 1 else None
+    layers = stage_layers(5, pp)[rank // tp]
+    model = load_model(model_dir, tp=group, layers=layers) if pp > 1 else load_model(model_dir)
+    caches = allocate_kv_cache(len(layers), 16, BLOCK, model.num_kv_heads, model.cfg.head_dim, torch.float32, "cpu")
+    runner = ModelRunner(model, caches, model.cfg.eos_token_ids, "cpu")
+    forward = PipelineStage(runner, StagePosition.of(rank, pp, tp)).forward_logits if pp > 1 else runner.forward_logits
+    hooked = []
+    layer_of = {id(c): i for i, c in enumerate(caches)}
+    prefill = forward(_batches(), lambda cache: hooked.append(layer_of[id(cache)]))
+    tokens = prefill.argmax(-1).tolist() if prefill is not None else [2] * len(PROMPTS)
+    if pp > 1:  # every rank decodes the leader's tokens
+        box = [tokens]
+        torch.distributed.broadcast_object_list(box, src=0)
+        tokens = box[0]
+    decode = forward(_batches(tokens))
+    return prefill, decode, {layers[i]: c for i, c in enumerate(caches)}, hooked
+
+
+def _stages(rank, world, model_dir, tp, pp):
+    return _run(model_dir, tp, pp, rank)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_checkpoint("llama", tmp_path_factory.mktemp("llama5"), seed=29, num_hidden_layers=5)
+
+
+@pytest.fixture(scope="module")
+def single(model_dir):
+    return _run(model_dir, 1, 1, 0)
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 3), (2, 2)])
+def test_stages_match_one_process(model_dir, single, tp, pp):
+    ref_prefill, ref_decode, ref_caches, _ = single
+    results = run_distributed(_stages, tp * pp, model_dir, tp, pp)
+    prefill, decode = results[0][0], results[0][1]
+    torch.testing.assert_close(prefill, ref_prefill, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode, ref_decode, rtol=1e-4, atol=1e-4)
+    assert all(r[0] is None and r[1] is None for r in results[1:])  # logits live on the leader only
+    kv_heads_per_rank = ref_caches[0].shape[3] // tp if tp <= ref_caches[0].shape[3] else 1
+    for rank, (_, _, caches, hooked) in enumerate(results):
+        assert hooked == list(range(len(caches))), f"rank {rank}: each layer's hook once, in order"
+        head0 = (rank % tp) * kv_heads_per_rank
+        for layer, cache in caches.items():
+            expected = ref_caches[layer][..., head0 : head0 + kv_heads_per_rank, :]
+            torch.testing.assert_close(cache, expected, rtol=1e-4, atol=1e-5)
+    assert sorted(layer for r in results for layer in r[2]) == sorted(list(range(5)) * tp)
