@@ -143,6 +143,9 @@ def _check_args(args) -> list[float]:
         raise ValueError("base_url: required with --backend openai (e.g. http://127.0.0.1:8000/v1)")
     if args.dataset == "jsonl" and not args.dataset_path:
         raise ValueError("dataset_path: required with --dataset jsonl")
+    if args.dataset == "multiturn" and args.backend == "openai":
+        raise ValueError("dataset: multiturn resends each answer's token ids, which the OpenAI completions API does "
+                         "not return; use the splitserve backend (or --dataset shared-prefix)")
     return rates
 
 

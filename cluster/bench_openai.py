@@ -77,6 +77,7 @@ class OpenAIClient:
                 if usage:
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
                     result.completion_tokens = usage.get("completion_tokens", 0)
+                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         result.e2e_s = time.perf_counter() - start
         result.text = "".join(text)
         return result

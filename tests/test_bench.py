@@ -381,3 +381,5 @@ def test_bench_reports_an_unreachable_server_and_bad_options(capsys):
         _bench(["--slo-ttft-ms", "0"])
     with pytest.raises(ValueError, match="dataset_path"):
         _bench(["--dataset", "jsonl"])
+    with pytest.raises(ValueError, match="dataset: multiturn resends each answer's token ids"):
+        _bench(["--dataset", "multiturn", "--backend", "openai", "--base-url", "http://127.0.0.1:1/v1"])

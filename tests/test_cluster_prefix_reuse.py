@@ -114,7 +114,7 @@ def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkp
 
     system = random_prompts([40], seed=9)[0]
     with Cluster(config(checkpoint)) as cluster, \
-            BackgroundServer(options=ServerOptions(port=0, metrics_port=0), cluster=cluster).start() as bg, \
+            BackgroundServer(options=ServerOptions(port=0, metrics_port=0, http_port=0), cluster=cluster).start() as bg, \
             Client(bg.target, timeout=60) as client:
         first = client.generate(system + [7, 8], max_tokens=4, temperature=0.0, ignore_eos=True)
         second = client.generate(system + [9, 10, 11], max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -140,6 +140,15 @@ def test_grpc_usage_server_info_and_metrics_report_the_cache(ray_runtime, checkp
         # A first turn finds the shared 24-token system prompt's full blocks once another conversation computed
         # them; later turns find their whole history.
         assert result["completed"] == 6 and result["prefix_hit_rate"] > 0.5
+        # K prefixes x suffixes through the OpenAI-compatible API (its usage carries
+        # prompt_tokens_details.cached_tokens): one at a time, all but the first request of each prefix hit it
+        # (another seed than the run above, whose prompts would share tokens with these).
+        assert main(["bench", "--backend", "openai", "--base-url", f"http://127.0.0.1:{bg.http_port}/v1",
+                     "--dataset", "shared-prefix", "--num-prompts", "6", "--num-prefixes", "2", "--input-len", "32",
+                     "--message-len", "4", "--output-len", "2", "--vocab-size", "512", "--max-context", "1024",
+                     "--max-concurrency", "1", "--seed", "7", "--no-progress", "--output", str(report)]) == 0
+        result = json.loads(report.read_text())["results"][0]
+        assert result["completed"] == 6 and result["cached_input_tokens"] == 4 * 32
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
               if line.startswith(("splitserve_prefix_cache", "splitserve_kv_transfer_bytes"))}
     model = bg.server.model_name
