@@ -1,7 +1,8 @@
 """Output tokens/s of our engine (continuous batching, paged KV) against two transformers baselines on the same
 requests, in one run: transformers' own continuous batching (`generate_batch`, paged cache) and `generate` in static
-batches; plus batch 1 against plain `generate`. Greedy, every request runs to max tokens (eos does not stop it) on
-every side, and the tokens are checked to be identical. Prefix caching is off: repeats resend the same prompts, and a cache hit would
+batches; plus batch 1 against plain `generate`. Our engine also runs on the transformers backend (`ours_transformers`:
+the checkpoint's own modeling code on our paged cache), which shows what the native model buys. Greedy, every request
+runs to max tokens (eos does not stop it) on every side, and the tokens are checked to be identical. Prefix caching is off: repeats resend the same prompts, and a cache hit would
 measure the cache, not the engine. Prints a table and saves JSON.
 
     python benchmarks/engine_throughput.py [--model smollm2-135m] [--requests 32] [--batch1-requests 4]
@@ -109,19 +110,26 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     llm = LLM(args.model, device="cpu", kv_cache_bytes=2 << 30, max_num_seqs=args.requests, prefix_caching=False)
+    # The same engine on the transformers backend (the checkpoint's own modeling code on our paged cache): what the
+    # hand-written native model buys.
+    llm_tf = LLM(args.model, device="cpu", kv_cache_bytes=2 << 30, max_num_seqs=args.requests, prefix_caching=False,
+                 backend="transformers")
     hf = AutoModelForCausalLM.from_pretrained(llm.model_dir, dtype=torch.float32).eval()
     pad = llm.eos_token_ids[0] if llm.eos_token_ids else 0
     prompts = make_prompts(llm, args.requests, args.seed, tuple(args.words))
     warm = make_prompts(llm, 2, args.seed + 1, (8, 16))
     run_ours(llm, warm, 4, 2), run_hf_static(hf, warm, 4, 2, pad), run_hf_continuous(hf, warm, 4, pad)
+    run_ours(llm_tf, warm, 4, 2)
     load_start = os.getloadavg()
 
     n, m = len(prompts), args.max_tokens
     b1 = prompts[: args.batch1_requests]
     concurrent = _best({"ours": lambda: run_ours(llm, prompts, m, n),
+                        "ours_transformers": lambda: run_ours(llm_tf, prompts, m, n),
                         "hf_generate_batch": lambda: run_hf_continuous(hf, prompts, m, pad),
                         "hf_static": lambda: run_hf_static(hf, prompts, m, args.static_batch, pad)}, args.repeats)
     batch1 = _best({"ours": lambda: run_ours(llm, b1, m, 1),
+                    "ours_transformers": lambda: run_ours(llm_tf, b1, m, 1),
                     "hf_generate": lambda: run_hf_static(hf, b1, m, 1, pad)}, args.repeats)
     rows = []
     for setting, results, reqs in (("concurrent", concurrent, prompts), ("batch 1", batch1, b1)):

@@ -235,7 +235,13 @@ class Cluster:
 
     def _check_backend(self) -> None:
         """Refuses, before any process starts, a model backend that cannot run the model at the configured TP."""
-        backend = resolve_backend(self.config.engine.backend, self.model_config.architecture)
+        engine = self.config.engine
+        backend = resolve_backend(engine.backend, self.model_config.architecture)
+        if backend == "transformers" and (engine.overlap_min_tokens is not None
+                                          or engine.tp_norm_method not in ("reference", "auto")):
+            raise ValueError("engine.tp_norm_method / engine.overlap_min_tokens: the native model's fused TP "
+                             "reduction and overlap are not available with the transformers backend (AutoTP reduces "
+                             "in its own layers)")
         for role in ("prefill", "decode", "colocated"):
             section = getattr(self.config, role)
             problem = autotp_problem(self.model_config, section.tp) if backend == "transformers" else None

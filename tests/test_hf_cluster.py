@@ -1,5 +1,6 @@
 """The transformers backend in a Ray cluster gives exactly the transformers tokens in every role: colocated,
-disaggregated with layer-wise KV push, and prefill TP 2 (DeepSpeed AutoTP on gloo) feeding decode TP 1."""
+disaggregated with layer-wise KV push, prefill TP 2 (DeepSpeed AutoTP on gloo) feeding decode TP 1, and
+sequence-parallel prefill."""
 import pytest
 
 from cluster_helpers import config, references, wait_for_idle, workload, write_checkpoint
@@ -16,6 +17,7 @@ LAYOUTS = {
     "gpt_neox_prefill_tp2_decode_tp1": ("gpt_neox", PREFILL_TP2),
     "qwen3_prefill_tp2_decode_tp1_after_prefill": ("qwen3", {**PREFILL_TP2, "kv_transfer": {"mode": "after_prefill"}}),
     "gpt2_1p1d": ("gpt2", {}),  # AutoTP cannot shard GPT-2: TP 1 only
+    "opt_prefill_sp2": ("opt", {"prefill": {"sp": 2}}),  # ring attention over zigzag shards of the prompts
 }
 
 
@@ -48,3 +50,5 @@ def test_autotp_refusal_comes_before_any_process_starts(checkpoints):
         Cluster(config(checkpoints["gpt2"], **PREFILL_TP2))
     with pytest.raises(ValueError, match=r"engine.backend: native runs only"):
         Cluster(config(checkpoints["opt"], engine={"backend": "native"}))
+    with pytest.raises(ValueError, match=r"engine.tp_norm_method .*not available with the transformers backend"):
+        Cluster(config(checkpoints["opt"], engine={"overlap_min_tokens": 32}))

@@ -85,16 +85,20 @@ def parse_hf_config(model_dir: str | Path, raw: dict) -> ModelConfig:
     reason = unsupported_reason(config)
     if reason:
         raise ValueError(f"model: architecture {arch}: {reason}")
-    hidden, heads = config.hidden_size, config.num_attention_heads
+    try:
+        hidden, heads, layers, vocab = (config.hidden_size, config.num_attention_heads, config.num_hidden_layers,
+                                        config.vocab_size)
+    except AttributeError as e:  # e.g. a multimodal config whose language model sits in a sub-config
+        raise ValueError(f"model: architecture {arch}: not a decoder-only language model config ({e})") from None
     eos = raw.get("eos_token_id", config.eos_token_id)
     window = getattr(config, "sliding_window", None)
     dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     return ModelConfig(
         architecture=arch,
-        vocab_size=config.vocab_size,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=_first(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
-        num_layers=config.num_hidden_layers,
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=_first(config, "num_key_value_heads", default=heads),
         head_dim=_first(config, "head_dim", default=hidden // heads),

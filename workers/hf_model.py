@@ -69,6 +69,9 @@ class HFCausalLM(nn.Module):
         row-parallel layers); a request for overlap is refused rather than ignored."""
         if overlap_min_tokens is not None:
             raise ValueError("engine.overlap_min_tokens: not available with the transformers backend")
+        if norm_method not in ("reference", "auto"):
+            raise ValueError(f"engine.tp_norm_method: {norm_method!r} is not available with the transformers backend "
+                             "(AutoTP reduces in its own layers); use reference or auto")
         self.tp_norm_method, self.overlap_min_tokens = norm_method, None
 
     @property
