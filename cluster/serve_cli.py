@@ -69,8 +69,8 @@ def run_serve(args) -> int:
     config = _server_config(args)
 
     def ready(server):
-        layout = ", ".join(f"{n} (tp{i.spec.tp}" + (f" sp{i.spec.sp})" if i.spec.sp > 1 else ")")
-                           for n, i in server.cluster.instances.items())
+        layout = ", ".join(f"{n} (tp{i.spec.tp}" + (f" sp{i.spec.sp}" if i.spec.sp > 1 else "")
+                           + (f" pp{i.spec.pp})" if i.spec.pp > 1 else ")") for n, i in server.cluster.instances.items())
         metrics = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
         http = f", OpenAI HTTP on :{server.http_port}" if server.http_port else ""
         print(f"splitserve: ready on {options.host}:{server.port}{metrics}{http}: {layout}", file=sys.stderr,

@@ -6,6 +6,7 @@ Ranks of an instance: global rank = stage·(SP·TP) + sp_rank·TP + tp_rank (dec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
     bounds = [0]
     for stage in range(pp):
         bounds.append(bounds[-1] + per + (stage < extra))
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in pairwise(bounds)]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 pairs and random ones, every (layer, KV head) of every block the decode side lacks lands exactly once, on the decode
 rank that holds that layer and head, from a prefill rank that holds them; one order per link. And a stage's
 micro-batches: whole sequences covering the batch."""
+from itertools import pairwise
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -125,4 +127,4 @@ def test_micro_batches_cover_the_batch_in_whole_sequences(query_lens, pp):
     assert len(parts) == min(pp, len(query_lens))
     assert parts[0][0] == 0 and parts[-1][1] == sum(query_lens)
     assert all(lo < hi and lo in starts and hi in starts for lo, hi in parts)  # non-empty, at sequence boundaries
-    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    assert all(a[1] == b[0] for a, b in pairwise(parts))

@@ -27,7 +27,7 @@ class StagePosition:
     tp: int
 
     @classmethod
-    def of(cls, rank: int, pp: int, tp: int) -> "StagePosition":
+    def of(cls, rank: int, pp: int, tp: int) -> StagePosition:
         return cls(rank // tp, pp, rank % tp, tp)
 
     def rank_of(self, stage: int) -> int:
