@@ -63,6 +63,7 @@ LAYOUTS = {
     "sp2_prefill": {"prefill": {"sp": 2}},  # SP prefill caches nothing; its decode side still gets only deltas
     "after_prefill": {"kv_transfer": {"mode": "after_prefill"}},
     "mqa_tp2_both": {"prefill": {"tp": 2}, "decode": {"tp": 2}},
+    "prefill_pp2_decode_pp2": {"prefill": {"pp": 2}, "decode": {"pp": 2}},
 }
 
 

@@ -175,7 +175,8 @@ class InstanceLeader:
     def _check_transfers(self) -> None:
         result = self.reservations.check()
         for res in result.finished + [r for r, _ in result.ready]:
-            self.kv_received_bytes += (self.blocks.blocks_needed(len(res.prompt_ids)) - res.cached_blocks) * self._block_bytes
+            sent = self.blocks.blocks_needed(len(res.prompt_ids)) - res.cached_blocks
+            self.kv_received_bytes += sent * self._block_bytes
         for res in result.drained + result.finished:
             self.blocks.free(res.request_id)
         for res, error in result.failed:
