@@ -28,12 +28,13 @@ def _computed_tokens(llm: LLM) -> list[int]:
     return seen
 
 
+@pytest.mark.parametrize("backend", ["native", "transformers"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["alternating", "splitfuse"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_multiturn_conversation_reuses_history_and_matches_transformers(checkpoints, kind, chunked):
+def test_multiturn_conversation_reuses_history_and_matches_transformers(checkpoints, kind, chunked, backend):
     hf = hf_model(checkpoints[kind])
     llm = LLM(str(checkpoints[kind]), device="cpu", block_size=BS, chunked_prefill=chunked,
-              max_num_batched_tokens=24 if chunked else 4096)
+              max_num_batched_tokens=24 if chunked else 4096, backend=backend)
     computed = _computed_tokens(llm)
     system, *messages = random_prompts([21, 6, 9, 5], seed=11)
     prompt, history_kv = system, 0  # tokens of the conversation whose KV the last turn computed
