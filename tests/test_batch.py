@@ -176,11 +176,11 @@ def test_command_line_exit_codes(ray_runtime, ckpt, requests, tmp_path, capsys):
 
 
 def test_placement_timeout_names_what_is_missing(cluster, ckpt):
-    # The module's cluster holds 2 of the 8 logical GPUs, so a 7-rank instance cannot be placed.
-    message = (r"instance prefill-0 needs 7 GPUs on one node \(STRICT_PACK\) and no node had them free within 1s "
-               r"\(free GPUs per node: [\d.]+: [0-6]; instances placed before it: none\).*`ray status`")
+    # The module's cluster holds 2 of the 8 logical GPUs: of two 4-rank instances the first fits, the second not.
+    message = (r"instance decode-0 needs 4 GPUs on one node \(STRICT_PACK\) and no node had them free within 1s "
+               r"\(free GPUs per node: [\d.]+: [0-3]; instances placed before it: prefill-0\).*`ray status`")
     with pytest.raises(ValueError, match=message):
-        Cluster(config(ckpt, prefill={"tp": 7}, ray={"placement_timeout_s": 1}))
+        Cluster(config(ckpt, prefill={"tp": 4}, decode={"tp": 4}, ray={"placement_timeout_s": 1}))
 
 
 class _Terminal(io.StringIO):

@@ -6,7 +6,7 @@ from splitserve.cluster.config import DEFAULT_YAML, config_from_dict, load_confi
 
 def test_embedded_default():
     cfg = load_config()
-    assert (cfg.model, cfg.dtype, cfg.device) == ("tiny", "float32", "auto")
+    assert (cfg.model, cfg.dtype, cfg.device) == ("smollm2-135m", "float32", "auto")
     assert (cfg.prefill.instances, cfg.prefill.tp, cfg.decode.instances, cfg.decode.tp) == (1, 1, 1, 1)
     assert cfg.colocated.instances == 0 and cfg.num_devices == 2 and cfg.ray.address is None
     assert "prefill: {instances: 1, tp: 1, sp: 1}" in DEFAULT_YAML
