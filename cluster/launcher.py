@@ -201,12 +201,15 @@ class Launcher:
 
         from splitserve.workers.actor import RankActor
 
-        # A stage's ranks share a node (TP and SP collectives); stages need not, so each has its own group.
+        # A stage's ranks share a node (TP and SP collectives); stages need not, so each has its own group, on the
+        # node the plan gives it when there is one.
         size = stage_size(spec)
         bundle = rank_bundle(spec.role, self.config.ray.role_resources)
-        pgs = [placement_group([bundle] * size, strategy="STRICT_PACK",
+        nodes = self.stage_nodes(ray, spec)
+        pgs = [placement_group([{**bundle, **({f"node:{node}": 0.001} if node else {})}] * size,
+                               strategy="STRICT_PACK",
                                name=f"{self.cluster_id}-{spec.name}" + (f"-stage{s}" if spec.pp > 1 else ""))
-               for s in range(spec.pp)]
+               for s, node in enumerate(nodes)]
         timeout = self.config.ray.placement_timeout_s
         try:
             ray.get([pg.ready() for pg in pgs], timeout=timeout)
@@ -225,6 +228,30 @@ class Launcher:
             pgs[rank // size], placement_group_bundle_index=rank % size)).remote(spec, rank)
             for rank in range(spec.world_size)]
         return InstanceHandle(spec, actors, pgs)
+
+    def stage_nodes(self, ray, spec: InstanceSpec) -> list[str | None]:
+        """The node (address) of each pipeline stage of `spec` where the config's `placement` section (what
+        `splitserve plan` and `placement: auto` write: each instance's stages with a node index) places them; None
+        where it says nothing. Node i is the i-th GPU node by address. A plan naming more nodes than the Ray cluster
+        has GPU nodes was made for another cluster: it is not applied (with a warning)."""
+        plan = self.config.placement
+        index = int(spec.name.rsplit("-", 1)[1])
+        found = [inst for inst in (plan.get("instances") or [] if isinstance(plan, dict) else [])
+                 if isinstance(inst, dict) and inst.get("role") == spec.role and inst.get("index") == index]
+        if not found:
+            return [None] * spec.pp
+        stages = found[0].get("stages") or []
+        wanted = [stage.get("node") if isinstance(stage, dict) else None for stage in stages]
+        if len(wanted) != spec.pp or not all(isinstance(n, int) and n >= 0 for n in wanted):
+            raise ValueError(f"placement.instances: {spec.name} has stages {stages!r}; expected {spec.pp} stages "
+                             f"({spec.role}.pp), each with a node index")
+        gpu_nodes = sorted({n["NodeManagerAddress"] for n in ray.nodes()
+                            if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0})
+        if max(wanted) >= len(gpu_nodes):
+            log.warning("placement: the plan puts %s on node %d but the Ray cluster has %d GPU nodes; placing it "
+                        "where Ray finds room", spec.name, max(wanted), len(gpu_nodes))
+            return [None] * spec.pp
+        return [gpu_nodes[n] for n in wanted]
 
     # ----------------------------------------------------------------------------------------- start-up
     def start(self) -> list[InstanceHandle]:

@@ -1,5 +1,6 @@
-"""Pipeline-parallel instances produce exactly the transformers tokens: prefill PP2 -> decode PP1, PP1 -> PP2 (over
-shared memory), TP2·PP2 on both sides, PP3 on a 5-layer model into decode PP2, colocated PP2 under a cache small
+"""Pipeline-parallel instances produce exactly the transformers tokens: prefill PP2 -> decode PP1 (stages pinned to
+the plan's nodes), PP1 -> PP2 (over shared memory), TP2·PP2 on both sides, PP3 on a 5-layer model into decode PP2,
+each with a second turn served from both sides' prefix caches (delta transfer); colocated PP2 under a cache small
 enough to preempt, with an abort mid-decode; a killed follower stage is relaunched and its requests migrate with
 identical tokens."""
 import os
@@ -31,8 +32,13 @@ def expected(ckpt):
     return prompts, params, references(ckpt, prompts, params)
 
 
+# What `splitserve plan` writes: each stage's node (index among the GPU nodes); the launcher pins stages there.
+PLANNED = {"instances": [{"role": "prefill", "index": 0, "stages": [{"node": 0, "devices": [0]},
+                                                                  {"node": 0, "devices": [1]}]},
+                         {"role": "decode", "index": 0, "stages": [{"node": 0, "devices": [2]}]}]}
+
 LAYOUTS = {
-    "prefill_pp2_decode_pp1": {"prefill": {"pp": 2}},
+    "prefill_pp2_decode_pp1": {"prefill": {"pp": 2}, "placement": PLANNED},
     "prefill_pp1_decode_pp2_shm": {"decode": {"pp": 2}, "kv_transfer": {"transport": "shm"}},
     "tp2_pp2_both": {"prefill": {"tp": 2, "pp": 2}, "decode": {"tp": 2, "pp": 2}},
     "prefill_pp3_decode_pp2": {"prefill": {"pp": 3}, "decode": {"pp": 2}},
@@ -46,10 +52,24 @@ def test_pipeline_layout_matches_transformers(ray_runtime, ckpt, expected, layou
         outputs = cluster.generate(prompts, params, timeout=120)  # all at once: mixed lengths batched together
         assert [o.error for o in outputs] == [None] * len(prompts)
         assert [o.token_ids for o in outputs] == reference
+        before = wait_for_idle(cluster)
+        # A second turn resends the first request with its answer: both sides start on their cached blocks, and only
+        # the blocks after the decode side's cached prefix move, each stage pair's layers on its own links.
+        turn = prompts[0] + reference[0] + [5, 6, 7]
+        again = cluster.generate([turn], [params[0]], timeout=60)[0]
+        assert again.error is None and again.token_ids == references(ckpt, [turn], [params[0]])[0]
+        assert again.metrics["cached_tokens"] > 0
         stats = wait_for_idle(cluster)
+        for name, s in stats.items():
+            assert s["prefix_hit_tokens"] > before[name]["prefix_hit_tokens"], (name, s)
         sections = LAYOUTS[layout]
         for name, s in stats.items():
-            assert s["pp"] == sections.get(s["role"], {}).get("pp", 1), (name, s)
+            pp = sections.get(s["role"], {}).get("pp", 1)
+            assert s["pp"] == pp, (name, s)
+            handle = next(i for i in cluster.launcher.instances if i.name == name)
+            assert len(handle.placement_groups) == pp  # one placement group per stage
+            if "placement" in sections:
+                assert all("node:127.0.0.1" in b for pg in handle.placement_groups for b in pg.bundle_specs)
 
 
 def test_colocated_pp2_preempts_and_aborts(ray_runtime, ckpt):
