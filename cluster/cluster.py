@@ -247,6 +247,9 @@ class Cluster:
             problem = autotp_problem(self.model_config, section.tp) if backend == "transformers" else None
             if problem and section.instances:
                 raise ValueError(f"{role}.tp: {problem}")
+            if backend == "transformers" and section.instances and section.pp > 1:
+                raise ValueError(f"{role}.pp: pipeline stages are not available with the transformers backend "
+                                 f"({self.model_config.architecture})")
 
     # --------------------------------------------------------------------------------------- admission
     def encode(self, prompt) -> list[int]:

@@ -52,3 +52,5 @@ def test_autotp_refusal_comes_before_any_process_starts(checkpoints):
         Cluster(config(checkpoints["opt"], engine={"backend": "native"}))
     with pytest.raises(ValueError, match=r"engine.tp_norm_method .*not available with the transformers backend"):
         Cluster(config(checkpoints["opt"], engine={"overlap_min_tokens": 32}))
+    with pytest.raises(ValueError, match=r"prefill.pp: pipeline stages are not available with the transformers"):
+        Cluster(config(checkpoints["opt"], prefill={"pp": 2}))
