@@ -150,7 +150,8 @@ def run_info(args) -> int:
     if model is not None:
         print(f"model {model.model}: {model.architecture}, {model.num_layers} layers, hidden {model.hidden_size}, "
               f"vocab {model.vocab_size}, context {model.max_context}, dtype {model.dtype}, "
-              f"eos {list(model.eos_token_ids)}, tokenizer {'yes' if model.has_tokenizer else 'no'}")
+              f"eos {list(model.eos_token_ids)}, tokenizer {'yes' if model.has_tokenizer else 'no'}, "
+              f"chat template {'yes' if model.has_chat_template else 'no'}, backend {model.backend}")
     for role in server.roles:
         print(f"  {role.role}: {role.instances} serving x (tp {role.tp}" + (f", sp {role.sp})" if role.sp > 1 else ")"))
     for inst in server.instances:

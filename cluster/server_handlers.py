@@ -15,6 +15,7 @@ from splitserve.cluster.cluster import QueueFull
 from splitserve.cluster.scaling import NotEnoughDevices, ScaleError, ScaleInProgress
 from splitserve.cluster.server_validation import InvalidArgument, Malformed, parse_generate_request, validate_generate
 from splitserve.proto.v1 import inference_pb2 as pb
+from splitserve.workers.hf_config import resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class InferenceService:
         return pb.ModelInfo(model=c.config.model, architecture=mc.architecture, max_context=c.max_model_len,
                             vocab_size=mc.vocab_size, eos_token_ids=list(mc.eos_token_ids),
                             has_tokenizer=c.tokenizer is not None, dtype=c.config.dtype, num_layers=mc.num_layers,
-                            hidden_size=mc.hidden_size, has_chat_template=c.chat_template is not None)
+                            hidden_size=mc.hidden_size, has_chat_template=c.chat_template is not None,
+                            backend=resolve_backend(c.config.engine.backend, mc.architecture))
 
     async def GetServerInfo(self, request, context) -> pb.ServerInfo:
         info = pb.ServerInfo(version=_version(), ready=self.server.ready, draining=self.server.draining)

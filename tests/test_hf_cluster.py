@@ -43,6 +43,15 @@ def test_layout_matches_transformers(ray_runtime, checkpoints, expected, layout)
         assert [o.error for o in outputs] == [None] * len(prompts)
         assert [o.token_ids for o in outputs] == reference
         wait_for_idle(cluster)
+        if layout == "opt_colocated":  # the backend the instances run, as the API reports it
+            from splitserve.cluster.server import BackgroundServer, ServerOptions
+            from splitserve.proto.client import Client
+
+            options = ServerOptions(port=0, metrics_port=None)
+            with BackgroundServer(options=options, cluster=cluster).start() as server, \
+                    Client(server.target, timeout=60) as client:
+                info = client.model_info()
+            assert (info.architecture, info.backend) == ("OPTForCausalLM", "transformers")
 
 
 def test_autotp_refusal_comes_before_any_process_starts(checkpoints):

@@ -273,7 +273,7 @@ def test_model_and_server_info(client):
     model = client.model_info()
     assert (model.vocab_size, model.max_context, list(model.eos_token_ids), model.has_tokenizer) == (
         VOCAB, CONTEXT, [1], True)
-    assert model.architecture == "LlamaForCausalLM" and model.num_layers == 2
+    assert model.architecture == "LlamaForCausalLM" and model.num_layers == 2 and model.backend == "native"
     info = client.server_info()
     assert info.ready and not info.draining
     assert {(r.role, r.instances, r.tp) for r in info.roles} == {("prefill", 1, 1), ("decode", 1, 1)}
