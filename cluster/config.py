@@ -33,11 +33,6 @@ class PrefillConfig:
         positive_int(f"{path}.sp", self.sp)
         positive_int(f"{path}.pp", self.pp)
         choice(f"{path}.sp_algorithm", self.sp_algorithm, SP_ALGORITHMS)
-        if self.sp > 1 and self.pp > 1:
-            raise ValueError(f"config: '{path}.sp' > 1 with '{path}.pp' > 1 is not supported: sequence-parallel "
-                             "attention rings over every SP rank in each layer and pads prompts into zigzag shards, "
-                             "so each pipeline stage would need its own ring and the residual stream would move "
-                             "between stages in zigzag shards; choose sp or pp")
 
     @property
     def world_size(self) -> int:

@@ -30,7 +30,6 @@ def test_yaml_file(tmp_path):
     ({"prefill": {"instances": 0}}, "'prefill.instances' and 'decode.instances' must both be > 0"),
     ({"prefill": {"instances": 0}, "decode": {"instances": 0}}, "no instances"),
     ({"decode": {"pp": 0}}, "'decode.pp' must be an integer >= 1"),
-    ({"prefill": {"sp": 2, "pp": 2}}, "'prefill.sp' > 1 with 'prefill.pp' > 1 is not supported"),
     ({"engine": {"gpu_memory_fraction": 1.5}}, "'engine.gpu_memory_fraction' must be <= 1"),
     ({"prefill": [1, 2]}, "'prefill' must be a mapping"),
     ({"engine": {"prefix_caching": "on"}}, "'engine.prefix_caching' must be true or false"),

@@ -84,7 +84,7 @@ def _span(first_count):
     (2, 4, 2, 1, 2, 2, 2),
     (1, 5, 2, 1, 3, 4, 1),  # one KV head replicated on both sides
     (4, 7, 4, 1, 1, 1, 4),
-    (2, 4, 1, 2, 2, 2, 3),  # SP × PP in the plan (the runtime refuses it for now)
+    (2, 4, 1, 2, 2, 2, 3),  # SP × PP: each SP rank of each stage pushes its blocks of its layers
     (8, 3, 2, 1, 3, 4, 3),
 ])
 @pytest.mark.parametrize("cached", [0, 2])

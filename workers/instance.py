@@ -44,7 +44,7 @@ class InstanceSpec:
     sp: int = 1  # prefill only: sequence-parallel ranks, each with `tp` ranks (global rank = sp_rank·tp + tp_rank)
     sp_algorithm: str = "ring"
     prefill_sp: int = 1  # decode only: the SP degree of the prefill instances that push KV here
-    pp: int = 1  # pipeline stages, each `tp` ranks (global rank = stage·tp + tp_rank)
+    pp: int = 1  # pipeline stages, each `sp` x `tp` ranks (global rank = stage·sp·tp + sp_rank·tp + tp_rank)
     prefill_pp: int = 1  # decode only: the PP degree of the prefill instances that push KV here
 
     def __post_init__(self):
@@ -52,17 +52,10 @@ class InstanceSpec:
             raise ValueError(f"role: must be one of {ROLES}, got {self.role!r}")
         if self.sp != 1 and self.role != "prefill":
             raise ValueError(f"sp: only prefill instances run sequence-parallel, got sp={self.sp} for {self.role}")
-        if self.sp > 1 and self.pp > 1:
-            raise ValueError(SP_PP_REFUSAL)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.sp * self.pp
-
-
-SP_PP_REFUSAL = ("prefill: sp > 1 with pp > 1 is not supported: sequence-parallel attention rings over every SP rank "
-                 "in each layer and pads prompts into zigzag shards, so pipeline stages would each need their own "
-                 "ring and pass zigzag-sharded residual streams between stages; use sp or pp on prefill, not both")
 
 
 class RankWorker:
@@ -96,14 +89,14 @@ class RankWorker:
                                 world_size=spec.world_size, timeout=timedelta(days=7))  # idle followers wait in broadcast
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if spec.pp > 1:
+        if spec.sp > 1:
+            self.tp, self.sp = sp_tp_groups(self.rank, spec.sp, spec.tp, spec.pp)
+        elif spec.pp > 1:
             from splitserve.workers.pipeline import stage_groups
 
             self.tp = stage_groups(self.rank, spec.pp, spec.tp)
-        elif spec.sp == 1:
-            self.tp = TPGroup.from_group()
         else:
-            self.tp, self.sp = sp_tp_groups(self.rank, spec.sp, spec.tp)
+            self.tp = TPGroup.from_group()
         self.dtype = resolve_dtype(spec.dtype)
         num_layers = load_config(spec.model_dir).num_layers
         self.layers = stage_layers(num_layers, spec.pp)[self.rank // (spec.tp * spec.sp)] if spec.pp > 1 else None
@@ -117,7 +110,8 @@ class RankWorker:
         if spec.pp > 1:
             from splitserve.workers.pipeline import PipelineStage, StagePosition
 
-            self.pipeline = PipelineStage(self.runner, StagePosition.of(self.rank, spec.pp, spec.tp))
+            self.stage = StagePosition.of(self.rank, spec.pp, spec.tp, spec.sp)
+            self.pipeline = PipelineStage(self.runner, self.stage)
         return {"num_blocks": self.num_blocks, "kv_heads": self.model.num_kv_heads}
 
     def _allocate_cache(self) -> None:
@@ -254,7 +248,8 @@ class RankWorker:
         if not hasattr(self, "_sp_runner"):
             from splitserve.workers.sp_prefill import SPPrefillRunner
 
-            self._sp_runner = SPPrefillRunner(self.model, self.caches, self.sp, self.spec.sp_algorithm, self.device)
+            self._sp_runner = SPPrefillRunner(self.model, self.caches, self.sp, self.spec.sp_algorithm, self.device,
+                                              getattr(self, "stage", None))
         return self._sp_runner
 
     # ------------------------------------------------------------------------------------------ control
@@ -273,14 +268,17 @@ class RankWorker:
             remove_shared_cache(self._shm_file)
 
 
-def sp_tp_groups(rank: int, sp: int, tp: int) -> tuple[TPGroup, SPGroup]:
-    """This rank's TP group (the TP ranks of its SP rank) and SP group (the same TP rank of every SP rank).
-    Collective: every rank of the instance creates every group, in the same order."""
+def sp_tp_groups(rank: int, sp: int, tp: int, pp: int = 1) -> tuple[TPGroup, SPGroup]:
+    """This rank's TP group (the TP ranks of its SP rank) and SP group (the same TP rank of every SP rank), within its
+    pipeline stage (global rank = stage·SP·TP + sp_rank·TP + tp_rank). Collective: every rank of the instance creates
+    every group, in the same order."""
     tp_group = None
-    for s in range(sp):
-        ranks = [s * tp + t for t in range(tp)]
-        group = dist.new_group(ranks) if tp > 1 else None
-        if rank in ranks:
-            tp_group = TPGroup(ranks.index(rank), tp, group) if tp > 1 else TPGroup()
-    sp_group = SPGroup.create([[s * tp + t for s in range(sp)] for t in range(tp)])
+    for base in range(0, pp * sp * tp, sp * tp):
+        for s in range(sp):
+            ranks = [base + s * tp + t for t in range(tp)]
+            group = dist.new_group(ranks) if tp > 1 else None
+            if rank in ranks:
+                tp_group = TPGroup(ranks.index(rank), tp, group) if tp > 1 else TPGroup()
+    sp_group = SPGroup.create([[base + s * tp + t for s in range(sp)] for base in range(0, pp * sp * tp, sp * tp)
+                               for t in range(tp)])
     return tp_group, sp_group

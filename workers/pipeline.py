@@ -19,19 +19,28 @@ from splitserve.workers.model_runner import ModelRunner
 
 @dataclass(frozen=True)
 class StagePosition:
-    """Where a rank sits: stage `stage` of `pp`, TP rank `tp_rank` of `tp` (global rank = stage·tp + tp_rank)."""
+    """Where a rank sits: stage `stage` of `pp`, SP rank `sp_rank` of `sp` and TP rank `tp_rank` of `tp` in it
+    (global rank = stage·SP·TP + sp_rank·TP + tp_rank)."""
 
     stage: int
     pp: int
     tp_rank: int
     tp: int
+    sp_rank: int = 0
+    sp: int = 1
 
     @classmethod
-    def of(cls, rank: int, pp: int, tp: int) -> StagePosition:
-        return cls(rank // tp, pp, rank % tp, tp)
+    def of(cls, rank: int, pp: int, tp: int, sp: int = 1) -> StagePosition:
+        stage, rest = divmod(rank, sp * tp)
+        return cls(stage, pp, rest % tp, tp, rest // tp, sp)
 
     def rank_of(self, stage: int) -> int:
-        return stage * self.tp + self.tp_rank
+        """This rank's counterpart (same SP and TP rank) in `stage`."""
+        return (stage * self.sp + self.sp_rank) * self.tp + self.tp_rank
+
+    @property
+    def leader(self) -> bool:
+        return self.stage == 0 and self.sp_rank == 0 and self.tp_rank == 0
 
     @property
     def first(self) -> bool:
@@ -96,7 +105,7 @@ class PipelineStage:
             work.wait()
         rows = batch.sample_rows
         out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else None
-        leader = pos.first and pos.tp_rank == 0
+        leader = pos.leader
         if pos.last:
             logits = runner.model.compute_logits(out[runner._tensor(rows)]) if rows else None
             if pos.tp_rank == 0 and rows:

@@ -61,29 +61,55 @@ def shard_batch(batch: ForwardBatch, sp: SPGroup, block_size: int, max_positions
 
 
 class SPPrefillRunner:
-    """The forward of one SP × TP rank; every rank of the instance runs it on the same broadcast batch."""
+    """The forward of one SP × TP rank; every rank of the instance runs it on the same broadcast batch. With pipeline
+    stages (`stage`), each stage is SP × TP ranks with rings of its own: an SP rank's zigzag shard of the residual
+    stream goes to the same SP and TP rank of the next stage, and the last stage's logits go to the leader."""
 
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], sp: SPGroup, algorithm: str, device):
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], sp: SPGroup, algorithm: str, device,
+                 stage=None):
         assert sp.size > 1
         self.model, self.kv_caches, self.sp, self.algorithm = model, kv_caches, sp, algorithm
+        self.stage = stage  # workers.pipeline.StagePosition, or None without pipeline stages
         self.device = torch.device(device)
         self.block_size = kv_caches[0].shape[2]
         # Splitting the local tokens in two for TP overlap would split the SP attention call that needs them all.
         model.overlap_min_tokens = None
 
     @torch.inference_mode()
-    def forward_logits(self, batch: ForwardBatch, on_kv_written=None) -> torch.Tensor:
-        """Float32 logits [num sequences, vocab] of each sequence's last prompt token, on every rank."""
+    def forward_logits(self, batch: ForwardBatch, on_kv_written=None) -> torch.Tensor | None:
+        """Float32 logits [num sequences, vocab] of each sequence's last prompt token, on every rank (with pipeline
+        stages: on the leader only, None elsewhere)."""
         shard = shard_batch(batch, self.sp, self.block_size, self.model.cfg.max_position_embeddings, self.device)
         lens = [2 * c for c in shard.layout.chunk_lens]
         meta = AttentionMetadata(slot_mapping=shard.slots, query_lens=lens, context_lens=lens, block_tables=None,
                                  on_kv_written=on_kv_written,
                                  sp=SPContext(shard.layout, self.sp, self.algorithm, shard.rows))
-        hidden = self.model(shard.input_ids, shard.positions, self.kv_caches, meta)
+        stage, residual = self.stage, None
+        if stage is not None and not stage.first:
+            residual = torch.empty(len(shard.input_ids), self.model.cfg.hidden_size, device=self.device,
+                                   dtype=next(self.model.parameters()).dtype)
+            dist.recv(residual, src=stage.rank_of(stage.stage - 1))
+        hidden = self.model(shard.input_ids, shard.positions, self.kv_caches, meta, residual)
+        if stage is not None and not stage.last:
+            dist.send(hidden.contiguous(), dst=stage.rank_of(stage.stage + 1))
+            return self._leader_logits(len(shard.last_rows))
         last = hidden.new_zeros(len(shard.last_rows), hidden.shape[-1])
         for i, (owner, row) in enumerate(shard.last_rows):
             if owner == self.sp.rank:
                 last[i] = hidden[row]
         # Exactly one SP rank contributes each row, so a sum moves the rows to every rank (small: one per sequence).
         dist.all_reduce(last, group=self.sp.group)
-        return self.model.compute_logits(last)
+        logits = self.model.compute_logits(last)
+        if stage is None:
+            return logits
+        if stage.sp_rank == 0 and stage.tp_rank == 0:
+            dist.send(logits.contiguous(), dst=0)
+        return None
+
+    def _leader_logits(self, rows: int) -> torch.Tensor | None:
+        """On the leader (stage 0), the logits the last stage sends; None on every other rank of an early stage."""
+        if not self.stage.leader:
+            return None
+        logits = torch.empty(rows, self.model.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        dist.recv(logits, src=self.stage.rank_of(self.stage.pp - 1))
+        return logits
