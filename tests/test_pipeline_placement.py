@@ -1,6 +1,6 @@
 """The launcher places each pipeline stage on the node the plan gives it (placement.instances[].stages[].node, the
 i-th GPU node by address); a plan made for a larger cluster is not applied; a plan whose stages disagree with pp is
-refused."""
+refused; so are, before anything starts, more stages than layers and stages of a transformers-backend model."""
 import pytest
 
 from splitserve.cluster.config import config_from_dict
@@ -36,3 +36,15 @@ def test_stages_that_disagree_with_pp_are_refused():
     launcher = _launcher([{"node": 0, "devices": [0]}], pp=2)
     with pytest.raises(ValueError, match=r"placement.instances: decode-0 has stages .* expected 2 stages \(decode.pp\)"):
         launcher.stage_nodes(FakeRay(), launcher.spec_for("decode", 0))
+
+
+@pytest.mark.parametrize("kind, sections, message", [
+    ("llama", {"decode": {"pp": 3}}, r"decode.pp: 3 pipeline stages cannot split the model's 2 layers"),
+    ("opt", {"prefill": {"pp": 2}}, r"prefill.pp: pipeline stages run on the native model backend only"),
+])
+def test_layouts_the_model_cannot_stage_are_refused_before_launch(tmp_path, kind, sections, message):
+    from cluster_helpers import config, write_checkpoint
+    from splitserve.cluster.cluster import Cluster
+
+    with pytest.raises(ValueError, match=message):
+        Cluster(config(write_checkpoint(kind, tmp_path, seed=3), **sections))
