@@ -232,10 +232,6 @@ class Cluster:
             if section.instances and section.pp > layers:
                 raise ValueError(f"{role}.pp: {section.pp} pipeline stages cannot split the model's {layers} layers "
                                  "(each stage needs at least one)")
-            backend = resolve_backend(self.config.engine.backend, self.model_config.architecture)
-            if section.instances and section.pp > 1 and backend == "transformers":
-                raise ValueError(f"{role}.pp: pipeline stages run on the native model backend only; this model runs "
-                                 "on the transformers backend")
 
     def _check_backend(self) -> None:
         """Refuses, before any process starts, a model backend that cannot run the model at the configured TP."""

@@ -40,7 +40,7 @@ def test_stages_that_disagree_with_pp_are_refused():
 
 @pytest.mark.parametrize("kind, sections, message", [
     ("llama", {"decode": {"pp": 3}}, r"decode.pp: 3 pipeline stages cannot split the model's 2 layers"),
-    ("opt", {"prefill": {"pp": 2}}, r"prefill.pp: pipeline stages run on the native model backend only"),
+    ("opt", {"prefill": {"pp": 2}}, r"prefill.pp: pipeline stages are not available with the transformers backend"),
 ])
 def test_layouts_the_model_cannot_stage_are_refused_before_launch(tmp_path, kind, sections, message):
     from cluster_helpers import config, write_checkpoint
