@@ -12,6 +12,9 @@ TP_NORM_METHODS = ("reference", "rs_ag", "symmetric", "symmetric_oneshot", "symm
 # native: the hand-written Llama family; transformers: the checkpoint's own transformers class on our paged cache
 # (sharded by DeepSpeed AutoTP); auto: native for the Llama family, transformers otherwise.
 MODEL_BACKENDS = ("auto", "native", "transformers")
+# How attention over the paged cache runs: auto is the Triton kernel on CUDA and torch on CPU
+# (see workers/layers/attention_backend.py).
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
 
 def _where(path: str, name: str) -> str:
@@ -48,6 +51,7 @@ class EngineConfig:
     overlap_min_tokens: int | None = None  # split forwards of at least this many tokens to overlap TP comm
     prefix_caching: bool = True  # reuse the KV of cached full blocks of earlier requests (see block_manager.py)
     backend: str = "auto"  # model backend, one of MODEL_BACKENDS
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
 
     def validate(self, path: str = "") -> "EngineConfig":
         positive_int(_where(path, "block_size"), self.block_size)
@@ -56,6 +60,7 @@ class EngineConfig:
                              f"got {self.prefix_caching!r}")
         choice(_where(path, "tp_norm_method"), self.tp_norm_method, TP_NORM_METHODS)
         choice(_where(path, "backend"), self.backend, MODEL_BACKENDS)
+        choice(_where(path, "attention_backend"), self.attention_backend, ATTENTION_BACKENDS)
         if self.overlap_min_tokens is not None:
             positive_int(_where(path, "overlap_min_tokens"), self.overlap_min_tokens, 2)
         positive_int(_where(path, "kv_cache_bytes"), self.kv_cache_bytes)

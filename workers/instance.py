@@ -22,6 +22,7 @@ from splitserve.workers.config import load_config
 from splitserve.workers.engine_builder import ROLES, kv_cache_blocks
 from splitserve.workers.engine_config import EngineConfig, TransferConfig
 from splitserve.workers.kv_cache import allocate_kv_cache
+from splitserve.workers.layers.attention_backend import configure_attention
 from splitserve.workers.loader import load_model, resolve_device, resolve_dtype
 from splitserve.workers.model_runner import ModelRunner
 
@@ -105,6 +106,7 @@ class RankWorker:
         if spec.pp > 1 and not hasattr(self.model, "layer_range"):
             raise ValueError("pp: pipeline stages run on the native model backend only")
         self.model.configure_tp(spec.engine.tp_norm_method, spec.engine.overlap_min_tokens)
+        configure_attention(self.model, spec.engine.attention_backend, self.device)
         self._allocate_cache()
         self.runner = ModelRunner(self.model, self.caches, self.model.cfg.eos_token_ids, self.device)
         if spec.pp > 1:

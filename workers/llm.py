@@ -13,6 +13,7 @@ from splitserve.workers.detokenizer import IncrementalDetokenizer
 from splitserve.workers.engine_builder import build_engine, cache_salt, kv_cache_blocks
 from splitserve.workers.engine_config import EngineConfig
 from splitserve.workers.kv_cache import allocate_kv_cache
+from splitserve.workers.layers.attention_backend import configure_attention
 from splitserve.workers.loader import load_model, resolve_device, resolve_dtype
 from splitserve.workers.model_runner import ModelRunner
 from splitserve.workers.prefill_engine import EngineOutput
@@ -53,17 +54,19 @@ class LLM:
                  max_num_batched_tokens: int = _DEFAULTS.max_num_batched_tokens, max_model_len: int | None = None,
                  tp_norm_method: str = _DEFAULTS.tp_norm_method, overlap_min_tokens: int | None = None,
                  chunked_prefill: bool = False, prefix_caching: bool = _DEFAULTS.prefix_caching,
-                 backend: str = _DEFAULTS.backend):
+                 backend: str = _DEFAULTS.backend, attention_backend: str = _DEFAULTS.attention_backend):
         """Engine options are `EngineConfig`'s, with its defaults. `chunked_prefill`: fuse prompt chunks with
         decode tokens in one forward per step (Dynamic SplitFuse) instead of alternating prompt batches and
         decode steps. `backend`: native, transformers or auto (see `EngineConfig.backend`)."""
         config = EngineConfig(block_size, kv_cache_bytes, gpu_memory_fraction, max_num_seqs, max_num_batched_tokens,
-                              max_model_len, tp_norm_method, overlap_min_tokens, prefix_caching, backend).validate()
+                              max_model_len, tp_norm_method, overlap_min_tokens, prefix_caching, backend,
+                              attention_backend).validate()
         self.model_dir = resolve_model(model)
         self.device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype)
         self.model = load_model(self.model_dir, torch_dtype, self.device, tp, config.backend)
         self.model.configure_tp(config.tp_norm_method, config.overlap_min_tokens)
+        configure_attention(self.model, config.attention_backend, self.device)
         cfg = self.model.cfg
         self.tokenizer = load_tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").is_file() else None
         self.chat_template = ChatTemplate.load(self.model_dir)

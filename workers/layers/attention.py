@@ -82,6 +82,7 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
+        self.kernel = None  # the Triton path for reads of the cache, when engine.attention_backend picks it
 
     def forward(self, q, k, v, kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
         """q: [N, H, d], k/v: [N, Hkv, d]; kv_cache: [2, blocks, block_size, Hkv, d] or None. Returns [N, H*d]."""
@@ -93,6 +94,8 @@ class PagedAttention(nn.Module):
                 meta.on_kv_written(kv_cache)
         if meta.is_fresh_prefill or kv_cache is None:
             out = self._prefill(q, k, v, meta)
+        elif self.kernel is not None:
+            out = self.kernel(q, kv_cache, meta)
         elif meta.is_decode:
             out = self._decode_batch(q, kv_cache, meta)
         else:

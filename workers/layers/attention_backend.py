@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from splitserve.kernels.backend import triton_module, use_triton
+from splitserve.workers.engine_config import ATTENTION_BACKENDS as BACKENDS
 from splitserve.workers.layers.attention import AttentionMetadata, PagedAttention
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
