@@ -263,7 +263,7 @@ def random_weights(directory: Path):
     from splitserve.workers.loader import load_config, resolve_dtype
     from splitserve.workers.model import CausalLM
 
-    def load_random(model_dir, dtype="float32", device="cpu", tp=None):
+    def load_random(model_dir, dtype="float32", device="cpu", *_, **__):  # the native model: no tp, no backend
         cfg = load_config(model_dir)
         with torch.device(device):
             model = CausalLM(cfg, dtype=resolve_dtype(dtype), device=device)
@@ -372,7 +372,6 @@ def parity(sizes: Sizes, device) -> list[dict]:
     from hf_checkpoints import random_prompts, write_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from splitserve.workers.layers.attention_backend import configure_attention
     from splitserve.workers.llm import LLM
     from splitserve.workers.presets import resolve_model
     from splitserve.workers.sampling_params import SamplingParams
@@ -382,8 +381,8 @@ def parity(sizes: Sizes, device) -> list[dict]:
     for i, variant in enumerate(sizes.parity_variants):
         directory = (resolve_model("tiny") if variant == "tiny"
                      else write_checkpoint(variant, Path(tempfile.mkdtemp(prefix=f"{variant}-")), seed=i))
-        llm = LLM(str(directory), device=str(device), block_size=8, chunked_prefill=True, max_num_batched_tokens=24)
-        configure_attention(llm.model, "triton", device)
+        llm = LLM(str(directory), device=str(device), block_size=8, chunked_prefill=True, max_num_batched_tokens=24,
+                  attention_backend="triton")
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=sizes.parity_tokens, ignore_eos=True))
         hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
         same = sum(o.token_ids == hf_greedy(hf, p, sizes.parity_tokens, device) for p, o in zip(prompts, outs))
