@@ -69,7 +69,8 @@ def triton_runs(tmp_path_factory):
     if not backend.HAS_TRITON:
         pytest.skip("triton is not installed")
     tmp = tmp_path_factory.mktemp("attention_backend")
-    dirs = {"tiny": resolve_model("tiny"), "mistral": write_checkpoint("mistral", tmp / "mistral", seed=2)}
+    mistral = write_checkpoint("mistral", tmp / "mistral", seed=2)
+    dirs = {"tiny": resolve_model("tiny"), "mistral": mistral, "mistral-transformers-backend": mistral}
     out = tmp / "runs.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, __file__, str(out), json.dumps({k: str(v) for k, v in dirs.items()})],
@@ -78,7 +79,8 @@ def triton_runs(tmp_path_factory):
     return json.loads(out.read_text()), dirs
 
 
-@pytest.mark.parametrize("model", ["tiny", "mistral"])  # mistral: a sliding window shorter than the prompts
+# mistral: a sliding window shorter than the prompts; also through the transformers model backend
+@pytest.mark.parametrize("model", ["tiny", "mistral", "mistral-transformers-backend"])
 def test_triton_backend_gives_transformers_tokens(triton_runs, model):
     runs, dirs = triton_runs
     run = runs[model]
@@ -89,7 +91,7 @@ def test_triton_backend_gives_transformers_tokens(triton_runs, model):
         assert tokens == hf_greedy(hf, prompt, TOKENS), f"{model}: prompt of {len(prompt)} tokens"
 
 
-def generate_with_triton(model_dir: str) -> dict:
+def generate_with_triton(model_dir: str, model_backend: str) -> dict:
     """In the interpreted subprocess: chunked prefill (chunks read their cached prefix), decode steps, and a
     follow-up prompt whose first blocks are prefix-cached; counts the kernel's calls by form."""
     from splitserve.workers.llm import LLM
@@ -103,10 +105,13 @@ def generate_with_triton(model_dir: str) -> dict:
         return kernel_call(self, q, kv_cache, meta)
 
     TritonPagedAttention.__call__ = counted
-    llm = LLM(model_dir, device="cpu", block_size=8, chunked_prefill=True, max_num_batched_tokens=24,
-              attention_backend="triton")
-    params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
-    tokens = [o.token_ids for o in llm.generate(PROMPTS, params)] + [llm.generate([FOLLOW_UP], params)[0].token_ids]
+    try:
+        llm = LLM(model_dir, device="cpu", block_size=8, chunked_prefill=True, max_num_batched_tokens=24,
+                  backend=model_backend, attention_backend="triton")
+        params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, params)] + [llm.generate([FOLLOW_UP], params)[0].token_ids]
+    finally:
+        TritonPagedAttention.__call__ = kernel_call
     kind = "triton" if all(m.kernel is not None for m in llm.model.modules() if isinstance(m, PagedAttention)) else "torch"
     return {"backend": kind, "calls": calls, "tokens": tokens}
 
@@ -116,4 +121,5 @@ if __name__ == "__main__":  # the interpreted side of `triton_runs`
     torch.set_num_threads(1)
     dirs = json.loads(sys.argv[2])
     with open(sys.argv[1], "w") as f:
-        json.dump({name: generate_with_triton(path) for name, path in dirs.items()}, f)
+        json.dump({name: generate_with_triton(path, "transformers" if "transformers" in name else "native")
+                   for name, path in dirs.items()}, f)
