@@ -6,9 +6,11 @@ cluster (`splitserve serve`: gRPC frontend, local Ray, one prefill and one decod
 
 Steps, in one run:
 1. Profile: `cluster.profiler.profile_model` times our engine's forwards in this process (one torch thread, the
-   real paged cache; no sampling, scheduler, KV push or Ray) over shapes that cover the workload and fits
-   DistServe's forms. A rank actor runs the same forward with the same thread count, but it also samples,
-   schedules, pushes KV (prefill) or takes it in (decode) and answers the frontend's RPCs, in a Ray worker at
+   real paged cache; no sampling, scheduler, KV push or Ray) over shapes that cover the workload, `--repeats`
+   sweeps of every shape, and fits DistServe's forms to each shape's median (relative errors, outliers
+   down-weighted, non-negative; `placement/robust_fit.py`), with a bootstrap interval per coefficient. A rank
+   actor runs the same forward with the same thread count, but it also samples, schedules, pushes KV (prefill)
+   or takes it in (decode) and answers the frontend's RPCs, in a Ray worker at
    Ray's niceness (15) beside the frontend and the client (niceness 0) on the same cores. The profiler's decode
    points give every sequence of a batch the same context; a second decode fit uses batches whose contexts are
    drawn from the workload (prompt + part of the output), because the decode attention pads every sequence of a
@@ -27,9 +29,13 @@ Steps, in one run:
    `profile`: the profile alone, as `splitserve plan --profile` uses it (forwards only, no transfer time);
    `calibrated`: plus the serving overheads (a delay on TTFT, a hand-off before decode, a cost per step);
    `mixed`: calibrated, with the decode fit over the workload's context mix;
-   `serving`: calibrated TTFT and hand-off, with the decode step fitted through the server (B requests sent
-   at once and decoding together, B = 1..20, shorter and longer prompts): every per-step cost of the rank
-   (sampling, scheduling, events, RPCs, padding) at each batch size, with no prefill running meanwhile.
+   `serving`: the prefill fitted to the calibration's unloaded TTFTs through the server (RPC costs in its
+   fixed term), the calibrated hand-off, and the decode step fitted through the server (B requests sent
+   at once and decoding together, B = 1..24, shorter and longer prompts, every batch sent `--serving-rounds`
+   times with the rounds minutes apart, fitted robustly to the medians): every per-step cost of the rank
+   (sampling, scheduling, events, RPCs, padding) at each batch size, with no prefill running meanwhile. Its
+   `band` is the 5th-95th percentile of the attainment predicted with the two fits' bootstrap draws in their
+   place.
    Each run also records where the CPU went (ranks, frontend, client, the rest of Ray, other users) and samples
    the decode batch (GetServerInfo, every 0.25 s) to compare the client's mean ITL with the serving fit's step at
    the batches the rank actually ran. Before each phase the script waits (up to `--quiet-wait` s) until other
@@ -53,7 +59,14 @@ Where prediction and measurement part (numbers in benchmarks/results/planner_val
   the attainment at the predicted knee by tens of points. At the low rate both sides are ~100 %; past the knee
   both are low. DistServe's < 2 % comes from GPUs, whose step times are steady and whose devices are not
   shared; here two ranks, the frontend, the client and Ray share 2 cores (the ranks at Ray's niceness 15, so
-  any other user of the machine takes their time first).
+  any other user of the machine takes their time first). Measured on the fits of one run: 5 % more decode step
+  time at the knee takes the predicted attainment from 90 % to 64 %, 10 % to 42 %.
+- Reproducibility. A single measurement per serving-fit batch left the fit's per-sequence cost anywhere between
+  -0.05 and 0.97 ms from run to run; medians of three rounds, a robust fit and its bootstrap intervals (printed,
+  and the `band` of each prediction) replace it. What still moves between runs is the machine: other users'
+  load changed the in-process prefill slope 2.5x between two runs (0.45 vs 1.12 ms/token at load averages 2 and
+  20), which once made the prefill the predicted bottleneck at the knee (-9.5 points); the `serving` prediction
+  therefore takes its prefill from the server too, timed minutes before the runs.
 """
 from __future__ import annotations
 
@@ -84,7 +97,9 @@ from splitserve.cluster import bench, profiler
 from splitserve.placement.goodput import max_rate
 from splitserve.placement.metrics import SLO
 from splitserve.placement.parallel import Parallel
-from splitserve.placement.profile import Coefficients, Profile, ProfileEntry, ProfileLatency, fit_decode
+from splitserve.placement.percentiles import percentile
+from splitserve.placement.profile import (Coefficients, Profile, ProfileEntry, ProfileLatency, fit_decode,
+                                          fit_prefill_report)
 from splitserve.placement.simulator import INF, simulate_decode, simulate_prefill
 from splitserve.proto.client import Client
 from splitserve.workers.batch import build_batch
@@ -190,7 +205,8 @@ def fit_profile(args) -> tuple[ProfileEntry, dict]:
         "decode": [{"batch": b, "context": ctx, "measured_ms": t * 1e3,
                     "fitted_ms": latency.decode_time(b, ctx, ONE) * 1e3} for b, ctx, t in decode]}
     return entry, {"seconds": round(time.perf_counter() - start, 1), "prefill_ms": entry.prefill.to_ms(),
-                   "decode_ms": entry.decode.to_ms(), "points": points}
+                   "decode_ms": entry.decode.to_ms(),
+                   "uncertainty": {k: u.to_dict() for k, u in entry.uncertainty.items()}, "points": points}
 
 
 def running_contexts(lengths: list[tuple[int, int]], size: int, rng: random.Random) -> list[int]:
@@ -257,9 +273,25 @@ def overheads_for(prefill: Coefficients, decode: Coefficients, rows: list) -> Ov
                      statistics.median(step))
 
 
-def fit_serving_decode(target: str, workload, handoff_s: float, args) -> tuple[Coefficients, dict]:
-    """The decode step fitted through the server (`splitserve profile --server` does the same)."""
-    return profiler.serving_decode_fit(target, workload, handoff_s, args.max_batched_tokens, args.request_timeout)
+def fit_serving_decode(target: str, workload, handoff_s: float, args):
+    """The decode step fitted through the server (`splitserve profile --server` does the same):
+    (Coefficients, Uncertainty, info)."""
+    return profiler.serving_decode_fit(target, workload, handoff_s, args.max_batched_tokens, args.request_timeout,
+                                       rounds=args.serving_rounds)
+
+
+def predicted_band(model: Model, draws, arrivals, prompts, outputs, kv_tokens: int, slo: SLO, args) -> list[float]:
+    """The attainment the simulator predicts with the serving fits' bootstrap draws (prefill, decode) in their
+    place: the (5th, 95th) percentile over up to `--band-draws` draws, i.e. how far the fits' own uncertainty
+    moves the prediction at this rate."""
+    values = []
+    for prefill, decode in draws[:args.band_draws]:
+        ttft, tpot = simulate(dataclasses.replace(model, prefill=prefill, decode=decode), arrivals, prompts, outputs,
+                              kv_tokens, args)
+        values.append(summary(ttft, tpot, outputs, slo)["attainment"])
+    if not values:
+        return []
+    return [percentile(values, 5), percentile(values, 95)]
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -364,7 +396,7 @@ def knee(model: Model, workload, slo: SLO, args, kv_tokens: int) -> float:
 # ---------------------------------------------------------------------------------------------- one rate
 
 def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: CpuMeter, args,
-             kv_tokens: int) -> dict:
+             kv_tokens: int, draws=()) -> dict:
     n = requests_for(rate, args)
     requests = workload[:n]
     # The bench derives its send times from (count, rate, seed) in just this way: the same arrivals as here.
@@ -372,6 +404,7 @@ def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: 
     prompts = [q.prompt_len for q in requests]
     outputs = [q.output_len for q in requests]
     predicted = {name: simulate(m, arrivals, prompts, outputs, kv_tokens, args) for name, m in models.items()}
+    band = predicted_band(models["serving"], draws, arrivals, prompts, outputs, kv_tokens, slo, args)
     quiet = wait_quiet(meter, args.max_other_cores, args.quiet_wait)
     before = meter.snapshot()
     with DecodeProbe(target) as probe:
@@ -393,7 +426,8 @@ def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: 
     tpot_m = [r["tpot_s"] if r["ok"] else None for r in records]
     measured = summary(ttft_m, tpot_m, outputs, slo)
     assert abs(measured["attainment"] - report["slo_attainment"]) < 1e-9, "the bench's SLO rule"
-    row = {"rate": rate, "requests": n, "duration_s": round(report["duration_s"], 1), "failed": report["failed"],
+    row = {"rate": rate, "requests": n, "load_avg": [round(x, 2) for x in os.getloadavg()],
+           "duration_s": round(report["duration_s"], 1), "failed": report["failed"],
            "errors": report["errors"],
            "prompt_mismatches": sum(r["ok"] and r["prompt_tokens"] != p for r, p in zip(records, prompts)),
            "output_tokens_per_s": round(report["output_throughput"], 1), "quiet_check": quiet, "cpu_cores": cpu,
@@ -401,6 +435,7 @@ def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: 
     for name, (ttft, tpot) in predicted.items():
         p = summary(ttft, tpot, outputs, slo)
         row[name] = p | {"diff_pp": 100 * (p["attainment"] - measured["attainment"]),
+                         **({"band": band} if name == "serving" else {}),
                          "median_ttft_error_ms": _median_error(ttft, ttft_m),
                          "median_tpot_error_ms": _median_error(tpot, tpot_m, outputs)}
     return row
@@ -448,12 +483,12 @@ def _median_error(predicted, measured, outputs=None) -> float | None:
 
 
 def run_rate_quietly(rate: float, workload, slo: SLO, models: dict, target: str, meter: CpuMeter, args,
-                     kv_tokens: int) -> dict:
+                     kv_tokens: int, draws=()) -> dict:
     """A run during which other users took CPU measured them as much as us: it is repeated, every attempt is
     kept, and the least disturbed attempt is the one compared."""
     attempts = []
     while len(attempts) < args.max_attempts:
-        attempts.append(run_rate(rate, workload, slo, models, target, meter, args, kv_tokens))
+        attempts.append(run_rate(rate, workload, slo, models, target, meter, args, kv_tokens, draws))
         if attempts[-1]["cpu_cores"]["other_users"] <= args.max_other_cores:
             break
     row = min(attempts, key=lambda r: r["cpu_cores"]["other_users"])
@@ -470,7 +505,7 @@ def print_table(rows: list, slo: SLO) -> None:
     print(f"\nSLO: TTFT <= {slo.ttft * 1e3:.0f} ms and TPOT <= {slo.tpot * 1e3:.1f} ms; attainment %, "
           f"prediction - measurement in points")
     head = "".join(f"{m:>12}{'diff':>7}" for m in MODELS)
-    print(f"{'rate':>6}{'reqs':>6}{'measured':>10}{head}   {'TTFT p50/p90 ms meas|serving':<30}"
+    print(f"{'rate':>6}{'reqs':>6}{'measured':>10}{head}{'band':>10}   {'TTFT p50/p90 ms meas|serving':<30}"
           f"{'TPOT p50/p90 ms meas|serving':<30}{'others':>7}{'runs':>5}")
 
     def pair(d, key):
@@ -480,7 +515,7 @@ def print_table(rows: list, slo: SLO) -> None:
     for r in rows:
         m, best = r["measured"], r["serving"]
         preds = "".join(f"{100 * r[k]['attainment']:>12.1f}{r[k]['diff_pp']:>+7.1f}" for k in MODELS)
-        print(f"{r['rate']:>6.2f}{r['requests']:>6}{100 * m['attainment']:>10.1f}{preds}   "
+        print(f"{r['rate']:>6.2f}{r['requests']:>6}{100 * m['attainment']:>10.1f}{preds}{_band(best):>10}   "
               f"{pair(m, 'ttft_ms') + ' | ' + pair(best, 'ttft_ms'):<30}"
               f"{pair(m, 'tpot_ms') + ' | ' + pair(best, 'tpot_ms'):<30}"
               f"{r['cpu_cores']['other_users']:>7.2f}{len(r['attempts']):>5}")
@@ -500,6 +535,10 @@ def parse_args(argv=None):
     ap.add_argument("--tpot-slo-scale", type=float, default=3.0, help="x the fitted batch-1 step, mean context")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per profile point (median)")
+    ap.add_argument("--serving-rounds", type=int, default=3,
+                    help="times each decode batch of the serving fit is sent (rounds apart in time; median)")
+    ap.add_argument("--band-draws", type=int, default=40,
+                    help="bootstrap draws of the serving decode fit simulated per rate for the predicted band")
     ap.add_argument("--calibration-rounds", type=int, default=3)
     ap.add_argument("--kv-cache-mib", type=int, default=1024, help="per rank: large enough never to bind")
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -523,8 +562,9 @@ def main(argv=None) -> int:
     load_start = [round(x, 2) for x in os.getloadavg()]
     quiet_profile = wait_quiet(meter, args.max_other_cores, args.quiet_wait)
     entry, profile = fit_profile(args)
-    print(f"profile ({profile['seconds']} s): prefill ms {_fmt(profile['prefill_ms'])}; "
-          f"decode ms {_fmt(profile['decode_ms'])}", flush=True)
+    print(f"profile ({profile['seconds']} s):")
+    for phase in ("prefill", "decode"):
+        print("  " + profiler.uncertainty_line(phase, getattr(entry, phase), entry.uncertainty[phase]), flush=True)
     with tempfile.TemporaryDirectory(prefix="planner-validation-") as workdir:
         proc, target, log = start_server(args, workdir)
         meter.server_pid = proc.pid
@@ -565,16 +605,24 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
         # Asked after the calibration: the block counts arrive with the leaders' first polls.
         decode = next(i for i in client.server_info().instances if i.role == "decode")
     handoff = statistics.median(r["handoff_s"] for r in calibration)
-    serving_decode, serving = fit_serving_decode(target, workload, handoff, args)
-    print(f"decode through the server ({serving['seconds']} s): ms {_fmt(serving['decode_ms'])}", flush=True)
+    serving_decode, serving_uncertainty, serving = fit_serving_decode(target, workload, handoff, args)
+    print(profiler.uncertainty_line(f"decode through the server ({serving['seconds']} s)", serving_decode,
+                                    serving_uncertainty), flush=True)
     kv_tokens = decode.num_blocks * BLOCK_SIZE
     assert kv_tokens > 0, "the decode instance reports its KV blocks"
     models = {"profile": Model(entry.prefill, entry.decode),
               "calibrated": Model(entry.prefill, entry.decode, overheads_for(entry.prefill, entry.decode, calibration)),
               "mixed": Model(entry.prefill, mixed_decode, overheads_for(entry.prefill, mixed_decode, calibration))}
-    # The serving fit already holds the per-step costs; TTFT and hand-off come from the calibration.
-    models["serving"] = Model(entry.prefill, serving_decode,
-                              dataclasses.replace(models["calibrated"].overheads, step_s=0.0))
+    # Prefill through the server too: the calibration's unloaded TTFTs fitted robustly (`a` holds the RPC and
+    # polling costs), timed minutes before the runs like the serving decode fit, so both follow the machine as it
+    # is then; the in-process profile may have been timed under another load (its slope varied 2.5x between runs).
+    serving_prefill, serving_prefill_uncertainty = fit_prefill_report(
+        [([r["prompt"]], r["ttft_s"]) for r in calibration])
+    print(profiler.uncertainty_line("prefill through the server (unloaded TTFT)", serving_prefill,
+                                    serving_prefill_uncertainty), flush=True)
+    # The serving fits hold the per-step costs and TTFT's; the hand-off comes from the calibration.
+    models["serving"] = Model(serving_prefill, serving_decode, Overheads(handoff_s=handoff))
+    draws = list(zip(serving_prefill_uncertainty.draws, serving_uncertainty.draws))
     for name in ("calibrated", "mixed", "serving"):
         o = models[name].overheads
         print(f"serving overheads ({name}): TTFT +{o.ttft_s * 1e3:.1f} ms, hand-off {o.handoff_s * 1e3:.1f} ms, "
@@ -595,20 +643,29 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
           f"rates {rates}", flush=True)
     rows = []
     for rate in rates:
-        row = run_rate_quietly(rate, workload, slo, models, target, meter, args, kv_tokens)
+        row = run_rate_quietly(rate, workload, slo, models, target, meter, args, kv_tokens, draws)
         rows.append(row)
         print(f"rate {rate:g}: measured {100 * row['measured']['attainment']:.1f} %, predicted "
               + ", ".join(f"{m} {100 * row[m]['attainment']:.1f} %" for m in MODELS)
+              + f" (band {_band(row['serving'])})"
               + f"; decode ITL / serving fit {row['decode_under_load']['itl_over_fit'] or math.nan:.2f}"
               + f" (other users {row['cpu_cores']['other_users']:.2f} cores, {len(row['attempts'])} run(s))",
               flush=True)
     return {"model": info.model, "max_context": info.max_context, "kv_tokens": kv_tokens,
             "workload": {"dataset": args.dataset, "mean_prompt": mean_prompt, "mean_output": mean_output},
-            "mixed_decode_profile": mixed, "serving_decode_profile": serving, "calibration": calibration,
+            "mixed_decode_profile": mixed, "serving_decode_profile": serving,
+            "serving_prefill_profile": {"prefill_ms": serving_prefill.to_ms(),
+                                        "uncertainty": serving_prefill_uncertainty.to_dict()},
+            "calibration": calibration,
             "overheads": {name: asdict(models[name].overheads) for name in MODELS},
             "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot, "ttft_scale": args.ttft_slo_scale,
                     "tpot_scale": args.tpot_slo_scale},
             "knee_rps": knee_rate, "rates": rows}
+
+
+def _band(prediction: dict) -> str:
+    band = prediction.get("band")
+    return f"{100 * band[0]:.0f}-{100 * band[1]:.0f} %" if band else "-"
 
 
 def _fmt(coefficients: dict) -> str:
