@@ -144,3 +144,20 @@ def test_request_validation(cluster):
 def test_layout_needing_more_gpus_says_how_many(ray_runtime, ckpt):
     with pytest.raises(ValueError, match=r"needs 12 GPUs but the Ray cluster has 8"):
         Cluster(config(ckpt, prefill={"instances": 2, "tp": 4}, decode={"instances": 2, "tp": 2}))
+
+
+def test_decode_instance_preempts_and_recomputes_without_losing_tokens(ray_runtime, tmp_path):
+    """A decode cache too small for every running request: the decode instance preempts, recomputes the
+    preempted requests from their tokens, and each one's stream still carries every position once (a recomputed
+    token and the next decode token can come out of one step)."""
+    ckpt = write_checkpoint("llama", tmp_path, seed=23, num_hidden_layers=5)
+    prompts = [[(7 * i + 3 * j) % 500 + 2 for j in range(20 + 2 * i)] for i in range(12)]
+    params = [SamplingParams(temperature=0.0, max_tokens=30 + i, ignore_eos=True) for i in range(12)]
+    expected = references(ckpt, prompts, params)
+    # 12 blocks of 8 tokens on each instance (5 layers x K,V x 2 KV heads x 16 dims x fp32 x 8 tokens per block)
+    with Cluster(config(ckpt, engine={"kv_cache_bytes": 12 * 5 * 2 * 2 * 16 * 4 * 8})) as cluster:
+        outputs = cluster.generate(prompts, params, timeout=120)
+        assert [o.error for o in outputs] == [None] * 12
+        assert [o.token_ids for o in outputs] == expected
+        assert cluster.stats()["instances"]["decode-0"]["preemptions"] > 0
+        wait_for_idle(cluster)

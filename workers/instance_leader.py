@@ -224,7 +224,9 @@ class InstanceLeader:
             if o.token_id == FAILED_TOKEN:
                 failures.append(("failed", rid, attempt, o.seq.error))
             else:
-                items.append((rid, attempt, len(o.seq.output_token_ids) - 1, o.token_id, o.result.finished,
+                # The output's own position: a decode instance that recomputes a preempted sequence appends its
+                # recomputed token and, in the same step, the next one, so the sequence's length is past the first.
+                items.append((rid, attempt, o.position, o.token_id, o.result.finished,
                               o.result.finish_reason, o.result.stop_reason))
         self._emit(*cached, *([("tokens", items)] if items else []), *failures)
 

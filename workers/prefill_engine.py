@@ -19,6 +19,7 @@ class EngineOutput:
     seq: Sequence
     token_id: int
     result: StepResult
+    position: int = -1  # the token's index among the sequence's outputs (a step may append two to one sequence)
 
 
 def check_context(num_tokens: int, context_len: int) -> None:
@@ -28,15 +29,16 @@ def check_context(num_tokens: int, context_len: int) -> None:
 
 
 def append_and_check(seq: Sequence, token_id: int, max_model_len: int) -> EngineOutput:
+    position = len(seq.output_token_ids)
     if token_id == FAILED_TOKEN:  # this request alone fails; its blocks are freed like any finished request's
         result = seq.stop.finish("error")
         seq.finish()
-        return EngineOutput(seq, token_id, result)
+        return EngineOutput(seq, token_id, result, position)
     result = seq.append_token(token_id)
     if not result.finished and seq.num_tokens >= max_model_len:
         tail = seq.finish_length()
         result = StepResult(result.text_delta + tail.text_delta, True, "length", None)
-    return EngineOutput(seq, token_id, result)
+    return EngineOutput(seq, token_id, result, position)
 
 
 class PrefillEngine:
