@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from splitserve.cluster import config as cluster_config
-from splitserve.workers.engine_config import MODEL_BACKENDS
+from splitserve.workers.engine_config import ATTENTION_BACKENDS, MODEL_BACKENDS
 
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -492,5 +492,6 @@ def test_schema_enums_match_the_cluster_config():
     assert tuple(config["routing"]["properties"]["policy"]["enum"]) == cluster_config.ROUTING_POLICIES
     assert set(config["routing"]["properties"]) == {f.name for f in cluster_config.fields(cluster_config.RoutingConfig)}
     assert tuple(config["engine"]["properties"]["backend"]["enum"]) == MODEL_BACKENDS
+    assert tuple(config["engine"]["properties"]["attention_backend"]["enum"]) == ATTENTION_BACKENDS
     engine_keys = set(config["engine"]["properties"])
     assert engine_keys == {f.name for f in cluster_config.fields(cluster_config.EngineConfig)}

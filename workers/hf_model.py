@@ -92,7 +92,12 @@ class HFCausalLM(nn.Module):
         finally:
             _active.model, self._caches, self._meta = previous, None, None
 
-    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata):
+    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata,
+                residual: torch.Tensor | None = None):
+        """`residual` is the native model's pipeline-stage input; this backend runs no stages (refused at start-up),
+        so it is always None here."""
+        if residual is not None:
+            raise ValueError("pp: pipeline stages are not available with the transformers backend")
         with self._running(kv_caches, meta):
             out = self.body(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
         return out.last_hidden_state[0]
