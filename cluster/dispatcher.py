@@ -77,6 +77,14 @@ class Dispatcher:
 
     async def start(self) -> None:
         self.running = True
+        # Every instance's stats before the first long poll returns, so info and routing see the fleet at once.
+        names = list(self.instances)
+        stats = await asyncio.gather(*(self.instances[n].leader.lead.remote("stats") for n in names),
+                                     return_exceptions=True)
+        for name, first in zip(names, stats):
+            if isinstance(first, dict):
+                self.instance_stats[name] = first
+                self.router.report(name, first)
         for name in self.instances:
             self._start_poller(name)
         await self.fleet.start()
