@@ -3,22 +3,30 @@ the placement planner (DistServe search over the simulator), then launch that pl
 
 The devices come from Ray: the GPU count of the nodes that have GPUs (the planner models identical nodes: the most
 common count, and the nodes with at least that many), and the device kind from Ray's `accelerator_type:<kind>`
-resource (or `placement.hardware`; `cpu` when `device: cpu`)."""
+resource (or `placement.hardware`: a catalog name, or a YAML file with a catalog name and overrides; `cpu` when
+`device: cpu`). The search covers pipeline parallelism as `splitserve plan` does, and only layouts the cluster
+launches: layouts the model's heads, MLP width or backend refuse are left out before they are simulated."""
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
+from typing import Sequence
 
 from splitserve.cluster.config import AutoPlacement, ClusterConfig, config_from_dict
-from splitserve.placement.hardware import ClusterSpec, get_hardware
-from splitserve.placement.latency import AnalyticLatency
+from splitserve.placement.hardware import ClusterSpec, HardwareSpec, cluster_from_mapping, get_hardware
+from splitserve.placement.latency import AnalyticLatency, LatencyModel
 from splitserve.placement.metrics import SLO
+from splitserve.placement.parallel import Parallel
 from splitserve.placement.plan import plan_from_result
 from splitserve.placement.profile import Profile, ProfileLatency
 from splitserve.placement.search import Planner, SearchOptions
 from splitserve.placement.specs import load_model
 from splitserve.placement.workload import load_workload, make_trace
+from splitserve.workers.config import ModelConfig, tp_problem
+from splitserve.workers.config import load_config as load_model_config
+from splitserve.workers.hf_config import autotp_problem, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +70,117 @@ def hardware_name(config: ClusterConfig, auto: AutoPlacement, kinds: set[str]) -
     return known.pop()
 
 
+def hardware_spec(config: ClusterConfig, auto: AutoPlacement, kinds: set[str]) -> HardwareSpec:
+    """The device model: a catalog entry, or `placement.hardware` as a YAML file `{hardware: NAME, overrides: {...}}`
+    (the fields of a `splitserve plan --cluster` file's overrides) for a device the catalog lacks."""
+    name = hardware_name(config, auto, kinds)
+    if not (name.endswith((".yaml", ".yml")) or os.path.isfile(name)):
+        return get_hardware(name)
+    import yaml
+
+    try:
+        with open(name, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ValueError(f"placement.hardware: cannot read {name!r} ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"placement.hardware: {name} is not valid YAML ({exc})") from None
+    if not isinstance(data, dict) or not set(data) <= {"hardware", "overrides"} or "hardware" not in data:
+        raise ValueError(f"placement.hardware: {name} must hold a mapping with 'hardware' (a catalog name) and "
+                         "optional 'overrides'")
+    try:
+        return cluster_from_mapping({"nodes": 1, "devices_per_node": 1, **data}).hardware
+    except ValueError as exc:
+        raise ValueError(f"placement.hardware: {name}: {exc}") from None
+
+
+def launch_problem(model: ModelConfig, backend: str, par: Parallel) -> str | None:
+    """Why the cluster would refuse `par` for this model at launch (the checks `Cluster` runs before any process
+    starts), or None."""
+    problem = tp_problem(model, par.tp) or (autotp_problem(model, par.tp) if backend == "transformers" else None)
+    if problem:
+        return f"tp: {problem}"
+    if par.pp > 1 and backend == "transformers":
+        return f"pp: pipeline stages run on the native model backend only ({model.architecture})"
+    if par.pp > model.num_layers:
+        return f"pp: {par.pp} stages for {model.num_layers} layers"
+    return None
+
+
+class LaunchableLatency:
+    """A latency model that also answers `layout_problem` (which the search consults before simulating a layout)
+    with the cluster's own launch checks, so that the plan never holds a layout the launcher refuses."""
+
+    def __init__(self, latency: LatencyModel, model: ModelConfig, backend: str):
+        self.latency, self.model, self.backend = latency, model, backend
+        self._inner_problem = getattr(latency, "layout_problem", None)
+
+    def layout_problem(self, par: Parallel) -> str | None:
+        return launch_problem(self.model, self.backend, par) or (
+            self._inner_problem(par) if self._inner_problem else None)
+
+    def prefill_time(self, lengths: Sequence[int], par: Parallel, prefixes: Sequence[int] | None = None) -> float:
+        return self.latency.prefill_time(lengths, par, prefixes)
+
+    def decode_time(self, batch: int, total_context: int, par: Parallel) -> float:
+        return self.latency.decode_time(batch, total_context, par)
+
+    def mixed_time(self, lengths: Sequence[int], prefixes: Sequence[int], batch: int, total_context: int,
+                   par: Parallel) -> float:
+        return self.latency.mixed_time(lengths, prefixes, batch, total_context, par)
+
+    def kv_transfer_time(self, tokens: int, src: Parallel, dst: Parallel, same_node: bool) -> float:
+        return self.latency.kv_transfer_time(tokens, src, dst, same_node)
+
+
+def launcher_node_index(ray_nodes: list[dict], per_node: int) -> dict[int, int] | None:
+    """Planner node index -> the launcher's node index (its i-th GPU node by address). The planner counts only the
+    nodes with at least `per_node` GPUs, so the two differ when a smaller GPU node sorts first. None when Ray did
+    not report addresses (or two nodes share one), where node hints cannot be mapped."""
+    gpu_nodes = []
+    for node in ray_nodes:
+        gpus = node.get("Resources", {}).get("GPU", 0)
+        if node.get("Alive", node.get("alive", True)) and gpus > 0:
+            gpu_nodes.append((node.get("NodeManagerAddress"), gpus))
+    addresses = [address for address, _ in gpu_nodes]
+    if None in addresses or len(set(addresses)) != len(addresses):
+        return None
+    launcher = sorted(addresses)
+    planner = sorted(address for address, gpus in gpu_nodes if gpus >= per_node)
+    return {i: launcher.index(address) for i, address in enumerate(planner)}
+
+
+def _pin_stages(placement: dict, node_index: dict[int, int] | None) -> dict:
+    """The plan's placement with each stage's node renumbered for the launcher, or without node hints when they
+    cannot be mapped (the launcher then places stages where Ray finds room)."""
+    instances = []
+    for inst in placement.get("instances", []):
+        if node_index is None:
+            instances = []
+            break
+        stages = [{**stage, "node": node_index[stage["node"]]} for stage in inst["stages"]]
+        instances.append({**inst, "stages": stages})
+    return {**placement, "instances": instances}
+
+
 def plan_config(config: ClusterConfig, model_dir: str, ray_nodes: list[dict]) -> ClusterConfig:
     """The config with prefill/decode/colocated replaced by the planner's choice for these nodes."""
     auto = config.auto_placement
     if auto is None:
         return config
     nodes, per_node, kinds = gpu_topology(ray_nodes)
-    cluster = ClusterSpec(nodes, per_node, get_hardware(hardware_name(config, auto, kinds)))
+    cluster = ClusterSpec(nodes, per_node, hardware_spec(config, auto, kinds))
     model = load_model(model_dir, config.dtype)
-    latency = AnalyticLatency(model, cluster)
+    model_config = load_model_config(model_dir)
+    latency: LatencyModel = AnalyticLatency(model, cluster)
     if auto.profile:
         latency = ProfileLatency(Profile.load(auto.profile), fallback=latency)
+    latency = LaunchableLatency(latency, model_config, resolve_backend(config.engine.backend,
+                                                                        model_config.architecture))
     trace = make_trace(load_workload(auto.workload), auto.requests, auto.seed, "poisson", 1.0, model.max_positions)
     slo = SLO(auto.ttft_s, auto.tpot_s, auto.attainment)
-    # Pipeline parallelism is not implemented by the launcher, so the search leaves it out.
-    options = SearchOptions(num_requests=auto.requests, seed=auto.seed, max_pp=1)
+    # The same space as `splitserve plan` (no --max-pp): pipeline depths up to the model's layers.
+    options = SearchOptions(num_requests=auto.requests, seed=auto.seed)
     start = time.perf_counter()
     result = Planner(model, cluster, latency, trace, slo, options).search(auto.rate)
     plan = plan_from_result(result, config.model, model.dtype, cluster.name, slo, auto.workload, auto.rate)
@@ -84,7 +188,8 @@ def plan_config(config: ClusterConfig, model_dir: str, ray_nodes: list[dict]) ->
     for role in ("prefill", "decode", "colocated"):
         data[role] = {**data[role], **plan.to_dict()[role]}
     # Kept for the record under another key: the planned config launches as it is and is not planned again.
-    data["placement"] = {**plan.placement.to_dict(), "planned_at_startup": auto.to_dict()}
+    placement = _pin_stages(plan.placement.to_dict(), launcher_node_index(ray_nodes, per_node))
+    data["placement"] = {**placement, "planned_at_startup": auto.to_dict()}
     planned = config_from_dict(data)
     log.info("placement: auto planned %s on %s in %.1fs: prefill %s, decode %s, colocated %s",
              result.mode, cluster.name, time.perf_counter() - start, data["prefill"], data["decode"],
