@@ -1,5 +1,7 @@
 """Pipeline parallelism on CPU gloo ranks: 1P1D with both instances at PP1, PP2 and PP4 (TP1) on the same seeded
-load (Poisson arrivals of fixed-length prompts and outputs). Reported per layout: TTFT p50/p90, mean TPOT, decode
+load (Poisson arrivals of fixed-length prompts and outputs); each PP > 1 layout twice, its decode instance keeping one
+batch per stage in flight (DistServe's inter-op decode, the default) and one batch at a time (each step through every
+stage, its sequences split into micro-batches within the step). Reported per layout: TTFT p50/p90, mean TPOT, decode
 throughput (output tokens per second of the run) and whether the greedy tokens equal PP1's.
 
     python benchmarks/pipeline.py [--model small] [--requests 16] [--rate 2] [--input 256] [--output 32] [--pp 1,2,4]
@@ -7,9 +9,8 @@ throughput (output tokens per second of the run) and whether the greedy tokens e
 What CPU timing can say: the cost of the pipeline's own machinery (stage hand-offs of the residual stream over gloo,
 logits back to the leader, KV pushed per stage) against the layers it spreads. What it cannot: the ranks share this
 machine's cores (and whatever else runs on it: load_avg is saved), so more stages add processes, not compute; and
-while a batch's micro-batches overlap across stages within a step, decode steps do not overlap each other yet
-(DistServe's inter-op decode), so each step pays the whole pipeline's depth. PP here costs latency and buys memory: a
-stage's KV cache holds only its layers, so the same per-rank budget holds pp times the blocks. On GPUs each stage has
+a stage of one step waits for the previous stage unless several batches are in flight. PP here costs latency and buys
+memory: a stage's KV cache holds only its layers, so the same per-rank budget holds pp times the blocks. On GPUs each stage has
 its own device; the planner's model predicts those layouts.
 """
 from __future__ import annotations
@@ -86,9 +87,13 @@ def main() -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name}: must be >= 1")
     degrees = [int(p) for p in args.pp.split(",")]
+    if any(pp < 1 for pp in degrees):
+        raise SystemExit("--pp: degrees must be >= 1")
+    layouts = [(pp, depth) for pp in degrees for depth in ([pp, 1] if pp > 1 else [1])]
     results, reference = [], None
-    for pp in degrees:
-        cfg = {"model": args.model, "device": "cpu", "engine": {"kv_cache_bytes": 64 << 20, "prefix_caching": False},
+    for pp, depth in layouts:
+        cfg = {"model": args.model, "device": "cpu",
+               "engine": {"kv_cache_bytes": 64 << 20, "prefix_caching": False, "decode_batches_in_flight": depth},
                "prefill": {"instances": 1, "pp": pp}, "decode": {"instances": 1, "pp": pp},
                "ray": {"num_gpus": 2 * pp}}
         with Cluster(cfg) as cluster:
@@ -96,18 +101,21 @@ def main() -> None:
             warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
             cluster.generate([[11] * 16] * 2, warm, timeout=300)  # warm-up: every rank runs once
             rows, seconds = asyncio.run(run_load(cluster, prompts, starts, args.output))
-            blocks = {n: s["num_blocks"] for n, s in cluster.stats()["instances"].items()}
+            stats = cluster.stats()["instances"]
+            blocks = {n: s["num_blocks"] for n, s in stats.items()}
+            in_flight = stats["decode-0"].get("max_batches_in_flight", 0)
         summary = summarize(rows, seconds)
         tokens = [r["tokens"] for r in rows]
         reference = reference or tokens
-        summary.update(layout=f"P TP1·PP{pp} / D TP1·PP{pp}", pp=pp, kv_blocks=blocks,
+        summary.update(layout=f"P TP1·PP{pp} / D TP1·PP{pp}" + (f" ({depth} in flight)" if pp > 1 else ""), pp=pp,
+                       decode_batches_in_flight=depth, max_batches_in_flight=in_flight, kv_blocks=blocks,
                        tokens_equal_pp1=tokens == reference)
         results.append(summary)
         print(json.dumps(summary), flush=True)
     print(f"\n{args.model}, {args.requests} requests at {args.rate}/s, {args.input} prompt + {args.output} output tokens")
-    print(f"{'layout':<24}{'TTFT p50':>9}{'p90':>8}{'TPOT':>8}{'tok/s':>8}{'blocks D':>9}{'same':>6}")
+    print(f"{'layout':<38}{'TTFT p50':>9}{'p90':>8}{'TPOT':>8}{'tok/s':>8}{'blocks D':>9}{'same':>6}")
     for r in results:
-        print(f"{r['layout']:<24}{r['ttft_p50_ms']:>9.1f}{r['ttft_p90_ms']:>8.1f}{r['tpot_mean_ms']:>8.1f}"
+        print(f"{r['layout']:<38}{r['ttft_p50_ms']:>9.1f}{r['ttft_p90_ms']:>8.1f}{r['tpot_mean_ms']:>8.1f}"
               f"{r['decode_tokens_per_s']:>8.1f}{r['kv_blocks'].get('decode-0', 0):>9}"
               f"{'yes' if r['tokens_equal_pp1'] else 'NO':>6}")
     result = dict(model=args.model, args=vars(args), machine=platform.processor() or platform.machine(),

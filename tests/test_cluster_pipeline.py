@@ -102,6 +102,34 @@ def test_colocated_pp2_preempts_and_aborts(ray_runtime, ckpt):
         assert stats["colocated-0"]["num_blocks"] == 20 and stats["colocated-0"]["preemptions"] > 0, stats
 
 
+def test_decode_pp2_in_flight_preempts_and_aborts(ray_runtime, ckpt):
+    # Decode PP2 keeps two batches in flight. Stage 0 holds 3 layers: 20 blocks there, too few for the load below, so
+    # decodes are preempted and recomputed through the pipeline (which first takes both batches back); an abort of
+    # a request in mid-decode among them frees its blocks only after its batch is back.
+    cfg = config(ckpt, decode={"pp": 2}, engine={"kv_cache_bytes": 20 * 3 * LAYER_BLOCK_BYTES})
+    prompts = [[(7 * i + 3 * j) % 500 + 2 for j in range(20 + 2 * i)] for i in range(12)]
+    params = [SamplingParams(temperature=0.0, max_tokens=30 + i, ignore_eos=True) for i in range(12)]
+    reference = references(ckpt, prompts, params)
+    with Cluster(cfg) as cluster:
+        outputs = []
+        worker = threading.Thread(target=lambda: outputs.extend(cluster.generate(prompts, params, timeout=240)))
+        worker.start()
+        rid = cluster.submit(list(range(2, 20)), SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))
+        deadline = time.monotonic() + 60
+        while cluster.request_state(rid) is not RequestState.DECODING:
+            assert time.monotonic() < deadline, "the request never reached decoding"
+            time.sleep(0.01)
+        assert cluster.abort(rid)
+        worker.join(timeout=240)
+        assert not worker.is_alive(), "the load did not finish"
+        assert [o.error for o in outputs] == [None] * len(prompts)
+        assert [o.token_ids for o in outputs] == reference
+        stats = wait_for_idle(cluster)
+        decode = stats["decode-0"]
+        assert decode["num_blocks"] == 20 and decode["preemptions"] > 0, decode
+        assert decode["max_batches_in_flight"] == 2, decode
+
+
 def test_killed_follower_stage_is_relaunched_and_requests_migrate(ray_runtime, ckpt):
     prompts, params, reference = streaming_load(ckpt, n=6)
     cfg = config(ckpt, prefill={"pp": 2}, decode={"pp": 2},

@@ -12,13 +12,16 @@ BLOCK = 8
 PROMPTS = random_prompts([9, 33, 4, 21], seed=7)
 
 
-def _batches(next_tokens=None):
-    """The prompt batch (fresh sequences on consecutive blocks), or one decode step appending `next_tokens`."""
+def _batches(next_tokens=None, which=None):
+    """The prompt batch (fresh sequences on consecutive blocks), or one decode step appending `next_tokens` (to the
+    sequences `which` only, when given)."""
     ids, positions, slots, query, context, tables, rows = [], [], [], [], [], [], []
     first = 0
     for i, prompt in enumerate(PROMPTS):
         table = list(range(first, first + len(prompt) // BLOCK + 1))
         first += len(table)
+        if which is not None and i not in which:
+            continue
         span = range(len(prompt)) if next_tokens is None else range(len(prompt), len(prompt) + 1)
         ids += prompt if next_tokens is None else [next_tokens[i]]
         positions += span
@@ -60,6 +63,32 @@ def _stages(rank, world, model_dir, tp, pp):
     return _run(model_dir, tp, pp, rank)
 
 
+def _in_flight(rank, world, model_dir, tp, pp):
+    """The prompt batch, then its decode step as two batches in the pipeline at once: the leader launches both
+    before it collects either (the last stage's logits wait for it)."""
+    from splitserve.comm.kv_plan import stage_layers
+    from splitserve.workers.kv_cache import allocate_kv_cache
+    from splitserve.workers.loader import load_model
+    from splitserve.workers.model_runner import ModelRunner
+    from splitserve.workers.pipeline import PipelineStage, StagePosition, stage_groups
+
+    group = stage_groups(rank, pp, tp)
+    model = load_model(model_dir, tp=group, layers=stage_layers(5, pp)[rank // tp])
+    caches = allocate_kv_cache(len(model.layers), 16, BLOCK, model.num_kv_heads, model.cfg.head_dim, torch.float32,
+                               "cpu")
+    stage = PipelineStage(ModelRunner(model, caches, model.cfg.eos_token_ids, "cpu"), StagePosition.of(rank, pp, tp))
+    prefill = stage.forward_logits(_batches())
+    box = [prefill.argmax(-1).tolist() if prefill is not None else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    groups = [_batches(box[0], which={0, 2}), _batches(box[0], which={1, 3})]
+    for batch in groups:
+        batch.micro_batches = 1
+        stage.launch(batch)
+    if rank != 0:
+        return None
+    return [stage.collect(batch) for batch in groups]
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return write_checkpoint("llama", tmp_path_factory.mktemp("llama5"), seed=29, num_hidden_layers=5)
@@ -68,6 +97,14 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(model_dir):
     return _run(model_dir, 1, 1, 0)
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 3), (2, 2)])
+def test_batches_in_flight_match_one_process(model_dir, single, tp, pp):
+    first, second = run_distributed(_in_flight, tp * pp, model_dir, tp, pp)[0]
+    ref_decode = single[1]
+    torch.testing.assert_close(first, ref_decode[[0, 2]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, ref_decode[[1, 3]], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 3), (2, 2)])

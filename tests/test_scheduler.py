@@ -59,6 +59,31 @@ def test_decode_preempts_newest_first_and_frees_its_blocks():
     assert blocks.num_free_blocks == 0 and not blocks.has("2") and blocks.num_tokens("1") == 5
 
 
+def test_decode_never_preempts_or_schedules_sequences_in_flight():
+    blocks = BlockManager(4, 4)
+    sched = DecodeScheduler(blocks, max_seqs=8)
+    seqs = [_seq(i, 3) for i in range(3)]
+    for s in seqs:
+        blocks.allocate(s.seq_id, 4)
+        s.num_computed_tokens = 3
+        sched.add(s)
+    # "2" (the newest) is in flight in a pipeline: "0" takes the free block; "1" finds none and, rather than give
+    # up its own KV or take "2"'s, waits for the batch in flight to come back.
+    batch, preempted = sched.schedule(busy=frozenset({"2"}))
+    assert [s.seq_id for s in batch] == ["0"] and preempted == []
+    assert blocks.has("1") and blocks.has("2")
+    # With nothing in flight the usual rule holds again: the newest is preempted so "1" can grow.
+    batch, preempted = sched.schedule()
+    assert [s.seq_id for s in batch] == ["0", "1"] and [s.seq_id for s in preempted] == ["2"]
+    # `limit` caps a group (a pipeline's batch in flight).
+    sched2 = DecodeScheduler(BlockManager(40, 4), max_seqs=8)
+    for s in [_seq(10 + i, 3) for i in range(5)]:
+        sched2.blocks.allocate(s.seq_id, 3)
+        s.num_computed_tokens = 3
+        sched2.add(s)
+    assert [s.seq_id for s in sched2.schedule(busy=frozenset({"10"}), limit=2)[0]] == ["11", "12"]
+
+
 def test_bookkeeping_modules_do_not_import_torch():
     code = ("import sys; import splitserve.workers.scheduler, splitserve.workers.sequence, "
             "splitserve.workers.batch, splitserve.workers.block_manager; print('torch' in sys.modules)")

@@ -18,6 +18,7 @@ class ForwardBatch:
     block_tables: list[list[int]]
     sample_rows: list[int]  # index into the packed tokens of each row whose logits are sampled
     completes: list[bool] | None = None  # per sequence: does this forward reach its last token (and sample)?
+    micro_batches: int = 0  # pipeline stages: how many micro-batches it flows as (0: one per stage)
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,7 @@ import torch
 
 from splitserve.workers.block_manager import BlockManager, cache_salt  # noqa: F401 (cache_salt re-exported)
 from splitserve.workers.engine_config import EngineConfig
+from splitserve.workers.decode_engine import PipelinedDecodeEngine
 from splitserve.workers.engine_core import EngineCore
 from splitserve.workers.kv_cache import cuda_budget, num_blocks_for_budget
 from splitserve.workers.prefill_engine import PrefillEngine
@@ -28,10 +29,12 @@ def kv_cache_blocks(config: EngineConfig, model, device: torch.device, dtype: to
 
 
 def build_engine(role: str, runner, num_blocks: int, config: EngineConfig, context_len: int, sp: int = 1,
-                 chunked_prefill: bool = True, cache_salt: str = ""):
+                 chunked_prefill: bool = True, cache_salt: str = "", pipeline=None):
     """prefill: prompts only (KV leaves for decode); decode: admits transferred sequences and recomputes preempted
     ones; colocated: both on one cache, as Dynamic SplitFuse (`chunked_prefill`) or alternating prompt batches and
-    decode steps. `cache_salt` names what else the KV depends on (the model, its dtype) in the prefix cache's hashes."""
+    decode steps. `cache_salt` names what else the KV depends on (the model, its dtype) in the prefix cache's hashes.
+    `pipeline`: (launch, collect, stages) of a decode instance's pipeline, whose decode then keeps up to
+    `engine.decode_batches_in_flight` (default: one per stage) batches in flight."""
     if role not in ROLES:
         raise ValueError(f"role: must be one of {ROLES}, got {role!r}")
     # Each SP rank's cache is its own pool: the instance holds SP times the tokens (and caches no prefixes).
@@ -42,4 +45,10 @@ def build_engine(role: str, runner, num_blocks: int, config: EngineConfig, conte
         return PrefillEngine(runner, blocks, tokens, seqs, context_len)
     if role == "colocated" and chunked_prefill:
         return SplitFuseEngine(runner, blocks, seqs, tokens, context_len)
-    return EngineCore(runner, blocks, seqs, tokens, context_len)
+    decode = None
+    if role == "decode" and pipeline is not None:
+        launch, collect, stages = pipeline
+        depth = min(config.decode_batches_in_flight or stages, stages)
+        if depth > 1:
+            decode = PipelinedDecodeEngine(runner, blocks, seqs, context_len, launch, collect, depth)
+    return EngineCore(runner, blocks, seqs, tokens, context_len, decode)

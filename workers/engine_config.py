@@ -52,6 +52,9 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse the KV of cached full blocks of earlier requests (see block_manager.py)
     backend: str = "auto"  # model backend, one of MODEL_BACKENDS
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
+    # A decode instance with pipeline stages keeps this many batches in flight, one per stage at most
+    # (DistServe's inter-op decode); None: as many as stages. 1: every step runs through all stages alone.
+    decode_batches_in_flight: int | None = None
 
     def validate(self, path: str = "") -> "EngineConfig":
         positive_int(_where(path, "block_size"), self.block_size)
@@ -63,6 +66,8 @@ class EngineConfig:
         choice(_where(path, "attention_backend"), self.attention_backend, ATTENTION_BACKENDS)
         if self.overlap_min_tokens is not None:
             positive_int(_where(path, "overlap_min_tokens"), self.overlap_min_tokens, 2)
+        if self.decode_batches_in_flight is not None:
+            positive_int(_where(path, "decode_batches_in_flight"), self.decode_batches_in_flight)
         positive_int(_where(path, "kv_cache_bytes"), self.kv_cache_bytes)
         positive_float(_where(path, "gpu_memory_fraction"), self.gpu_memory_fraction)
         if self.gpu_memory_fraction > 1:

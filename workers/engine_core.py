@@ -11,14 +11,17 @@ from splitserve.workers.sequence import Sequence
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, decode: DecodeEngine | None = None):
+        """`decode`: the decode engine to use (e.g. a pipelined one); a plain `DecodeEngine` by default."""
         self.blocks = blocks
         self.prefill = PrefillEngine(runner, blocks, max_num_batched_tokens, max_num_seqs, max_model_len)
-        self.decode = DecodeEngine(runner, blocks, max_num_seqs, max_model_len)
+        self.decode = decode or DecodeEngine(runner, blocks, max_num_seqs, max_model_len)
         self.num_preemptions = 0  # decodes sent back to be recomputed, for the instance's stats
 
     def step(self) -> list[EngineOutput]:
         """One round: a prompt batch if any can be admitted, then one decode step."""
+        if self.prefill.num_waiting:
+            self.decode.flush()  # a prompt forward runs through a pipeline alone
         outputs = self.prefill.step(reserve_blocks=self.decode.num_running)
         for out in outputs:
             if not out.result.finished:

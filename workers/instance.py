@@ -228,6 +228,15 @@ class RankWorker:
         self._sending = True
         return logits
 
+    def launch(self, batch: ForwardBatch) -> None:
+        """On the leader of a pipeline: one decode batch through this stage now; its logits come back later, in
+        launch order (`collect`), so later batches can enter the pipeline meanwhile (the followers run it through
+        `execute` as usual)."""
+        self.pipeline.launch(batch)
+
+    def collect(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.pipeline.collect(batch)
+
     def finish_sends(self, first_tokens: dict[tuple[str, int], tuple[int, bool]] | None = None) -> None:
         """Waits for this rank's pushes; the leader passes the first tokens ((decode instance, transfer id) ->
         (token, finished))."""

@@ -38,8 +38,10 @@ class InstanceLeader:
                                     self.spec.engine.block_size, self.spec.pp, cfg.num_layers)
         runner = ModelRunner(rank.model, rank.caches, self.eos, rank.device, execute=self._execute)
         context_len = self.spec.engine.context_len(cfg.max_position_embeddings)
+        pipeline = (self._launch, rank.collect, self.spec.pp) if self.spec.pp > 1 else None
         self.engine = build_engine(self.spec.role, runner, rank.num_blocks, self.spec.engine, context_len,
-                                   sp=self.spec.sp, cache_salt=cache_salt(self.spec.model_dir, self.spec.dtype))
+                                   sp=self.spec.sp, cache_salt=cache_salt(self.spec.model_dir, self.spec.dtype),
+                                   pipeline=pipeline)
         self.blocks = self.engine.blocks
         self.blocks.record_events = True
         self.attempts: dict[str, int] = {}  # request id -> the attempt this instance's engine holds
@@ -109,7 +111,8 @@ class InstanceLeader:
                 "cached_blocks": getattr(self.blocks, "num_cached_blocks", 0),
                 "prefix_hit_tokens": self.blocks.hit_tokens, "prefix_query_tokens": self.blocks.query_tokens,
                 "kv_received_bytes": self.kv_received_bytes,
-                "preemptions": getattr(self.engine, "num_preemptions", 0)}
+                "preemptions": getattr(self.engine, "num_preemptions", 0),
+                "max_batches_in_flight": getattr(getattr(self.engine, "decode", None), "max_in_flight", 0)}
 
     # ------------------------------------------------------------------------------ loop thread only
     def _emit(self, *events) -> None:
@@ -201,6 +204,11 @@ class InstanceLeader:
                                                self.targets[seq.seq_id])]
         self.rank.broadcast(("step", batch, orders))
         return self.rank.execute(batch, orders)
+
+    def _launch(self, batch, seqs: list[Sequence]) -> None:
+        """A decode batch into the pipeline; its logits are collected later (see PipelinedDecodeEngine)."""
+        self.rank.broadcast(("step", batch, []))
+        self.rank.launch(batch)
 
     def _step(self) -> None:
         outputs = self.engine.step() if self.engine.has_unfinished() else []

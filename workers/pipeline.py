@@ -16,6 +16,8 @@ from splitserve.comm.overlap import restrict_rows
 from splitserve.workers.batch import ForwardBatch
 from splitserve.workers.model_runner import ModelRunner
 
+LOGITS_TAG = 1 << 20  # apart from the micro-batch tags (0 .. pp - 1)
+
 
 @dataclass(frozen=True)
 class StagePosition:
@@ -71,14 +73,23 @@ class PipelineStage:
         cfg = runner.model.cfg
         self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
         self.dtype = next(runner.model.parameters()).dtype
+        self._logit_sends: list[tuple] = []  # last stage, TP rank 0: logits on their way to the leader
 
     @torch.inference_mode()
     def forward_logits(self, batch: ForwardBatch, on_kv_written=None) -> torch.Tensor | None:
         """Float32 logits [len(sample_rows), vocab] on the leader (global rank 0); None on every other rank."""
+        self.launch(batch, on_kv_written)
+        return self.collect(batch) if self.pos.leader else None
+
+    @torch.inference_mode()
+    def launch(self, batch: ForwardBatch, on_kv_written=None) -> None:
+        """This stage's share of `batch`: its micro-batches in from the previous stage, through this stage's layers,
+        on to the next; the last stage sends the logits to the leader without waiting for it to take them (the
+        leader collects them after launching later batches: `collect`)."""
         runner, pos = self.runner, self.pos
         meta = runner._metadata(batch)
         ids, positions = runner._tensor(batch.input_ids), runner._tensor(batch.positions)
-        parts = micro_batches(batch.query_lens, pos.pp)
+        parts = micro_batches(batch.query_lens, batch.micro_batches or pos.pp)
         block_size = runner.kv_caches[0].shape[2]
         prev, next_ = pos.rank_of(pos.stage - 1), pos.rank_of(pos.stage + 1)
         inbox = []
@@ -104,20 +115,28 @@ class PipelineStage:
         for work, _ in sends:
             work.wait()
         rows = batch.sample_rows
-        out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else None
-        leader = pos.leader
-        if pos.last:
-            logits = runner.model.compute_logits(out[runner._tensor(rows)]) if rows else None
-            if pos.tp_rank == 0 and rows:
-                dist.send(logits.contiguous(), dst=0)
-            return None
-        if leader and rows:
-            logits = torch.empty(len(rows), self.vocab_size, dtype=torch.float32, device=runner.device)
-            dist.recv(logits, src=pos.rank_of(pos.pp - 1))
-            return logits
-        if leader:
-            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=runner.device)
-        return None
+        if not (pos.last and rows):
+            return
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        logits = runner.model.compute_logits(out[runner._tensor(rows)])  # every TP rank (the head may be sharded)
+        if pos.tp_rank == 0:
+            # The leader takes these after launching up to pp - 1 later batches, and it broadcasts each of those to
+            # this rank first: a blocking send here would wait for the leader while the leader waits for this
+            # rank. Sends older than that have been taken, so waiting for them never blocks.
+            while len(self._logit_sends) >= pos.pp:
+                self._logit_sends.pop(0)[0].wait()
+            logits = logits.contiguous()
+            self._logit_sends.append((dist.isend(logits, dst=0, tag=LOGITS_TAG), logits))
+
+    @torch.inference_mode()
+    def collect(self, batch: ForwardBatch) -> torch.Tensor:
+        """On the leader: the logits of the oldest launched batch not collected yet (batches come back in launch
+        order)."""
+        rows = batch.sample_rows
+        logits = torch.empty(len(rows), self.vocab_size, dtype=torch.float32, device=self.runner.device)
+        if rows:
+            dist.recv(logits, src=self.pos.rank_of(self.pos.pp - 1), tag=LOGITS_TAG)
+        return logits
 
 
 def micro_batches(query_lens: list[int], pp: int) -> list[tuple[int, int]]:

@@ -68,8 +68,12 @@ class DecodeScheduler:
         assert self.blocks.has(seq.seq_id), "a decode sequence arrives with its KV blocks"
         self.waiting.append(seq)
 
-    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
-        """The batch for one decode step, and the sequences preempted to make room (their blocks are freed)."""
+    def schedule(self, busy: frozenset[str] = frozenset(), limit: int | None = None
+                 ) -> tuple[list[Sequence], list[Sequence]]:
+        """The batch for one decode step, and the sequences preempted to make room (their blocks are freed).
+        `busy`: sequences still in a pipeline (their step is not done): they are neither scheduled nor preempted;
+        a sequence that finds no room while others are busy waits for them instead of giving up its own KV.
+        `limit`: at most this many sequences."""
         while self.waiting and len(self.running) < self.max_seqs:
             seq = self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -77,12 +81,19 @@ class DecodeScheduler:
         preempted: list[Sequence] = []
         batch: list[Sequence] = []
         for seq in list(self.running):
-            if seq in preempted:
+            if seq in preempted or seq.seq_id in busy:
                 continue
-            while not self.blocks.can_append(seq.seq_id) and self.running[-1] is not seq:
-                preempted.append(self._preempt(self.running[-1]))
+            if limit is not None and len(batch) >= limit:
+                break
+            while not self.blocks.can_append(seq.seq_id):
+                later = self.running[self.running.index(seq) + 1:]  # the newest sequences go first
+                victim = next((s for s in reversed(later) if s.seq_id not in busy), None)
+                if victim is None:
+                    break
+                preempted.append(self._preempt(victim))
             if not self.blocks.can_append(seq.seq_id):
-                preempted.append(self._preempt(seq))
+                if not busy:
+                    preempted.append(self._preempt(seq))
                 continue
             self.blocks.append(seq.seq_id)
             batch.append(seq)
