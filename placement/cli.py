@@ -18,6 +18,8 @@ from splitserve.placement.search import NoFeasiblePlan, Planner, SearchOptions, 
 from splitserve.placement.specs import load_model
 from splitserve.placement.workload import ARRIVAL_PROCESSES, load_workload, make_trace
 
+SEARCHES = ("splitserve", "distserve")
+
 
 def _seconds(text: str) -> float:
     """`0.25`, `0.25s` or `250ms`."""
@@ -61,12 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "published OPT-13B/66B/175B A100-80GB profiles")
     parser.add_argument("--arrival", choices=ARRIVAL_PROCESSES, default="poisson")
     parser.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma arrivals")
-    parser.add_argument("--requests", type=int, default=400, help="simulated requests per goodput probe")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="simulated requests per goodput probe (default 400; 300 with --search distserve, as "
+                             "DistServe's planner)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--affinity", choices=("auto", "high", "low"), default="auto",
                         help="DistServe algorithm 1 (high) or 2 (low); auto decides from inter-node bandwidth")
     parser.add_argument("--no-sp", action="store_true", help="leave prefill sequence parallelism out of the search")
     parser.add_argument("--max-pp", type=int, default=None, help="largest pipeline depth to consider")
+    parser.add_argument("--search", choices=SEARCHES, default="splitserve",
+                        help="splitserve: this project's planner; distserve: DistServe's own search (its planner "
+                             "simulator and published OPT A100-80GB profiles, no SP)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -115,6 +122,40 @@ def _summary(result: SearchResult) -> str:
     return "\n".join(lines)
 
 
+def _distserve_table(choice, shown: int = 15) -> str:
+    ranked = sorted((s for s in choice.scored if s.per_gpu_rate is not None),
+                    key=lambda s: (-s.per_gpu_rate, s.config.gpus))
+    rows = [("cross-node pp", "prefill", "decode", "GPUs", "per GPU", "note")]
+    for s in ranked[:shown]:
+        c = s.config
+        rows.append((str(c.cross), c.prefill.label(), c.decode.label(), str(c.gpus), f"{s.per_gpu_rate:.3f}",
+                     "chosen" if s is choice.best else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+    refused = len(choice.scored) - len(ranked)
+    lines.append(f"({len(ranked)} configurations scored, {refused} refused by DistServe's profiles)")
+    return "\n".join(lines)
+
+
+def _distserve_search(args: argparse.Namespace, model, cluster, trace, slo):
+    """DistServe's search for this question; ValueError when DistServe published no profile for the model. Their
+    planner's default is low node-affinity, so `auto` means low."""
+    from splitserve.placement.distserve_search import DistServeOptions, DistServeProfiles, DistServeSearch
+
+    options = DistServeOptions(affinity="high" if args.affinity == "high" else "low")
+    return DistServeSearch(model, cluster, trace, slo, options, DistServeProfiles(model.name))
+
+
+def _check_distserve_flags(args: argparse.Namespace) -> None:
+    if args.search != "distserve":
+        return
+    if args.profile not in (None, "distserve"):
+        raise ValueError(f"--profile: --search distserve runs on DistServe's published profiles; got "
+                         f"{args.profile!r} (leave it out or pass distserve)")
+    if args.max_pp is not None:
+        raise ValueError("--max-pp: --search distserve searches DistServe's own space (PP dividing the layers)")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model, args.dtype)
@@ -123,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
         slo = SLO(args.ttft, args.tpot, args.attainment)
         if args.rate is not None and not args.rate > 0:
             raise ValueError(f"rate: must be positive, got {args.rate!r}")
+        _check_distserve_flags(args)
+        if args.requests is None:
+            args.requests = 300 if args.search == "distserve" else 400
         latency = AnalyticLatency(model, cluster)
         if args.profile == "distserve":  # DistServe's published OPT profiles (A100-80GB)
             from splitserve.placement.distserve_profile import DistServeLatency
@@ -133,23 +177,31 @@ def run(args: argparse.Namespace) -> int:
         trace = make_trace(workload, args.requests, args.seed, args.arrival, args.cv, model.max_positions)
         options = SearchOptions(num_requests=args.requests, seed=args.seed, affinity=args.affinity,
                                 sp_degrees=(1,) if args.no_sp else (1, 2, 4, 8), max_pp=args.max_pp)
+        distserve = _distserve_search(args, model, cluster, trace, slo) if args.search == "distserve" else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     bar = None if args.quiet else _ProgressBar()
     start = time.perf_counter()
     try:
-        result = Planner(model, cluster, latency, trace, slo, options, bar).search(args.rate)
+        if distserve is not None:
+            distserve.progress = bar
+            choice = distserve.choose()
+            result, table = distserve.as_result(choice, args.rate), _distserve_table(choice)
+        else:
+            result = Planner(model, cluster, latency, trace, slo, options, bar).search(args.rate)
+            table = _table(result)
     except NoFeasiblePlan as exc:
         print(f"{exc}", file=sys.stderr)
         return 1
     finally:
         if bar:
             bar.close()
-    print(_table(result))
+    print(table)
     print()
     print(_summary(result))
-    print(f"searched {len(result.candidates)} layouts in {time.perf_counter() - start:.1f}s")
+    searched = "DistServe configurations" if args.search == "distserve" else f"{len(result.candidates)} layouts"
+    print(f"searched {searched} in {time.perf_counter() - start:.1f}s")
     plan = plan_from_result(result, args.model, model.dtype, cluster.name, slo, args.workload, args.rate)
     if args.output:
         plan.save(args.output)
