@@ -3,23 +3,33 @@ thread like every rank actor), fits DistServe's forms and writes a profile the p
 shape is timed `--repeats` times; the fit uses each shape's median, down-weights shapes that stray (a busy
 machine), and reports a bootstrap interval per coefficient, printed and saved with the profile.
 
+With `--pp 1,2` the same shapes also run through real pipeline stages (cluster/pipeline_profiler.py: one process
+per stage), each depth saved as an entry of its own, and the cost of one more stage (fixed + per token) is derived
+from the single-sequence forwards and printed next to the analytic model's.
+
 With `--server` the decode step is fitted through a running server instead: batches of requests decoding together
 as the decode rank really runs them (mixed contexts, sampling, scheduling, events). The in-process fit covers the
 forward only and underestimates steps under serving; see benchmarks/planner_validation.py."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
+import itertools
 import statistics
 import time
 
 import torch
 
 from splitserve.placement.parallel import Parallel
-from splitserve.placement.profile import Profile, ProfileEntry, Uncertainty, fit_decode_report, fit_prefill_report
+from splitserve.placement.profile import (PipelineHop, Profile, ProfileEntry, Uncertainty, fit_decode_report,
+                                          fit_pipeline_hop, fit_prefill_report)
 from splitserve.workers.batch import build_batch
+from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.llm import LLM
 from splitserve.workers.sampling_params import SamplingParams
+from splitserve.workers.sequence import Sequence
+from splitserve.workers.stop import StopChecker
 
 PREFILL_BATCHES = ([64], [128], [256], [512], [1024], [128] * 4, [256] * 4, [512, 512], [64] * 16)
 DECODE_POINTS = [(b, ctx) for b in (1, 2, 4, 8, 16) for ctx in (128, 512, 1024)]
@@ -42,14 +52,36 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(_times(fn, repeats))
 
 
-def _sequences(llm: LLM, lengths: list[int], computed_all_but_last: bool):
+_seq_ids = itertools.count()
+
+
+def sequences(blocks: BlockManager, lengths: list[int], computed_all_but_last: bool) -> list[Sequence]:
+    """Sequences of these lengths with their blocks allocated: a prompt to compute whole, or (decode) one whose
+    tokens but the last are in the cache."""
+    params = SamplingParams(max_tokens=1)
     seqs = []
     for n in lengths:
-        seq = llm.make_sequence([2 + i % 500 for i in range(n)], SamplingParams(max_tokens=1))
-        llm.blocks.allocate(seq.seq_id, n)
+        seq = Sequence(f"profile-{next(_seq_ids)}", [2 + i % 500 for i in range(n)], params,
+                       StopChecker(params, (), None))
+        blocks.allocate(seq.seq_id, n)
         seq.num_computed_tokens = n - 1 if computed_all_but_last else 0
         seqs.append(seq)
     return seqs
+
+
+def _sequences(llm: LLM, lengths: list[int], computed_all_but_last: bool):
+    return sequences(llm.blocks, lengths, computed_all_but_last)
+
+
+def _shapes(prefill_batches, decode_points) -> list[tuple]:
+    return [("prefill", list(lengths)) for lengths in prefill_batches] + [("decode", p) for p in decode_points]
+
+
+def _by_phase(shapes: list[tuple], times: list[list[float]]):
+    """([(lengths, seconds per repeat)], [(batch, total context, seconds per repeat)])."""
+    prefill = [(list(shape), t) for (phase, shape), t in zip(shapes, times) if phase == "prefill"]
+    decode = [(shape[0], shape[0] * shape[1], t) for (phase, shape), t in zip(shapes, times) if phase == "decode"]
+    return prefill, decode
 
 
 def measure(llm: LLM, prefill_batches, decode_points, repeats: int = 5):
@@ -57,12 +89,12 @@ def measure(llm: LLM, prefill_batches, decode_points, repeats: int = 5):
     into the real cache. The shapes are swept `repeats` times, one repeat of each per sweep, so that a minute in
     which the machine was busy touches one repeat of many shapes rather than every repeat of a few."""
     runner = llm.runner
-    shapes = [("prefill", lengths) for lengths in prefill_batches] + [("decode", p) for p in decode_points]
+    shapes = _shapes(prefill_batches, decode_points)
     times: list[list[float]] = [[] for _ in shapes]
     for sweep in range(repeats):
         for i, (phase, shape) in enumerate(shapes):
             lengths = list(shape) if phase == "prefill" else [shape[1]] * shape[0]
-            seqs = _sequences(llm, lengths, computed_all_but_last=phase == "decode")
+            seqs = sequences(llm.blocks, lengths, computed_all_but_last=phase == "decode")
             batch = build_batch(seqs, llm.blocks)
             if sweep == 0:
                 runner.forward_logits(batch)  # warm-up
@@ -71,9 +103,18 @@ def measure(llm: LLM, prefill_batches, decode_points, repeats: int = 5):
             times[i].append(time.perf_counter() - start)
             for s in seqs:
                 llm.blocks.free(s.seq_id)
-    prefill = [(list(shape), t) for (phase, shape), t in zip(shapes, times) if phase == "prefill"]
-    decode = [(shape[0], shape[0] * shape[1], t) for (phase, shape), t in zip(shapes, times) if phase == "decode"]
-    return prefill, decode
+    return _by_phase(shapes, times)
+
+
+def _fit_entry(par: Parallel, prefill, decode, resamples: int) -> ProfileEntry:
+    k_prefill, u_prefill = fit_prefill_report([(ls, t) for ls, ts in prefill for t in ts], resamples)
+    k_decode, u_decode = fit_decode_report([(b, c, t) for b, c, ts in decode for t in ts], resamples)
+    return ProfileEntry(par, k_prefill, k_decode, {"prefill": u_prefill, "decode": u_decode})
+
+
+def _medians(prefill, decode):
+    return ([(ls, statistics.median(ts)) for ls, ts in prefill],
+            [(b, c, statistics.median(ts)) for b, c, ts in decode])
 
 
 def profile_model(model: str, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
@@ -84,12 +125,38 @@ def profile_model(model: str, dtype: str = "float32", device: str = "cpu", repea
     longest = max(max(sum(b) for b in prefill_batches), max(b * c for b, c in decode_points))
     llm = LLM(model, dtype=dtype, device=device, kv_cache_bytes=_cache_bytes(model, longest))
     prefill, decode = measure(llm, prefill_batches, decode_points, repeats)
-    k_prefill, u_prefill = fit_prefill_report([(ls, t) for ls, ts in prefill for t in ts], resamples)
-    k_decode, u_decode = fit_decode_report([(b, c, t) for b, c, ts in decode for t in ts], resamples)
-    entry = ProfileEntry(Parallel(), k_prefill, k_decode, {"prefill": u_prefill, "decode": u_decode})
+    entry = _fit_entry(Parallel(), prefill, decode, resamples)
     hardware = "cpu" if llm.device.type == "cpu" else torch.cuda.get_device_name(llm.device)
-    return (Profile(model=model, hardware=hardware, entries=(entry,)),
-            [(ls, statistics.median(ts)) for ls, ts in prefill], [(b, c, statistics.median(ts)) for b, c, ts in decode])
+    return (Profile(model=model, hardware=hardware, entries=(entry,)), *_medians(prefill, decode))
+
+
+def profile_pipeline(model: str, pp: int, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
+                     prefill_batches=PREFILL_BATCHES, decode_points=DECODE_POINTS, resamples: int = 200):
+    """The same shapes as `profile_model` through `pp` real pipeline stages (one process each), each forward
+    followed by the same batch through the whole model (PP 1) in the leader's process: (entry for tp 1 pp `pp`,
+    (prefill, decode) medians through the stages, (prefill, decode) medians of the PP 1 forwards alongside), the
+    medians as `profile_model` returns them."""
+    from splitserve.cluster.pipeline_profiler import measure_pipeline
+    from splitserve.workers.engine_config import EngineConfig
+    from splitserve.workers.presets import resolve_model
+
+    shapes = _shapes(prefill_batches, decode_points)
+    staged, single = measure_pipeline(str(resolve_model(model)), pp, shapes, repeats, dtype, device,
+                                      EngineConfig().block_size)
+    prefill, decode = _by_phase(shapes, staged)
+    return (_fit_entry(Parallel(pp=pp), prefill, decode, resamples), _medians(prefill, decode),
+            _medians(*_by_phase(shapes, single)))
+
+
+def pipeline_hop(single: tuple[list, list], staged: tuple[list, list], pp: int) -> PipelineHop:
+    """The cost of one more stage from the single-sequence shapes (prompts alone, decode batches of 1) of the PP 1
+    and the `pp`-stage medians (each as `profile_model` returns them)."""
+    def alone(medians):
+        prefill, decode = medians
+        return ([(ls[0], t) for ls, t in prefill if len(ls) == 1]
+                + [(1, t) for batch, _, t in decode if batch == 1])
+
+    return fit_pipeline_hop(alone(single), alone(staged), pp)
 
 
 def uncertainty_line(name: str, k, u: Uncertainty) -> str:
@@ -210,9 +277,71 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=4096,
                    help="with --server: prompt tokens per batch at most (the server's engine.max_num_batched_tokens)")
     p.add_argument("--timeout", type=float, default=300.0, help="with --server: per-request deadline (s)")
+    p.add_argument("--pp", type=pipeline_degrees, default=(1,),
+                   help="pipeline depths to time, e.g. 1,2 (default 1: in-process only; each deeper one runs the "
+                        "same shapes again through that many stage processes, about the PP 1 time each)")
+
+
+def pipeline_degrees(text: str) -> tuple[int, ...]:
+    """`1,2` -> (1, 2); PP 1 is always timed (the base of every other depth)."""
+    try:
+        values = {int(v) for v in text.split(",") if v.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pipeline depths like 1,2, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"pipeline depths must be integers >= 1, got {text!r}")
+    return tuple(sorted(values | {1}))
+
+
+def _analytic_hardware(device: str) -> str | None:
+    """The planner's catalog entry for this device, to compare the measured hop with; None if it has none."""
+    from splitserve.placement.hardware import HARDWARE
+
+    if device == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((h for h in HARDWARE if h != "cpu" and h.split("-")[0] in name), None)
+
+
+def _print_pipeline(pp: int, entry: ProfileEntry, single, staged, hop: PipelineHop, model: str, dtype: str,
+                    device: str):
+    # PP 1 here is the whole model in the leader's process, timed right after each pipelined forward.
+    print(f"pp {pp}    {'shape':<22}{'pp 1 ms':>10}{f'pp {pp} ms':>10}{'fitted ms':>11}")
+    for (lengths, t1), (_, t) in zip(single[0], staged[0]):
+        k = entry.prefill
+        fit = k.a + k.b * sum(lengths) + k.c * sum(n * n for n in lengths)
+        print(f"prefill  {f'{len(lengths)} x {lengths[0]}':<22}{t1 * 1e3:>10.2f}{t * 1e3:>10.2f}{fit * 1e3:>11.2f}")
+    for (batch, ctx, t1), (*_, t) in zip(single[1], staged[1]):
+        fit = entry.decode.a + entry.decode.b * ctx + entry.decode.c * batch
+        print(f"decode   {f'{batch} x {ctx // batch}':<22}{t1 * 1e3:>10.2f}{t * 1e3:>10.2f}{fit * 1e3:>11.2f}")
+    line = (f"one more stage (pp {pp} vs 1, {hop.shapes} single-sequence shapes): {hop.fixed * 1e3:.3f} ms + "
+            f"{hop.per_token * 1e6:.3f} us/token")
+    hardware = _analytic_hardware(device)
+    if hardware:
+        from splitserve.placement.hardware import ClusterSpec, get_hardware
+        from splitserve.placement.latency import AnalyticLatency, Efficiency
+        from splitserve.placement.specs import load_model
+        from splitserve.workers.presets import resolve_model
+
+        spec = load_model(str(resolve_model(model)), dtype)
+        fixed, per_token = AnalyticLatency(spec, ClusterSpec(1, pp, get_hardware(hardware))).pipeline_hop(
+            Parallel(pp=pp))
+        line += (f"; the analytic model ({hardware}): {fixed * 1e3:.3f} ms + {per_token * 1e6:.3f} us/token "
+                 f"(forward_overhead {Efficiency().forward_overhead * 1e3:g} ms + link latency)")
+    print(line)
 
 
 def run(args) -> int:
+    from splitserve.workers.config import load_config
+    from splitserve.workers.presets import resolve_model
+
+    stages = [pp for pp in args.pp if pp > 1]
+    if stages and args.server:
+        raise ValueError("--pp: deeper pipelines are timed in-process only; with --server only PP 1's decode is "
+                         "refitted, so profile them apart")
+    layers = load_config(resolve_model(args.model)).num_layers
+    if stages and max(stages) > layers:
+        raise ValueError(f"--pp: {max(stages)} stages cannot split {args.model}'s {layers} layers")
     profile, prefill, decode = profile_model(args.model, args.dtype, args.device, args.repeats)
     entry = profile.entries[0]
     print(f"prefill {'lengths':<24}{'measured ms':>12}{'fitted ms':>11}")
@@ -230,6 +359,13 @@ def run(args) -> int:
         profile = dataclasses.replace(profile, entries=(entry,))
     for phase in ("prefill", "decode"):
         print(uncertainty_line(phase, getattr(entry, phase), entry.uncertainty[phase]))
+    for pp in stages:
+        staged_entry, staged, single = profile_pipeline(args.model, pp, args.dtype, args.device, args.repeats)
+        _print_pipeline(pp, staged_entry, single, staged, pipeline_hop(single, staged, pp), args.model, args.dtype,
+                        args.device)
+        for phase in ("prefill", "decode"):
+            print(uncertainty_line(f"pp {pp} {phase}", getattr(staged_entry, phase), staged_entry.uncertainty[phase]))
+        profile = dataclasses.replace(profile, entries=profile.entries + (staged_entry,))
     profile.save(args.output)
     print(f"wrote {args.output}; use it with `splitserve plan --profile {args.output} --model {args.model} ...`")
     return 0

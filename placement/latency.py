@@ -6,6 +6,7 @@ from fitted measurements instead.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -169,6 +170,16 @@ class AnalyticLatency:
             comm_fixed=comm_fixed + eff.forward_overhead + eff.layer_overhead * layers,
             sp_token=sp_token, sp_fixed=sp_fixed, sp_hidden=(par.sp - 1) / par.sp,
         )
+
+    def pipeline_hop(self, par: Parallel, prefill: bool = True) -> tuple[float, float]:
+        """(fixed seconds, seconds per token) each stage beyond the first adds to a forward of layout `par`: its
+        forward overhead and link latency, and one token's activations over the link (a stage imbalance, when
+        `par.pp` does not divide the layers, is apart). What `splitserve profile --pp` measures, for comparison."""
+        if par.pp < 2:
+            raise ValueError(f"pp: a hop needs at least 2 stages, got {par.pp}")
+        staged, single = self._derive(par, prefill), self._derive(dataclasses.replace(par, pp=1), prefill)
+        hops = par.pp - 1
+        return (staged.comm_fixed - single.comm_fixed) / hops, (staged.comm_token - single.comm_token) / hops
 
     def _time(self, k: _Linear, tokens: float, pairs: float, kv_read: float, logits: int) -> float:
         attention = k.compute_pair * pairs

@@ -3,15 +3,20 @@ outlier-robust, non-negative; `robust_fit`), stored as JSON with each coefficien
 LatencyModel in place of (or on top of) the analytic defaults.
 
 prefill(ms) = a + b·Σl + c·Σl²     decode step(ms) = a + b·Σctx + c·batch
+
+Entries are keyed by layout (tp, pp, sp). A pipeline depth the profile did not time is derived from the depths it
+did (see `ProfileLatency`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from splitserve.placement.latency import LatencyModel
+from splitserve.placement.linalg import least_squares
 from splitserve.placement.parallel import Parallel
 from splitserve.placement.robust_fit import FitReport, fit_shapes, group
 
@@ -110,6 +115,34 @@ def fit_decode(samples: Sequence[tuple[int, int, float]]) -> Coefficients:
 
 
 @dataclass(frozen=True)
+class PipelineHop:
+    """What one more pipeline stage adds to a forward: `fixed` seconds (the stage's own forward overhead and the
+    point-to-point latency) plus `per_token` seconds (moving one token's activations to the next stage)."""
+
+    fixed: float
+    per_token: float
+    shapes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fixed_ms": self.fixed * 1e3, "per_token_us": self.per_token * 1e6, "shapes": self.shapes}
+
+
+def fit_pipeline_hop(base: Sequence[tuple[int, float]], staged: Sequence[tuple[int, float]], pp: int) -> PipelineHop:
+    """The per-hop cost from the same single-sequence forwards timed at PP 1 (`base`) and at `pp` stages (`staged`):
+    (tokens, median seconds) in the same order; (staged − base) / (pp − 1) fitted as fixed + per_token·tokens by
+    least squares. Single sequences, because a batch of several flows as micro-batches whose stages overlap."""
+    if pp < 2:
+        raise ValueError(f"pp: the hop cost needs at least 2 stages, got {pp}")
+    if len(base) != len(staged) or any(a[0] != b[0] for a, b in zip(base, staged)):
+        raise ValueError("samples: the PP 1 and the staged forwards must be the same shapes, in the same order")
+    if len({tokens for tokens, _ in base}) < 2:
+        raise ValueError("samples: the hop fit needs single-sequence forwards of at least two token counts")
+    deltas = [(t_pp - t_1) / (pp - 1) for (_, t_1), (_, t_pp) in zip(base, staged)]
+    fixed, per_token = least_squares([[1.0, float(tokens)] for tokens, _ in base], deltas)
+    return PipelineHop(fixed, per_token, len(base))
+
+
+@dataclass(frozen=True)
 class ProfileEntry:
     par: Parallel
     prefill: Coefficients | None
@@ -185,36 +218,86 @@ class Profile:
             raise ValueError(f"profile: {path} is not valid JSON ({exc})") from exc
 
 
+def _abc(k: Coefficients) -> tuple[float, float, float]:
+    return k.a, k.b, k.c
+
+
 class ProfileLatency:
     """Fitted times for the layouts the profile covers; `fallback` (usually the analytic model) for the rest
-    and for KV transfer, which a compute profile does not measure."""
+    and for KV transfer, which a compute profile does not measure.
+
+    A pipeline depth the profile did not time, for a (tp, sp) whose PP 1 it did: with deeper pipelines timed too,
+    PP 1's fit plus each extra stage's share of the timed difference (interpolated between timed depths; past the
+    deepest, never less than that depth); with PP 1 alone, PP 1's time plus what the fallback says the stages add.
+    """
 
     def __init__(self, profile: Profile, fallback: LatencyModel | None = None):
         self.profile = profile
         self.fallback = fallback
+        self._fits: dict[tuple[Parallel, str], Coefficients | None] = {}
 
     def covers(self, par: Parallel, phase: str) -> bool:
         entry = self.profile.entry(par)
         return entry is not None and getattr(entry, phase) is not None
 
-    def _coefficients(self, par: Parallel, phase: str) -> Coefficients | None:
+    def _measured(self, par: Parallel, phase: str) -> Coefficients | None:
         entry = self.profile.entry(par)
-        coefficients = getattr(entry, phase) if entry else None
+        return getattr(entry, phase) if entry else None
+
+    def _derived(self, par: Parallel, phase: str) -> Coefficients | None:
+        """Coefficients at an untimed pipeline depth from the timed ones of the same (tp, sp), or None."""
+        base = self._measured(dataclasses.replace(par, pp=1), phase)
+        timed = sorted((e.par.pp, getattr(e, phase)) for e in self.profile.entries
+                       if e.par.pp > 1 and getattr(e, phase) is not None
+                       and dataclasses.replace(e.par, pp=1) == dataclasses.replace(par, pp=1))
+        if base is None or par.pp == 1 or not timed:
+            return None
+        low, k_low = max(((d, k) for d, k in timed if d < par.pp), default=(1, base), key=lambda t: t[0])
+        above = [(d, k) for d, k in timed if d > par.pp]
+        if above:  # between two timed depths (PP 1 the lowest)
+            high, k_high = above[0]
+            hop = [(x - y) / (high - low) for x, y in zip(_abc(k_high), _abc(k_low))]
+        else:  # past the deepest: its stages' average cost, never a saving
+            hop = [max(0.0, (x - y) / (low - 1)) for x, y in zip(_abc(k_low), _abc(base))]
+        return Coefficients(*(x + (par.pp - low) * h for x, h in zip(_abc(k_low), hop)))
+
+    def _coefficients(self, par: Parallel, phase: str) -> Coefficients | None:
+        key = (par, phase)
+        if key not in self._fits:
+            self._fits[key] = self._measured(par, phase) or self._derived(par, phase)
+        coefficients = self._fits[key]
         if coefficients is None and self.fallback is None:
             raise ValueError(f"profile: no {phase} fit for {par.label()} and no analytic fallback")
         return coefficients
 
+    def _stages_from_fallback(self, par: Parallel, phases: tuple[str, ...]) -> Parallel | None:
+        """PP 1 of `par` when the profile times it (each of `phases`) and only the stages must come from the
+        fallback; None when the fallback answers for the whole layout."""
+        single = dataclasses.replace(par, pp=1)
+        if par.pp > 1 and all(self._measured(single, phase) for phase in phases):
+            return single
+        return None
+
     def prefill_time(self, lengths: Sequence[int], par: Parallel, prefixes: Sequence[int] | None = None) -> float:
         k = self._coefficients(par, "prefill")
         if k is None:
-            return self.fallback.prefill_time(lengths, par, prefixes)
+            single = self._stages_from_fallback(par, ("prefill",))
+            if single is None:
+                return self.fallback.prefill_time(lengths, par, prefixes)
+            return (self.prefill_time(lengths, single, prefixes) + self.fallback.prefill_time(lengths, par, prefixes)
+                    - self.fallback.prefill_time(lengths, single, prefixes))
         _, total, square = _prefill_features(lengths, prefixes)
         return k.a + k.b * total + k.c * square
 
     def decode_time(self, batch: int, total_context: int, par: Parallel) -> float:
         k = self._coefficients(par, "decode")
         if k is None:
-            return self.fallback.decode_time(batch, total_context, par)
+            single = self._stages_from_fallback(par, ("decode",))
+            if single is None:
+                return self.fallback.decode_time(batch, total_context, par)
+            stages = (self.fallback.decode_time(batch, total_context, par)
+                      - self.fallback.decode_time(batch, total_context, single))
+            return self.decode_time(batch, total_context, single) + stages
         return k.a + k.b * total_context + k.c * batch
 
     def mixed_time(self, lengths: Sequence[int], prefixes: Sequence[int], batch: int, total_context: int,
@@ -226,7 +309,12 @@ class ProfileLatency:
             return prefill
         k_p, k_d = self._coefficients(par, "prefill"), self._coefficients(par, "decode")
         if k_p is None or k_d is None:
-            return self.fallback.mixed_time(lengths, prefixes, batch, total_context, par)
+            single = self._stages_from_fallback(par, ("prefill", "decode"))
+            if single is None:
+                return self.fallback.mixed_time(lengths, prefixes, batch, total_context, par)
+            return (self.mixed_time(lengths, prefixes, batch, total_context, single)
+                    + self.fallback.mixed_time(lengths, prefixes, batch, total_context, par)
+                    - self.fallback.mixed_time(lengths, prefixes, batch, total_context, single))
         # One fused forward pays the fixed per-forward cost once.
         return prefill + self.decode_time(batch, total_context, par) - min(k_p.a, k_d.a)
 

@@ -161,3 +161,71 @@ def test_fits_never_give_negative_coefficients():
     k = fit_decode(samples)
     assert min(k.a, k.b, k.c) >= 0 and k.c == 0.0
     assert all(k.a + k.b * c + k.c * b > 0 for b, c, _ in samples)
+
+
+def _k(a, b, c):
+    return Coefficients(a, b, c)
+
+
+def test_profile_pipeline_depths_timed_and_derived():
+    """A timed depth is used as measured; an untimed one comes from the timed depths of the same (tp, sp):
+    interpolated between them, extrapolated past the deepest at that depth's per-stage cost (never a saving)."""
+    entries = (ProfileEntry(Parallel(), _k(1e-3, 1e-5, 1e-9), _k(1e-3, 1e-7, 1e-5)),
+               ProfileEntry(Parallel(pp=2), _k(3e-3, 1.2e-5, 1e-9), _k(4e-3, 0.5e-7, 2e-5)),
+               ProfileEntry(Parallel(pp=4), _k(8e-3, 1.6e-5, 1e-9), None))
+    lat = ProfileLatency(Profile("m", "cpu", entries))
+    assert lat.prefill_time([100], Parallel(pp=2)) == pytest.approx(3e-3 + 1.2e-3 + 1e-5)
+    assert lat.decode_time(4, 400, Parallel(pp=2)) == pytest.approx(4e-3 + 2e-5 + 8e-5)
+    # pp 3 lies between the timed 2 and 4; pp 8 lies past 4, each stage adding (pp4 - pp1) / 3.
+    assert lat.prefill_time([100], Parallel(pp=3)) == pytest.approx(5.5e-3 + 1.4e-3 + 1e-5)
+    assert lat.prefill_time([100], Parallel(pp=8)) == pytest.approx((8e-3 + 4 * 7e-3 / 3) + (1.6e-3 + 4 * 0.2e-3)
+                                                                     + 1e-5)
+    # Decode was timed at pp 2 only, where its per-token term fell: past it that term stays, the others grow.
+    assert lat.decode_time(4, 400, Parallel(pp=3)) == pytest.approx(7e-3 + 0.5e-7 * 400 + 3e-5 * 4)
+    with pytest.raises(ValueError, match="no prefill fit for tp2 pp2"):
+        lat.prefill_time([100], Parallel(tp=2, pp=2))  # no tp 2 timed at all, no fallback
+
+
+def test_profile_of_pp1_alone_takes_the_stages_from_the_fallback():
+    model, cluster = load_model("tiny", "float32"), load_cluster("1x4xcpu")
+    analytic = AnalyticLatency(model, cluster)
+    lat = ProfileLatency(Profile("tiny", "cpu", (ProfileEntry(Parallel(), _k(1e-3, 1e-5, 1e-9),
+                                                              _k(1e-3, 1e-7, 1e-5)),)), analytic)
+    for pp in (2, 4):
+        par = Parallel(pp=pp)
+        stages = analytic.prefill_time([300], par) - analytic.prefill_time([300], Parallel())
+        assert lat.prefill_time([300], par) == pytest.approx(lat.prefill_time([300], Parallel()) + stages)
+        stages = analytic.decode_time(8, 800, par) - analytic.decode_time(8, 800, Parallel())
+        assert lat.decode_time(8, 800, par) == pytest.approx(lat.decode_time(8, 800, Parallel()) + stages)
+        stages = (analytic.mixed_time([50], [0], 8, 800, par) - analytic.mixed_time([50], [0], 8, 800, Parallel()))
+        assert lat.mixed_time([50], [0], 8, 800, par) == pytest.approx(lat.mixed_time([50], [0], 8, 800, Parallel())
+                                                                      + stages)
+    # A TP degree the profile never timed is the fallback's alone.
+    assert lat.prefill_time([300], Parallel(tp=2, pp=2)) == analytic.prefill_time([300], Parallel(tp=2, pp=2))
+
+
+def test_analytic_pipeline_hop_is_its_stage_overhead_and_activation_bytes():
+    model, cluster = load_model("small", "float32"), load_cluster("1x4xcpu")
+    lat = AnalyticLatency(model, cluster)
+    hw, eff = cluster.hardware, lat.eff
+    fixed, per_token = lat.pipeline_hop(Parallel(pp=4))
+    assert fixed == pytest.approx(eff.forward_overhead + hw.intra_node_latency)
+    assert per_token == pytest.approx(model.hidden_size * model.dtype_bytes / (hw.intra_node_bandwidth * eff.link))
+    # Summed over the hops, the hop is the whole PP difference of a forward when pp divides the layers.
+    assert lat.prefill_time([512], Parallel(pp=4)) - lat.prefill_time([512], Parallel()) == pytest.approx(
+        3 * (fixed + 512 * per_token))
+    with pytest.raises(ValueError, match="pp: a hop needs at least 2 stages"):
+        lat.pipeline_hop(Parallel())
+
+
+def test_pipeline_hop_fit_recovers_the_stage_cost():
+    from splitserve.placement.profile import fit_pipeline_hop
+
+    base = [(n, 1e-3 + 2e-6 * n) for n in (1, 64, 256, 1024)]
+    staged = [(n, t + 2 * (0.4e-3 + 0.5e-6 * n)) for n, t in base]  # pp 3: two hops
+    hop = fit_pipeline_hop(base, staged, 3)
+    assert (hop.fixed, hop.per_token, hop.shapes) == pytest.approx((0.4e-3, 0.5e-6, 4))
+    with pytest.raises(ValueError, match="same shapes"):
+        fit_pipeline_hop(base, staged[::-1], 3)
+    with pytest.raises(ValueError, match="two token counts"):
+        fit_pipeline_hop(base[:1], staged[:1], 3)
