@@ -7,6 +7,7 @@ both under their SLOs is found by bisection, and the best per-GPU rate wins, few
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from splitserve.placement.specs import ModelSpec
 from splitserve.placement.workload import Trace
 
 Progress = Callable[[int, int, str], None]
+KV_WATERMARK = 0.9  # the share of KV tokens their commented-out decode limit allowed
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,15 @@ class DistServeOptions:
     affinity: str = "low"  # high | low: their is_high_affinity flag
     max_per_gpu_rate: float = 5.0
     bisect_width: float = 0.25
+    decode_batch_limit: str = "fixed"  # fixed: their 50,000 tokens | kv: the decode instance's KV tokens x 0.9
 
     def __post_init__(self) -> None:
         if self.affinity not in ("high", "low"):
             raise ValueError(f"affinity: {self.affinity!r} is not high or low")
         if not self.max_per_gpu_rate > 0:
             raise ValueError(f"max_per_gpu_rate: must be positive, got {self.max_per_gpu_rate!r}")
+        if self.decode_batch_limit not in ("fixed", "kv"):
+            raise ValueError(f"decode_batch_limit: {self.decode_batch_limit!r} is not fixed or kv")
         if not 0 < self.bisect_width < self.max_per_gpu_rate:
             raise ValueError(f"bisect_width: must be in (0, max_per_gpu_rate), got {self.bisect_width!r}")
 
@@ -144,6 +149,8 @@ class DistServeSearch:
     def meets(self, config: Config, rate: float) -> bool:
         """P90 (their attainment) TTFT and TPOT both strictly under the SLOs at `rate` requests/s."""
         p, d = self.profiles.phase(config.prefill), self.profiles.phase(config.decode)
+        if self.options.decode_batch_limit == "kv":
+            d = dataclasses.replace(d, decode_batch_tokens=int(d.max_tokens * KV_WATERMARK))
         arrivals = [t * 1e3 for t in self.trace.at_rate(rate)]
         return pair_meets(p, config.prefill.pp, d, config.decode.pp, arrivals, self.trace.prompts, self.trace.outputs,
                           self.slo.ttft * 1e3, self.slo.tpot * 1e3, 100 * self.slo.attainment)

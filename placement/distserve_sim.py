@@ -7,8 +7,8 @@ profiles. It differs from `simulator.py` where DistServe's differs from ours:
   on a prefill stage;
 - the first stage adds a fixed 2 ms plus 0.1 ms per thousand context tokens to every step (their Ray overhead);
 - prefill batches every queued prompt (FCFS) while their tokens fit the instance's KV-cache tokens;
-- decode batches queued requests (FCFS) while their context fits 50,000 tokens, with no KV-capacity limit and no
-  preemption; a request finishes after `output` rounds through the ring;
+- decode batches queued requests (FCFS) while their context fits 50,000 tokens (whatever the instance's KV
+  capacity) with no preemption; a request finishes after `output` rounds through the ring;
 - KV transfer costs nothing; TTFT ends when the last prefill stage finishes, TPOT is the time from there to the
   last round divided by the output length.
 
@@ -26,7 +26,6 @@ from splitserve.placement.percentiles import percentile
 
 STAGE0_OVERHEAD_MS = 2.0
 STAGE0_OVERHEAD_MS_PER_TOKEN = 1e-4
-DECODE_BATCH_TOKENS = 50_000
 PREFILL_STAGE_MS = 1.0  # per stage of the pipeline, on every prefill stage
 
 
@@ -39,6 +38,9 @@ class PhaseProfile:
     decode_large: tuple[float, float, float]
     large_batch_from: int
     max_tokens: int
+    # Their simulator caps a decode batch at a fixed 50,000 context tokens whatever the instance's memory (its code
+    # marks this a hack in place of the KV tokens x 0.9); `decode_batch_tokens` lets the search try the latter.
+    decode_batch_tokens: int = 50_000
 
 
 def _overhead(context_tokens: int) -> float:
@@ -108,7 +110,7 @@ class _DecodeRing:
     def start(self, stage: int, now: float) -> None:
         queue = self.queues[stage]
         batch: list[int] = []
-        context, budget = 0, DECODE_BATCH_TOKENS
+        context, budget = 0, self.profile.decode_batch_tokens
         while queue:
             members, ctx = queue[0]
             if ctx + len(members) <= budget:  # the whole queued batch fits

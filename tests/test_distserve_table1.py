@@ -70,8 +70,8 @@ import random  # noqa: E402
 from splitserve.placement import cli  # noqa: E402
 from splitserve.placement.distserve_search import (Config, DistServeProfiles, DistServeSearch,  # noqa: E402
                                                    enumerate_configs)
-from splitserve.placement.distserve_sim import (DECODE_BATCH_TOKENS, PhaseProfile, _DecodeRing,  # noqa: E402
-                                                pair_meets, simulate_pair, simulate_prefill_ring)
+from splitserve.placement.distserve_sim import (PhaseProfile, _DecodeRing, pair_meets, simulate_pair,  # noqa: E402
+                                                simulate_prefill_ring)
 from splitserve.placement.percentiles import percentile  # noqa: E402
 
 DS_REQUESTS = 300  # their planner's default
@@ -123,7 +123,8 @@ def test_decode_ring_rounds():
 
 def test_decode_batch_stops_at_the_token_limit():
     n, prompt = 30, 2000
-    fits = DECODE_BATCH_TOKENS // (prompt + 1)
+    fits = PROFILE.decode_batch_tokens // (prompt + 1)
+    assert fits == 24
     last = _DecodeRing(PROFILE, 1, [prompt] * n, [1] * n).run([0.0] * n)
     first = _decode_ms(fits, fits * prompt, 1, 0)
     assert last[:fits] == [pytest.approx(first)] * fits
@@ -212,3 +213,12 @@ def test_cli_search_distserve(capsys):
     assert "--max-pp" in capsys.readouterr().err
     assert cli.main(["--model", "llama-2-7b"] + args[2:] + ["--search", "distserve"]) == 2
     assert "no profile for 'llama-2-7b'" in capsys.readouterr().err
+
+
+def test_distserve_options_are_validated():
+    from splitserve.placement.distserve_search import DistServeOptions
+
+    for field, value in (("affinity", "medium"), ("decode_batch_limit", "none"), ("bisect_width", 0.0),
+                         ("max_per_gpu_rate", -1.0)):
+        with pytest.raises(ValueError, match=field):
+            DistServeOptions(**{field: value})
