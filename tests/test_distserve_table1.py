@@ -2,15 +2,25 @@
 in its Table 1 (ShareGPT, 4 x 8 A100-80GB, 90 % attainment, no SP). The planner does not pick the same layouts (see
 the README's Figures and benchmarks/distserve_table1.py); what must hold is that, under the same profiles and
 simulator, its choice serves at least as much per device as DistServe's, and that it never offers a layout the
-profiles cannot time."""
+profiles cannot time.
+
+DistServe's own search (`--search distserve`) is tested below: its simulator's semantics, its space, the example its
+README documents, and where each Table 1 layout stands in it and why it is not the choice."""
+import random
+
 import pytest
 
+from splitserve.placement import cli
 from splitserve.placement import distserve_profile as table1
 from splitserve.placement.distserve_profile import DistServeLatency, load_profiles
+from splitserve.placement.distserve_search import Config, DistServeProfiles, DistServeSearch, enumerate_configs
+from splitserve.placement.distserve_sim import (PhaseProfile, _DecodeRing, pair_meets, simulate_pair,
+                                                simulate_prefill_ring)
 from splitserve.placement.hardware import load_cluster
 from splitserve.placement.latency import AnalyticLatency
 from splitserve.placement.metrics import SLO
 from splitserve.placement.parallel import Parallel
+from splitserve.placement.percentiles import percentile
 from splitserve.placement.search import Planner, SearchOptions
 from splitserve.placement.specs import load_model
 from splitserve.placement.workload import load_workload, make_trace
@@ -65,15 +75,6 @@ def test_table1_row(name):
 
 # -- DistServe's own search (placement/distserve_search.py) -----------------------------------------------------
 
-import random  # noqa: E402
-
-from splitserve.placement import cli  # noqa: E402
-from splitserve.placement.distserve_search import (Config, DistServeProfiles, DistServeSearch,  # noqa: E402
-                                                   enumerate_configs)
-from splitserve.placement.distserve_sim import (PhaseProfile, _DecodeRing, pair_meets, simulate_pair,  # noqa: E402
-                                                simulate_prefill_ring)
-from splitserve.placement.percentiles import percentile  # noqa: E402
-
 DS_REQUESTS = 300  # their planner's default
 PROFILE = PhaseProfile(prefill=(10.0, 0.05, 1e-5), decode_small=(8.0, 0.001, 0.2), decode_large=(5.0, 0.002, 0.5),
                        large_batch_from=4, max_tokens=100_000)
@@ -117,7 +118,7 @@ def test_decode_ring_rounds():
         last = _DecodeRing(PROFILE, pp, [1000], [3]).run([5.0])
         rounds = sum(_decode_ms(1, 1000 + k, pp, s) for k in range(3) for s in range(pp))
         assert last == [pytest.approx(5.0 + rounds)]
-    ttft, tpot = simulate_pair(PROFILE, 1, PROFILE, 2, [0.0], [1000], [3])
+    _, tpot = simulate_pair(PROFILE, 1, PROFILE, 2, [0.0], [1000], [3])
     assert tpot == [pytest.approx(sum(_decode_ms(1, 1000 + k, 2, s) for k in range(3) for s in range(2)) / 3)]
 
 
