@@ -133,9 +133,9 @@ def profile_model(model: str, dtype: str = "float32", device: str = "cpu", repea
 def profile_pipeline(model: str, pp: int, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
                      prefill_batches=PREFILL_BATCHES, decode_points=DECODE_POINTS, resamples: int = 200):
     """The same shapes as `profile_model` through `pp` real pipeline stages (one process each), each forward
-    followed by the same batch through the whole model (PP 1) in the leader's process: (entry for tp 1 pp `pp`,
-    (prefill, decode) medians through the stages, (prefill, decode) medians of the PP 1 forwards alongside), the
-    medians as `profile_model` returns them."""
+    followed by the same batch through the whole model (PP 1) in the leader's process. Returns (entry for tp 1 pp
+    `pp`, (prefill, decode) medians through the stages, (prefill, decode) medians of the PP 1 forwards alongside,
+    the cost of one more stage), the medians as `profile_model` returns them."""
     from splitserve.cluster.pipeline_profiler import measure_pipeline
     from splitserve.workers.engine_config import EngineConfig
     from splitserve.workers.presets import resolve_model
@@ -144,19 +144,16 @@ def profile_pipeline(model: str, pp: int, dtype: str = "float32", device: str = 
     staged, single = measure_pipeline(str(resolve_model(model)), pp, shapes, repeats, dtype, device,
                                       EngineConfig().block_size)
     prefill, decode = _by_phase(shapes, staged)
+    # The hop from single sequences (a batch of several flows as overlapping micro-batches): per shape, the median
+    # of each repeat's difference, PP 1 having run right after the stages.
+    alone = []
+    for (phase, shape), through_stages, whole in zip(shapes, staged, single):
+        lengths = shape if phase == "prefill" else [1] * shape[0]
+        if len(lengths) == 1:
+            added = statistics.median(t - u for t, u in zip(through_stages, whole))
+            alone.append((lengths[0], statistics.median(whole), added))
     return (_fit_entry(Parallel(pp=pp), prefill, decode, resamples), _medians(prefill, decode),
-            _medians(*_by_phase(shapes, single)))
-
-
-def pipeline_hop(single: tuple[list, list], staged: tuple[list, list], pp: int) -> PipelineHop:
-    """The cost of one more stage from the single-sequence shapes (prompts alone, decode batches of 1) of the PP 1
-    and the `pp`-stage medians (each as `profile_model` returns them)."""
-    def alone(medians):
-        prefill, decode = medians
-        return ([(ls[0], t) for ls, t in prefill if len(ls) == 1]
-                + [(1, t) for batch, _, t in decode if batch == 1])
-
-    return fit_pipeline_hop(alone(single), alone(staged), pp)
+            _medians(*_by_phase(shapes, single)), fit_pipeline_hop(alone, pp))
 
 
 def uncertainty_line(name: str, k, u: Uncertainty) -> str:
@@ -360,9 +357,8 @@ def run(args) -> int:
     for phase in ("prefill", "decode"):
         print(uncertainty_line(phase, getattr(entry, phase), entry.uncertainty[phase]))
     for pp in stages:
-        staged_entry, staged, single = profile_pipeline(args.model, pp, args.dtype, args.device, args.repeats)
-        _print_pipeline(pp, staged_entry, single, staged, pipeline_hop(single, staged, pp), args.model, args.dtype,
-                        args.device)
+        staged_entry, staged, single, hop = profile_pipeline(args.model, pp, args.dtype, args.device, args.repeats)
+        _print_pipeline(pp, staged_entry, single, staged, hop, args.model, args.dtype, args.device)
         for phase in ("prefill", "decode"):
             print(uncertainty_line(f"pp {pp} {phase}", getattr(staged_entry, phase), staged_entry.uncertainty[phase]))
         profile = dataclasses.replace(profile, entries=profile.entries + (staged_entry,))

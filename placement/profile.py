@@ -127,19 +127,21 @@ class PipelineHop:
         return {"fixed_ms": self.fixed * 1e3, "per_token_us": self.per_token * 1e6, "shapes": self.shapes}
 
 
-def fit_pipeline_hop(base: Sequence[tuple[int, float]], staged: Sequence[tuple[int, float]], pp: int) -> PipelineHop:
-    """The per-hop cost from the same single-sequence forwards timed at PP 1 (`base`) and at `pp` stages (`staged`):
-    (tokens, median seconds) in the same order; (staged − base) / (pp − 1) fitted as fixed + per_token·tokens by
-    least squares. Single sequences, because a batch of several flows as micro-batches whose stages overlap."""
+def fit_pipeline_hop(samples: Sequence[tuple[int, float, float]], pp: int) -> PipelineHop:
+    """The per-hop cost from single-sequence forwards timed at PP 1 and at `pp` stages: (tokens, PP 1 seconds,
+    seconds the stages added) per shape, the added seconds / (pp − 1) fitted as fixed + per_token·tokens by least
+    squares on errors relative to the PP 1 time, so that a long prompt's noise (a few % of a long forward) does not
+    swamp the hop (a small part of it). Single sequences, because a batch of several flows as micro-batches whose
+    stages overlap."""
     if pp < 2:
         raise ValueError(f"pp: the hop cost needs at least 2 stages, got {pp}")
-    if len(base) != len(staged) or any(a[0] != b[0] for a, b in zip(base, staged)):
-        raise ValueError("samples: the PP 1 and the staged forwards must be the same shapes, in the same order")
-    if len({tokens for tokens, _ in base}) < 2:
+    if len({tokens for tokens, *_ in samples}) < 2:
         raise ValueError("samples: the hop fit needs single-sequence forwards of at least two token counts")
-    deltas = [(t_pp - t_1) / (pp - 1) for (_, t_1), (_, t_pp) in zip(base, staged)]
-    fixed, per_token = least_squares([[1.0, float(tokens)] for tokens, _ in base], deltas)
-    return PipelineHop(fixed, per_token, len(base))
+    if any(not base > 0 for _, base, _ in samples):
+        raise ValueError("samples: PP 1 times must be positive")
+    rows = [[1.0 / base, tokens / base] for tokens, base, _ in samples]
+    fixed, per_token = least_squares(rows, [added / (pp - 1) / base for _, base, added in samples])
+    return PipelineHop(fixed, per_token, len(samples))
 
 
 @dataclass(frozen=True)

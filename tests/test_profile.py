@@ -48,8 +48,8 @@ def test_pipeline_profile_times_real_stages_and_feeds_the_planner(tmp_path):
     entry is what the planner uses at pp 2, and the cost of the extra stage comes from the single-sequence shapes."""
     profile, prefill, decode = profiler.profile_model("tiny", repeats=1, prefill_batches=PP_PREFILL,
                                                       decode_points=PP_DECODE, resamples=20)
-    entry, staged, alongside = profiler.profile_pipeline("tiny", 2, repeats=2, prefill_batches=PP_PREFILL,
-                                                         decode_points=PP_DECODE, resamples=20)
+    entry, staged, alongside, hop = profiler.profile_pipeline("tiny", 2, repeats=2, prefill_batches=PP_PREFILL,
+                                                              decode_points=PP_DECODE, resamples=20)
     assert entry.par == Parallel(pp=2)
     for medians in (staged, alongside):
         assert [ls for ls, _ in medians[0]] == [ls for ls, _ in prefill]
@@ -57,7 +57,6 @@ def test_pipeline_profile_times_real_stages_and_feeds_the_planner(tmp_path):
         assert all(t > 0 for *_, t in medians[0] + medians[1])
     for c in (entry.prefill, entry.decode):
         assert all(math.isfinite(v) and v >= 0 for v in (c.a, c.b, c.c))
-    hop = profiler.pipeline_hop(alongside, staged, 2)
     assert hop.shapes == 5 and math.isfinite(hop.fixed) and math.isfinite(hop.per_token)
 
     path = tmp_path / "profile.json"
