@@ -12,6 +12,7 @@ from splitserve.placement.metrics import SLO, SimResult
 from splitserve.placement.parallel import Parallel
 from splitserve.placement.percentiles import percentile
 from splitserve.placement.profile import Coefficients, Profile, ProfileEntry, ProfileLatency
+from splitserve.placement.shared_host import SharedHost, simulate_shared_host
 from splitserve.placement.simulator import (simulate_colocated_trace, simulate_decode, simulate_disaggregated,
                                             simulate_prefill)
 from splitserve.placement.specs import load_model
@@ -118,3 +119,54 @@ def test_percentiles_interpolate_like_numpy_and_attainment_stays_a_fraction():
     assert summary["p90_ttft_s"] == pytest.approx(3.7) and summary["p90_tpot_s"] == pytest.approx(0.24)
     assert result.attainment(SLO(ttft=3.0, tpot=0.2)) == 0.5  # requests 1 and 2 of 4 meet both targets
     assert math.isnan(SimResult((), ()).summary()["p90_ttft_s"])
+
+
+# Constant-time forwards for hand-computed timelines: a prefill batch takes 0.1 s, a decode step 0.01 s.
+CONSTANT = ProfileLatency(Profile("m", "h", (ProfileEntry(Parallel(), Coefficients(0.1, 0, 0),
+                                                          Coefficients(0.01, 0, 0)),)))
+
+
+def _shared(arrivals, outputs, host, handoff=0.0):
+    return simulate_shared_host(CONSTANT, Parallel(), Parallel(), arrivals, [16] * len(arrivals), outputs, host,
+                                handoff)
+
+
+def test_shared_host_without_coupling_is_prefill_then_decode():
+    trace = make_trace(load_workload("humaneval"), 400, seed=3)
+    lat = ProfileLatency(Profile("m", "h", (ProfileEntry(Parallel(), Coefficients(0.03, 5e-4, 2e-7),
+                                                         Coefficients(0.011, 3e-6, 6e-4)),)))
+    for rate in (2.0, 7.0):
+        arrivals = trace.at_rate(rate)
+        first = simulate_prefill(lat, Parallel(), arrivals, trace.prompts, 1, 4096)
+        finish = simulate_decode(lat, Parallel(), [f + 0.005 for f in first], trace.prompts, trace.outputs, 1,
+                                 20_000, 64)
+        first2, finish2 = simulate_shared_host(lat, Parallel(), Parallel(), arrivals, trace.prompts, trace.outputs,
+                                               SharedHost(), 0.005, 20_000, 64, 4096)
+        assert first2 == pytest.approx(first, abs=1e-12)
+        assert [e for e, o in zip(finish2, trace.outputs) if o > 1] == pytest.approx(
+            [e for e, o in zip(finish, trace.outputs) if o > 1], abs=1e-12)
+
+
+def test_decode_steps_slow_while_a_prefill_computes():
+    # A: prefilled 0-0.1 s, then 10 steps of 0.01 s. B's prefill (0.105-0.205 s) runs beside A's steps: at half
+    # speed A has done 5.5 steps' work by 0.205 s, and its last step ends at 0.25 s instead of 0.2 s. B joins at
+    # the step boundary after its KV is ready (0.21 s) for its 2 steps.
+    assert _shared([0.0, 0.105], [11, 3], SharedHost())[1][0] == pytest.approx(0.2)
+    first, finish = _shared([0.0, 0.105], [11, 3], SharedHost(decode_slowdown=1.0))
+    assert first == pytest.approx([0.1, 0.205]) and finish == pytest.approx([0.25, 0.23])
+    # The other way round: B's prefill at half speed while A decodes (until 0.2 s), then at full speed.
+    first, finish = _shared([0.0, 0.105], [11, 3], SharedHost(prefill_slowdown=1.0))
+    assert first == pytest.approx([0.1, 0.2525]) and finish == pytest.approx([0.2, 0.2725])
+
+
+def test_reservation_waits_for_the_decode_step_and_prefill_for_its_push():
+    # B arrives at 0.105 s, inside A's first step (0.1-0.11 s): its reservation, then its prefill, starts at 0.11 s.
+    first, _ = _shared([0.0, 0.105], [11, 3], SharedHost(reserve_waits_for_step=True))
+    assert first == pytest.approx([0.1, 0.21])
+    assert _shared([0.0, 0.105], [11, 3], SharedHost())[0] == pytest.approx([0.1, 0.205])
+    # B waits behind A's prefill; with the push holding the prefill leader it starts after A's 0.03 s hand-off.
+    first, finish = _shared([0.0, 0.01], [2, 2], SharedHost(push_holds_prefill=True), handoff=0.03)
+    assert first == pytest.approx([0.1, 0.23]) and finish == pytest.approx([0.14, 0.27])
+    assert _shared([0.0, 0.01], [2, 2], SharedHost(), handoff=0.03)[0] == pytest.approx([0.1, 0.2])
+    with pytest.raises(ValueError, match="decode_slowdown"):
+        SharedHost(decode_slowdown=-0.1)
