@@ -153,14 +153,11 @@ def launcher_node_index(ray_nodes: list[dict], per_node: int) -> dict[int, int] 
 def _pin_stages(placement: dict, node_index: dict[int, int] | None) -> dict:
     """The plan's placement with each stage's node renumbered for the launcher, or without node hints when they
     cannot be mapped (the launcher then places stages where Ray finds room)."""
-    instances = []
-    for inst in placement.get("instances", []):
-        if node_index is None:
-            instances = []
-            break
-        stages = [{**stage, "node": node_index[stage["node"]]} for stage in inst["stages"]]
-        instances.append({**inst, "stages": stages})
-    return {**placement, "instances": instances}
+    if node_index is None:
+        return {**placement, "instances": []}
+    return {**placement, "instances": [
+        {**inst, "stages": [{**stage, "node": node_index[stage["node"]]} for stage in inst["stages"]]}
+        for inst in placement.get("instances", [])]}
 
 
 def plan_config(config: ClusterConfig, model_dir: str, ray_nodes: list[dict]) -> ClusterConfig:

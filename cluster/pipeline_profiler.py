@@ -69,6 +69,9 @@ def _stage_times(rank: int, pp: int, model_dir: str, dtype: str, device: str, sh
                 single[i].append(_timed(whole.forward_logits, batch, device))
             for s in seqs:
                 blocks.free(s.seq_id)
+    # The last stage hands its logits over without waiting for the leader to take them: leaving before the leader
+    # has them would cut its receive short.
+    dist.barrier()
     return (staged, single) if rank == 0 else None
 
 

@@ -104,6 +104,19 @@ def test_plan_leaves_out_layouts_the_backend_refuses(tmp_path):
                     nodes)
 
 
+def test_planned_stages_name_the_launchers_nodes(tmp_path):
+    """The planner models the two 4-GPU nodes; the plan's stage nodes are renumbered among all GPU nodes by address,
+    as the launcher counts them (the 2-GPU node sorts first)."""
+    ckpt = _small_heads_checkpoint(tmp_path / "m", 3)
+    nodes = [_node(4, address="10.0.0.3"), _node(2, address="10.0.0.1"), _node(4, address="10.0.0.2")]
+    auto = {"auto": {"ttft_s": 5.0, "tpot_s": 1.0, "rate": 0.5, "requests": 100, "workload": "fixed:32:8",
+                     "hardware": _small_device(tmp_path, ckpt)}}
+    planned = plan_config(config_from_dict(config(ckpt, placement=auto)), str(ckpt), nodes)
+    assert planned.placement["cluster"] == "2x4xcpu" and planned.prefill.pp == 2
+    used = {s["node"] for inst in planned.placement["instances"] for s in inst["stages"]}
+    assert used and used <= {1, 2}
+
+
 def _small_device(tmp_path, ckpt) -> str:
     """A device holding 80 % of the model's weights: one device cannot serve the model, two stages can."""
     weights = load_model(str(ckpt), "float32").weight_bytes()
