@@ -26,7 +26,6 @@ def _stage_times(rank: int, pp: int, model_dir: str, dtype: str, device: str, sh
     """One stage's share of every shape, swept `repeats` times like the in-process profile. On the leader, the
     seconds of each forward through the stages (every stage enters it together, after a barrier) and of the same
     batch through the whole model in this process."""
-    import torch
     import torch.distributed as dist
 
     from splitserve.cluster.profiler import sequences

@@ -330,15 +330,18 @@ def _print_pipeline(pp: int, entry: ProfileEntry, single, staged, hop: PipelineH
 
 def run(args) -> int:
     from splitserve.workers.config import load_config
+    from splitserve.workers.hf_config import resolve_backend
     from splitserve.workers.presets import resolve_model
 
     stages = [pp for pp in args.pp if pp > 1]
     if stages and args.server:
         raise ValueError("--pp: deeper pipelines are timed in-process only; with --server only PP 1's decode is "
                          "refitted, so profile them apart")
-    layers = load_config(resolve_model(args.model)).num_layers
-    if stages and max(stages) > layers:
-        raise ValueError(f"--pp: {max(stages)} stages cannot split {args.model}'s {layers} layers")
+    model_config = load_config(resolve_model(args.model))
+    if stages and max(stages) > model_config.num_layers:
+        raise ValueError(f"--pp: {max(stages)} stages cannot split {args.model}'s {model_config.num_layers} layers")
+    if stages and resolve_backend("auto", model_config.architecture) != "native":
+        raise ValueError(f"--pp: pipeline stages run on the native model backend only ({model_config.architecture})")
     profile, prefill, decode = profile_model(args.model, args.dtype, args.device, args.repeats)
     entry = profile.entries[0]
     print(f"prefill {'lengths':<24}{'measured ms':>12}{'fitted ms':>11}")
