@@ -236,7 +236,7 @@ class Cluster:
     def _check_backend(self) -> None:
         """Refuses, before any process starts, a model backend that cannot run the model at the configured TP."""
         engine = self.config.engine
-        backend = resolve_backend(engine.backend, self.model_config.architecture)
+        backend = resolve_backend(engine.backend, self.model_config)
         if backend == "transformers" and (engine.overlap_min_tokens is not None
                                           or engine.tp_norm_method not in ("reference", "auto")):
             raise ValueError("engine.tp_norm_method / engine.overlap_min_tokens: the native model's fused TP "

@@ -148,7 +148,7 @@ class InferenceService:
                             vocab_size=mc.vocab_size, eos_token_ids=list(mc.eos_token_ids),
                             has_tokenizer=c.tokenizer is not None, dtype=c.config.dtype, num_layers=mc.num_layers,
                             hidden_size=mc.hidden_size, has_chat_template=c.chat_template is not None,
-                            backend=resolve_backend(c.config.engine.backend, mc.architecture))
+                            backend=resolve_backend(c.config.engine.backend, mc))
 
     async def GetServerInfo(self, request, context) -> pb.ServerInfo:
         info = pb.ServerInfo(version=_version(), ready=self.server.ready, draining=self.server.draining)

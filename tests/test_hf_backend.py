@@ -103,6 +103,27 @@ def test_backend_option_is_checked(checkpoints, tmp_path):
         config_from_dict({"engine": {"backend": "vllm"}})
 
 
+@pytest.mark.parametrize("feature", [{"mlp_bias": True}, {"hidden_act": "gelu"},
+                                     {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}],
+                         ids=["mlp_bias", "gelu", "linear_rope"])
+def test_llama_features_the_native_model_lacks_run_on_transformers(tmp_path, feature):
+    """`auto` falls back to the transformers backend for a Llama checkpoint the native model cannot run; `native`
+    refuses it naming the feature."""
+    ckpt = write_checkpoint("llama", tmp_path, seed=4, **feature)
+    cfg = load_config(ckpt)
+    assert cfg.architecture == "LlamaForCausalLM" and cfg.native_refusal
+    prompts = random_prompts([7, 21], seed=5)
+    llm = LLM(str(ckpt), device="cpu", block_size=8)
+    assert isinstance(llm.model, HFCausalLM)
+    hf = hf_model(ckpt)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [hf_greedy(hf, p, GREEDY.max_tokens)
+                                                                    for p in prompts]
+    name = next(iter(feature))
+    with pytest.raises(ValueError, match=rf"engine.backend: native cannot run this LlamaForCausalLM checkpoint "
+                                         rf"\(config.json: {name}.*\); use backend transformers"):
+        load_model(ckpt, backend="native")
+
+
 def test_unknown_model_type_is_refused_naming_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}))
     with pytest.raises(ValueError, match=r"architecture NoSuchForCausalLM: transformers cannot load it"):

@@ -66,9 +66,11 @@ def test_missing_field_and_missing_config(ckpt, tmp_path):
 
 
 def test_unsupported_rope_scaling_is_named(ckpt):
+    # The native model lacks YaRN: `auto` runs the checkpoint on the transformers backend, `native` names why not.
     _edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0}, rope_parameters=None)
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        load_config(ckpt)
+    assert "rope_scaling type 'yarn'" in load_config(ckpt).native_refusal
+    with pytest.raises(ValueError, match="native cannot run this LlamaForCausalLM checkpoint .*rope_scaling type 'yarn'"):
+        load_model(ckpt, backend="native")
 
 
 def test_unknown_dtype_and_device_and_model(ckpt):

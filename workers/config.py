@@ -1,6 +1,7 @@
 """Model configuration read from a Hugging Face `config.json`, validated once at load time."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -45,11 +46,17 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str
+    # A Llama-family checkpoint with a feature the native model lacks: why (the transformers backend runs it).
+    native_refusal: str | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
         """K and V bytes per token over all layers at 4-byte elements; scale by dtype size / 4."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+
+class NativeUnsupported(ValueError):
+    """A well-formed Llama-family config with a feature the native model does not implement."""
 
 
 def _require(raw: dict, key: str, kind=int):
@@ -93,7 +100,7 @@ def _rope_scaling(raw: dict) -> RopeScaling | None:
     if kind == "default":
         return None
     if kind != "llama3":
-        raise ValueError(f"config.json: rope_scaling type '{kind}' is not supported (supported: llama3)")
+        raise NativeUnsupported(f"config.json: rope_scaling type '{kind}' is not supported (supported: llama3)")
     try:
         return RopeScaling(
             factor=float(scaling["factor"]),
@@ -140,9 +147,9 @@ def parse_config(raw: dict) -> ModelConfig:
     if heads % kv_heads:
         raise ValueError(f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
     if raw.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act '{raw['hidden_act']}' is not supported (supported: silu)")
+        raise NativeUnsupported(f"config.json: hidden_act '{raw['hidden_act']}' is not supported (supported: silu)")
     if raw.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias=true is not supported")
+        raise NativeUnsupported("config.json: mlp_bias=true is not supported")
     dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     return ModelConfig(
         architecture=arch,
@@ -197,8 +204,15 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"model: {generation} is not usable: {e}") from None
         raw = {**raw, "eos_token_id": list(dict.fromkeys([*_eos_ids(raw), *extra]))}
-    if not is_native(raw):  # any other decoder is described by transformers' config (the transformers backend)
-        from splitserve.workers.hf_config import parse_hf_config
+    from splitserve.workers.hf_config import parse_hf_config
 
+    if not is_native(raw):  # any other decoder is described by transformers' config (the transformers backend)
         return parse_hf_config(model_dir, raw)
-    return parse_config(raw)
+    try:
+        return parse_config(raw)
+    except NativeUnsupported as e:  # the checkpoint's own transformers class can still run it
+        try:
+            hf = parse_hf_config(model_dir, raw)
+        except ValueError:
+            raise e from None
+        return dataclasses.replace(hf, native_refusal=str(e))

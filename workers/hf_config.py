@@ -17,11 +17,17 @@ def architecture_of(raw: dict) -> str:
     return archs[0] if archs else str(raw.get("model_type"))
 
 
-def resolve_backend(backend: str, architecture: str) -> str:
-    """`native` or `transformers` for this architecture; `auto` is native for the Llama family."""
+def resolve_backend(backend: str, model) -> str:
+    """`native` or `transformers` for `model` (a `ModelConfig`, or an architecture name); `auto` is native for the
+    Llama family, unless the checkpoint uses a feature the native model lacks (`ModelConfig.native_refusal`)."""
     if backend not in MODEL_BACKENDS:
         raise ValueError(f"engine.backend: must be one of {list(MODEL_BACKENDS)}, got {backend!r}")
-    native = architecture in SUPPORTED_ARCHITECTURES
+    architecture = model if isinstance(model, str) else model.architecture
+    refusal = None if isinstance(model, str) else model.native_refusal
+    native = architecture in SUPPORTED_ARCHITECTURES and not refusal
+    if backend == "native" and refusal:
+        raise ValueError(f"engine.backend: native cannot run this {architecture} checkpoint ({refusal}); use backend "
+                         "transformers (or auto)")
     if backend == "native" and not native:
         raise ValueError(f"engine.backend: native runs only {sorted(SUPPORTED_ARCHITECTURES)}; {architecture} "
                          "needs backend transformers (or auto)")

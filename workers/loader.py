@@ -77,7 +77,7 @@ def load_model(model_dir: str | Path, dtype="float32", device="cpu", tp: TPGroup
                layers: range | None = None):
     """A `CausalLM` (native backend) or an `HFCausalLM` (transformers backend), per `resolve_backend`."""
     cfg = load_config(model_dir)
-    if resolve_backend(backend, cfg.architecture) == "transformers":
+    if resolve_backend(backend, cfg) == "transformers":
         from splitserve.workers.hf_model import load_hf_model
 
         if layers is not None and layers != range(cfg.num_layers):
