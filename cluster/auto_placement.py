@@ -17,14 +17,15 @@ from typing import Sequence
 from splitserve.cluster.config import AutoPlacement, ClusterConfig, config_from_dict
 from splitserve.placement.hardware import ClusterSpec, HardwareSpec, cluster_from_mapping, get_hardware
 from splitserve.placement.latency import AnalyticLatency, LatencyModel
+from splitserve.placement.launch_checks import launch_shape_problem
 from splitserve.placement.metrics import SLO
 from splitserve.placement.parallel import Parallel
 from splitserve.placement.plan import plan_from_result
 from splitserve.placement.profile import Profile, ProfileLatency
 from splitserve.placement.search import Planner, SearchOptions
-from splitserve.placement.specs import load_model
+from splitserve.placement.specs import ModelSpec, load_model
 from splitserve.placement.workload import load_workload, make_trace
-from splitserve.workers.config import ModelConfig, tp_problem
+from splitserve.workers.config import ModelConfig
 from splitserve.workers.config import load_config as load_model_config
 from splitserve.workers.hf_config import autotp_problem, resolve_backend
 
@@ -94,29 +95,37 @@ def hardware_spec(config: ClusterConfig, auto: AutoPlacement, kinds: set[str]) -
         raise ValueError(f"placement.hardware: {name}: {exc}") from None
 
 
-def launch_problem(model: ModelConfig, backend: str, par: Parallel) -> str | None:
-    """Why the cluster would refuse `par` for this model at launch (the checks `Cluster` runs before any process
-    starts), or None."""
-    problem = tp_problem(model, par.tp) or (autotp_problem(model, par.tp) if backend == "transformers" else None)
+def backend_problem(model: ModelConfig, backend: str, par: Parallel) -> str | None:
+    """Why `backend` cannot run `par` for this model though its shape allows it (DeepSpeed AutoTP's head split,
+    pipeline stages on the transformers backend), or None."""
+    if backend != "transformers":
+        return None
+    problem = autotp_problem(model, par.tp)
     if problem:
         return f"tp: {problem}"
-    if par.pp > 1 and backend == "transformers":
+    if par.pp > 1:
         return f"pp: pipeline stages run on the native model backend only ({model.architecture})"
-    if par.pp > model.num_layers:
-        return f"pp: {par.pp} stages for {model.num_layers} layers"
     return None
+
+
+def launch_problem(spec: ModelSpec, model: ModelConfig, backend: str, par: Parallel) -> str | None:
+    """Why the cluster would refuse `par` for this model at launch (the checks `Cluster` runs before any process
+    starts), or None: the model's shape (`placement.launch_checks`, which the planner's search applies itself),
+    then the backend."""
+    return launch_shape_problem(spec, par) or backend_problem(model, backend, par)
 
 
 class LaunchableLatency:
     """A latency model that also answers `layout_problem` (which the search consults before simulating a layout)
-    with the cluster's own launch checks, so that the plan never holds a layout the launcher refuses."""
+    with the backend's launch checks (the search leaves out layouts the model's shape refuses itself), so that the
+    plan never holds a layout the launcher refuses."""
 
     def __init__(self, latency: LatencyModel, model: ModelConfig, backend: str):
         self.latency, self.model, self.backend = latency, model, backend
         self._inner_problem = getattr(latency, "layout_problem", None)
 
     def layout_problem(self, par: Parallel) -> str | None:
-        return launch_problem(self.model, self.backend, par) or (
+        return backend_problem(self.model, self.backend, par) or (
             self._inner_problem(par) if self._inner_problem else None)
 
     def prefill_time(self, lengths: Sequence[int], par: Parallel, prefixes: Sequence[int] | None = None) -> float:

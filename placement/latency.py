@@ -181,16 +181,39 @@ class AnalyticLatency:
         hops = par.pp - 1
         return (staged.comm_fixed - single.comm_fixed) / hops, (staged.comm_token - single.comm_token) / hops
 
+    def tp_allreduce(self, par: Parallel, prefill: bool = True) -> tuple[float, float]:
+        """(fixed seconds, seconds per token) the TP all-reduces of layout `par` add to a forward: two per layer, the
+        link latency of each ring step and one token's activations (less `tp_overlap`). The sharded compute (1/tp of
+        the FLOPs at `tp_penalty` efficiency) is apart. What `splitserve profile` compares a TP layout with."""
+        if par.tp < 2:
+            raise ValueError(f"tp: an all-reduce needs at least 2 ranks, got {par.tp}")
+        sharded, single = self._derive(par, prefill), self._derive(dataclasses.replace(par, tp=1), prefill)
+        return sharded.comm_fixed - single.comm_fixed, sharded.comm_token - single.comm_token
+
+    def sp_ring(self, par: Parallel) -> tuple[float, float]:
+        """(fixed seconds, seconds per token) of the SP ring steps of a prefill of layout `par`, before any of it
+        hides behind attention: (sp − 1) steps per layer of one rank's share of the K/V (ring) or Q and results
+        (TokenRing) over the link."""
+        if par.sp < 2:
+            raise ValueError(f"sp: a ring needs at least 2 ranks, got {par.sp}")
+        k = self._derive(par, True)
+        return k.sp_fixed, k.sp_token
+
+    def sp_ring_exposed(self, lengths: Sequence[int], par: Parallel) -> float:
+        """Seconds of a prefill of `lengths` under layout `par` that its ring steps leave exposed: their time beyond
+        the attention they overlap ((sp − 1)/sp of it). What `splitserve profile` compares an SP layout with."""
+        if par.sp < 2:
+            raise ValueError(f"sp: a ring needs at least 2 ranks, got {par.sp}")
+        k = self._derive(par, True)
+        return _exposed_ring(k, sum(lengths), k.compute_pair * sum(n * n for n in lengths) / 2)
+
     def _time(self, k: _Linear, tokens: float, pairs: float, kv_read: float, logits: int) -> float:
         attention = k.compute_pair * pairs
         compute = k.compute_token * tokens + k.compute_fixed + attention + k.compute_logit * logits
         memory = k.memory_fixed + k.memory_kv_token * (kv_read + tokens)
         time = (compute if compute > memory else memory) + k.comm_token * tokens + k.comm_fixed
         if k.sp_token:
-            # Ring steps overlap with the attention of the step; only the excess is exposed.
-            exposed = k.sp_token * tokens + k.sp_fixed - attention * k.sp_hidden
-            if exposed > 0:
-                time += exposed
+            time += _exposed_ring(k, tokens, attention)
         return time
 
     def prefill_time(self, lengths: Sequence[int], par: Parallel, prefixes: Sequence[int] | None = None) -> float:
@@ -213,6 +236,12 @@ class AnalyticLatency:
 
     def kv_transfer_time(self, tokens: int, src: Parallel, dst: Parallel, same_node: bool) -> float:
         return kv_transfer_time(self.model, self.cluster, tokens, src, dst, same_node, self.eff.link)
+
+
+def _exposed_ring(k: _Linear, tokens: float, attention: float) -> float:
+    """Ring steps overlap with the attention of the step; only the excess is exposed."""
+    exposed = k.sp_token * tokens + k.sp_fixed - attention * k.sp_hidden
+    return exposed if exposed > 0 else 0.0
 
 
 def kv_transfer_time(model: ModelSpec, cluster: ClusterSpec, tokens: int, src: Parallel, dst: Parallel,

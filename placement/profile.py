@@ -4,8 +4,8 @@ LatencyModel in place of (or on top of) the analytic defaults.
 
 prefill(ms) = a + b·Σl + c·Σl²     decode step(ms) = a + b·Σctx + c·batch
 
-Entries are keyed by layout (tp, pp, sp). A pipeline depth the profile did not time is derived from the depths it
-did (see `ProfileLatency`).
+Entries are keyed by layout (tp, pp, sp); an SP layout (prefill only) has no decode fit. A pipeline depth the profile
+did not time is derived from the depths it did (see `ProfileLatency`).
 """
 
 from __future__ import annotations
@@ -115,9 +115,10 @@ def fit_decode(samples: Sequence[tuple[int, int, float]]) -> Coefficients:
 
 
 @dataclass(frozen=True)
-class PipelineHop:
-    """What one more pipeline stage adds to a forward: `fixed` seconds (the stage's own forward overhead and the
-    point-to-point latency) plus `per_token` seconds (moving one token's activations to the next stage)."""
+class Overhead:
+    """What a layout adds to a forward over the same forward at TP 1, SP 1, PP 1: `fixed` seconds (forward overheads,
+    collective and point-to-point latency) plus `per_token` seconds (moving one token's activations, K/V or queries).
+    For pipeline stages, `fit_pipeline_hop` gives one stage's share."""
 
     fixed: float
     per_token: float
@@ -127,29 +128,51 @@ class PipelineHop:
         return {"fixed_ms": self.fixed * 1e3, "per_token_us": self.per_token * 1e6, "shapes": self.shapes}
 
 
-def fit_pipeline_hop(samples: Sequence[tuple[int, float, float]], pp: int) -> PipelineHop:
+PipelineHop = Overhead  # what one more pipeline stage adds
+
+
+def fit_overhead(samples: Sequence[tuple[int, float, float]]) -> Overhead:
+    """The added cost from forwards timed at the base layout and at another: (tokens, base seconds, seconds the
+    layout added) per shape, fitted as fixed + per_token·tokens by least squares on errors relative to the base
+    time, so that a long forward's noise (a few % of it) does not swamp the overhead (a small part of it)."""
+    if len({tokens for tokens, *_ in samples}) < 2:
+        raise ValueError("samples: the overhead fit needs forwards of at least two token counts")
+    if any(not base > 0 for _, base, _ in samples):
+        raise ValueError("samples: base times must be positive")
+    rows = [[1.0 / base, tokens / base] for tokens, base, _ in samples]
+    fixed, per_token = least_squares(rows, [added / base for _, base, added in samples])
+    return Overhead(fixed, per_token, len(samples))
+
+
+def fit_pipeline_hop(samples: Sequence[tuple[int, float, float]], pp: int) -> Overhead:
     """The per-hop cost from single-sequence forwards timed at PP 1 and at `pp` stages: (tokens, PP 1 seconds,
-    seconds the stages added) per shape, the added seconds / (pp − 1) fitted as fixed + per_token·tokens by least
-    squares on errors relative to the PP 1 time, so that a long prompt's noise (a few % of a long forward) does not
-    swamp the hop (a small part of it). Single sequences, because a batch of several flows as micro-batches whose
-    stages overlap."""
+    seconds the stages added) per shape, the added seconds / (pp − 1) fitted by `fit_overhead`. Single sequences,
+    because a batch of several flows as micro-batches whose stages overlap."""
     if pp < 2:
         raise ValueError(f"pp: the hop cost needs at least 2 stages, got {pp}")
     if len({tokens for tokens, *_ in samples}) < 2:
         raise ValueError("samples: the hop fit needs single-sequence forwards of at least two token counts")
-    if any(not base > 0 for _, base, _ in samples):
-        raise ValueError("samples: PP 1 times must be positive")
-    rows = [[1.0 / base, tokens / base] for tokens, base, _ in samples]
-    fixed, per_token = least_squares(rows, [added / (pp - 1) / base for _, base, added in samples])
-    return PipelineHop(fixed, per_token, len(samples))
+    return fit_overhead([(tokens, base, added / (pp - 1)) for tokens, base, added in samples])
 
 
 @dataclass(frozen=True)
 class ProfileEntry:
+    """One layout's fits. Sequence parallelism runs prefill only, so an SP layout has no decode fit."""
+
     par: Parallel
     prefill: Coefficients | None
     decode: Coefficients | None
     uncertainty: Mapping[str, Uncertainty] | None = None  # phase -> how well its fit is known
+
+    def __post_init__(self) -> None:
+        if self.prefill is None and self.decode is None:
+            raise ValueError("prefill: an entry needs prefill or decode coefficients")
+        if self.par.sp > 1 and self.decode is not None:
+            raise ValueError(f"decode: sequence parallelism runs prefill only; an sp {self.par.sp} layout has no "
+                             "decode fit")
+        for phase in self.uncertainty or {}:
+            if phase not in ("prefill", "decode") or getattr(self, phase) is None:
+                raise ValueError(f"uncertainty.{phase}: no {phase} fit to qualify")
 
 
 @dataclass(frozen=True)
@@ -189,18 +212,22 @@ class Profile:
             field = f"profile.entries[{i}]"
             if not isinstance(raw, Mapping):
                 raise ValueError(f"{field}: expected an object")
-            par = Parallel(tp=raw.get("tp", 1), pp=raw.get("pp", 1), sp=raw.get("sp", 1),
-                           sp_algorithm=raw.get("sp_algorithm", "none"))
+            try:
+                par = Parallel(tp=raw.get("tp", 1), pp=raw.get("pp", 1), sp=raw.get("sp", 1),
+                               sp_algorithm=raw.get("sp_algorithm", "none"))
+            except ValueError as exc:
+                raise ValueError(f"{field}.{exc}") from None
             prefill = Coefficients.from_ms(raw["prefill"], f"{field}.prefill") if "prefill" in raw else None
             decode = Coefficients.from_ms(raw["decode"], f"{field}.decode") if "decode" in raw else None
-            if prefill is None and decode is None:
-                raise ValueError(f"{field}: needs prefill or decode coefficients")
             raw_u = raw.get("uncertainty") or {}
             if not isinstance(raw_u, Mapping) or not set(raw_u) <= {"prefill", "decode"}:
                 raise ValueError(f"{field}.uncertainty: expected an object with prefill and/or decode")
             uncertainty = {phase: Uncertainty.from_dict(u, f"{field}.uncertainty.{phase}")
                            for phase, u in raw_u.items()} or None
-            entries.append(ProfileEntry(par, prefill, decode, uncertainty))
+            try:
+                entries.append(ProfileEntry(par, prefill, decode, uncertainty))
+            except ValueError as exc:
+                raise ValueError(f"{field}.{exc}") from None
         if not entries:
             raise ValueError("profile.entries: empty")
         return cls(model=str(data.get("model", "")), hardware=str(data.get("hardware", "")), entries=tuple(entries))

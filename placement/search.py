@@ -12,6 +12,7 @@ from splitserve.placement.goodput import (Goodput, SimSettings, colocated_goodpu
                                           prefill_goodput)
 from splitserve.placement.hardware import ClusterSpec
 from splitserve.placement.latency import LatencyModel, cheaper_sp_algorithm
+from splitserve.placement.launch_checks import launch_shape_problem
 from splitserve.placement.memory import kv_capacity_tokens, memory_problem
 from splitserve.placement.metrics import SLO
 from splitserve.placement.packing import InstancePlacement, pack_instances, pack_units
@@ -108,7 +109,8 @@ class Planner:
 
     # -- the space ---------------------------------------------------------------------------------------
     def layouts(self, role: str) -> list[Parallel]:
-        """Every shape-valid layout of a role; memory is checked when it is evaluated, so it shows as a reason."""
+        """Every layout of a role that fits the cluster and that an instance can launch with (`launch_checks`: TP
+        over heads, MLP width and KV heads); memory is checked when it is evaluated, so it shows as a reason."""
         c, m = self.cluster, self.model
         max_pp = min(self.options.max_pp or m.num_layers, m.num_layers)
         out = []
@@ -120,7 +122,8 @@ class Planner:
                         continue
                     algorithm = cheaper_sp_algorithm(m, tp) if sp > 1 else "none"
                     par = Parallel(tp=tp, pp=pp, sp=sp, sp_algorithm=algorithm)
-                    if layout_problem(m, c, par) is None and _power_of_two_or_divides(par, c):
+                    if (layout_problem(m, c, par) is None and launch_shape_problem(m, par) is None
+                            and _power_of_two_or_divides(par, c)):
                         out.append(par)
         return out
 

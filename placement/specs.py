@@ -71,6 +71,26 @@ class ModelSpec:
         """K and V of one token across all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
+    def tp_problem(self, tp: int) -> str | None:
+        """Why `tp` ranks cannot split this model's layers as the native model code does (None if they can): attention
+        heads, MLP width and KV heads (split when there are at least `tp`, else replicated, which needs `tp` to be a
+        multiple of them). The launcher refuses such a layout, so the planner never proposes it."""
+        if self.num_heads % tp:
+            return (f"{tp} ranks do not divide the model's {self.num_heads} attention heads ({self.num_kv_heads} KV "
+                    f"heads); use a TP degree that divides {self.num_heads}")
+        if self.intermediate_size % tp:
+            return f"{tp} ranks do not divide the model's MLP width ({self.intermediate_size})"
+        kv = self.num_kv_heads
+        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+            return f"{tp} ranks can neither split nor evenly replicate the model's {kv} KV heads ({self.num_heads} heads)"
+        return None
+
+    def pp_problem(self, pp: int) -> str | None:
+        """Why `pp` pipeline stages cannot split this model's layers (None if they can): each stage needs a layer."""
+        if pp > self.num_layers:
+            return f"{pp} stages for {self.num_layers} layers"
+        return None
+
     def with_dtype(self, dtype: str) -> "ModelSpec":
         return ModelSpec(**{**self.__dict__, "dtype": normalize_dtype(dtype)})
 

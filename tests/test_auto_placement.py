@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from cluster_helpers import config, references, workload, write_checkpoint
-from splitserve.cluster.auto_placement import (gpu_topology, hardware_name, hardware_spec, launch_problem,
-                                               launcher_node_index, plan_config)
+from splitserve.cluster.auto_placement import (backend_problem, gpu_topology, hardware_name, hardware_spec,
+                                               launch_problem, launcher_node_index, plan_config)
 from splitserve.cluster.cluster import Cluster
 from splitserve.cluster.config import config_from_dict
 from splitserve.placement.parallel import Parallel
@@ -69,11 +69,16 @@ def _small_heads_checkpoint(directory, seed):
 
 
 def test_launch_problem_mirrors_the_clusters_checks(tmp_path):
-    cfg = load_model_config(_small_heads_checkpoint(tmp_path / "m", 1))
-    assert launch_problem(cfg, "native", Parallel(pp=2)) is None
-    assert "3 attention heads" in launch_problem(cfg, "native", Parallel(tp=2))
-    assert launch_problem(cfg, "native", Parallel(pp=3)).startswith("pp: 3 stages for 2 layers")
-    assert "native model backend" in launch_problem(cfg, "transformers", Parallel(pp=2))
+    ckpt = _small_heads_checkpoint(tmp_path / "m", 1)
+    cfg, spec = load_model_config(ckpt), load_model(str(ckpt))
+    assert launch_problem(spec, cfg, "native", Parallel(pp=2)) is None
+    assert "3 attention heads" in launch_problem(spec, cfg, "native", Parallel(tp=2))
+    assert launch_problem(spec, cfg, "native", Parallel(pp=3)).startswith("pp: 3 stages for 2 layers")
+    assert "native model backend" in launch_problem(spec, cfg, "transformers", Parallel(pp=2))
+    # The shape part is the planner's own check; the backend part stays here.
+    assert backend_problem(cfg, "native", Parallel(tp=2)) is None
+    assert backend_problem(cfg, "transformers", Parallel(sp=2, sp_algorithm="ring")) is None
+    assert "AutoTP" in backend_problem(cfg, "transformers", Parallel(tp=2))
 
 
 def test_hardware_file_overrides_a_catalog_entry(tmp_path):

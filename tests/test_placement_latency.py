@@ -1,5 +1,6 @@
 """Latency model: fits recover known coefficients, profiles round-trip, comm terms behave as their byte counts say."""
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -232,3 +233,73 @@ def test_pipeline_hop_fit_recovers_the_stage_cost():
         fit_pipeline_hop(samples[:1], 3)
     with pytest.raises(ValueError, match="pp: the hop cost needs at least 2 stages"):
         fit_pipeline_hop(samples, 1)
+
+
+def test_analytic_tp_allreduce_is_two_ring_allreduces_per_layer():
+    model, cluster = load_model("small", "float32"), load_cluster("1x4xcpu")
+    lat = AnalyticLatency(model, cluster)
+    hw, eff = cluster.hardware, lat.eff
+    fixed, per_token = lat.tp_allreduce(Parallel(tp=4))
+    steps = 2 * model.num_layers * 2 * 3  # two all-reduces per layer, 2(n-1) ring steps each
+    assert fixed == pytest.approx(steps * hw.intra_node_latency)
+    assert per_token == pytest.approx(2 * model.num_layers * 2 * 3 / 4 * model.hidden_size * model.dtype_bytes
+                                      / (hw.intra_node_bandwidth * eff.link))
+    # The sharded compute is apart: TP 4 is faster than TP 1 on a long prompt by more than it pays to communicate.
+    assert lat.prefill_time([2048], Parallel(tp=4)) < lat.prefill_time([2048], Parallel()) - (fixed + 2048 * per_token)
+    with pytest.raises(ValueError, match="tp: an all-reduce needs at least 2 ranks"):
+        lat.tp_allreduce(Parallel())
+
+
+def test_analytic_sp_ring_exposed_is_what_attention_does_not_hide():
+    model = load_model("llama-3-8b")
+    lat = AnalyticLatency(model, load_cluster("1x8xL40S"))
+    par = Parallel(sp=4, sp_algorithm="ring")
+    fixed, per_token = lat.sp_ring(par)
+    forward, _ = sp_step_bytes(model, 1, "ring", 1 / 4)
+    hw = lat.cluster.hardware
+    assert per_token == pytest.approx(model.num_layers * 3 * forward / (hw.intra_node_bandwidth * lat.eff.link))
+    assert fixed == pytest.approx(model.num_layers * 3 * hw.intra_node_latency)
+    # Short prompts: little attention to hide behind, the ring shows; long ones: attention (quadratic) hides it.
+    short, long = lat.sp_ring_exposed([512], par), lat.sp_ring_exposed([65536], par)
+    assert 0 < short <= fixed + 512 * per_token
+    assert long == 0.0
+    # It is the SP part of a prefill's time: with the link twice as fast, the prefill is faster by its change.
+    cluster = lat.cluster
+    fast = AnalyticLatency(model, dataclasses.replace(cluster, hardware=dataclasses.replace(
+        cluster.hardware, intra_node_bandwidth=2 * cluster.hardware.intra_node_bandwidth)))
+    saved = lat.prefill_time([512], par) - fast.prefill_time([512], par)
+    assert saved > 0 and saved == pytest.approx(short - fast.sp_ring_exposed([512], par))
+    with pytest.raises(ValueError, match="sp: a ring needs at least 2 ranks"):
+        lat.sp_ring_exposed([512], Parallel())
+
+
+def test_overhead_fit_and_sp_entries_without_decode(tmp_path):
+    from splitserve.placement.profile import fit_overhead
+
+    samples = [(n, 1e-3 + 2e-6 * n, 0.7e-3 + 0.3e-6 * n) for n in (1, 64, 256, 1024)]
+    fit = fit_overhead(samples)
+    assert (fit.fixed, fit.per_token, fit.shapes) == pytest.approx((0.7e-3, 0.3e-6, 4))
+    with pytest.raises(ValueError, match="two token counts"):
+        fit_overhead(samples[:1])
+    # SP runs prefill only: its entry has a prefill fit alone, and a decode fit for it is refused by field.
+    sp = Parallel(sp=2, sp_algorithm="ring")
+    entry = ProfileEntry(sp, Coefficients(2e-3, 1e-5, 1e-9), None)
+    path = tmp_path / "p.json"
+    Profile("tiny", "cpu", (ProfileEntry(Parallel(), Coefficients(1e-3, 1e-5, 1e-9), Coefficients(1e-3, 0, 0)),
+                            entry)).save(str(path))
+    lat = ProfileLatency(Profile.load(str(path)))
+    assert lat.prefill_time([100], sp) == pytest.approx(2e-3 + 1e-3 + 1e-5)
+    assert not lat.covers(sp, "decode")
+    with pytest.raises(ValueError, match="decode: sequence parallelism runs prefill only"):
+        ProfileEntry(sp, Coefficients(2e-3, 1e-5, 1e-9), Coefficients(1e-3, 0, 0))
+    raw = Profile.load(str(path)).to_dict()
+    raw["entries"][1]["decode"] = {"a": 1, "b": 0, "c": 0}
+    with pytest.raises(ValueError, match=r"profile.entries\[1\].decode: sequence parallelism"):
+        Profile.from_dict(raw)
+    raw["entries"][1] = {"sp": 2, "prefill": {"a": 1, "b": 0, "c": 0}}
+    with pytest.raises(ValueError, match=r"profile.entries\[1\].sp_algorithm"):
+        Profile.from_dict(raw)
+    known = {"ci_ms": {k: [0, 1] for k in "abc"}, "level": 0.95, "shapes": 4, "samples": 4, "relative_residual": 0}
+    raw["entries"][1] = {"prefill": {"a": 1, "b": 0, "c": 0}, "uncertainty": {"prefill": known, "decode": known}}
+    with pytest.raises(ValueError, match=r"profile.entries\[1\].uncertainty.decode: no decode fit"):
+        Profile.from_dict(raw)

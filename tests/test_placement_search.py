@@ -1,6 +1,7 @@
 """Search: agrees with brute force on small spaces, explains infeasibility, and produces a valid plan YAML."""
 
 import io
+import json
 import sys
 
 import pytest
@@ -154,3 +155,37 @@ def test_cli_progress_bar_on_a_terminal(tmp_path, monkeypatch):
 def test_cli_bad_input(args, message, capsys):
     assert cli.main(args + ["--ttft", "1", "--tpot", "1", "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def _llama_7b_with_mlp_width(tmp_path, width):
+    """Llama-2-7B's shape with another MLP width: 32 heads and 32 KV heads split over 4 ranks, the MLP may not."""
+    spec = load_model("llama-2-7b")
+    config = {"model_type": "llama", "num_hidden_layers": spec.num_layers, "hidden_size": spec.hidden_size,
+              "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+              "intermediate_size": width, "vocab_size": spec.vocab_size,
+              "max_position_embeddings": spec.max_positions, "torch_dtype": "float16"}
+    path = tmp_path / f"mlp-{width}" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_plan_never_holds_a_tp_degree_that_cannot_split_the_mlp(tmp_path, capsys):
+    """TP 4 divides the heads but not an MLP width of 11010 (= 2 x 5505): the launcher refuses it, so the search
+    leaves it out of every role (`plan` and `placement: auto` share this search), while TP 2 and the real width's
+    TP 4 stay in."""
+    cluster = load_cluster("1x4xA100-80GB")
+    trace = make_trace(load_workload("fixed:512:24"), 100, seed=3, max_tokens=4096)
+    for width, degrees in ((11008, {1, 2, 4}), (11010, {1, 2})):
+        model = load_model(_llama_7b_with_mlp_width(tmp_path, width))
+        planner = Planner(model, cluster, AnalyticLatency(model, cluster), trace, SLO(0.25, 0.05, 0.9),
+                          SearchOptions(num_requests=100, sp_degrees=(1, 2), max_pp=2))
+        for role in ("prefill", "decode"):
+            assert {p.tp for p in planner.layouts(role)} == degrees, (width, role)
+    (tmp_path / "cli").mkdir()
+    args = ["--model", _llama_7b_with_mlp_width(tmp_path / "cli", 11010), *PLAN_ARGS[2:]]
+    assert cli.main(args + ["--output", str(tmp_path / "plan.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert "tp2 pp1" in printed and "tp4" not in printed
+    plan = Plan.load(str(tmp_path / "plan.yaml"))
+    assert all(section.tp in (1, 2) for section in (plan.prefill, plan.decode, plan.colocated))

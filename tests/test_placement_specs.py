@@ -1,5 +1,6 @@
 """Model, hardware and cluster specs: presets, Hugging Face configs, and clear errors for bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -124,3 +125,21 @@ def test_memory_fit():
     # KV capacity grows with TP (weights shrink per device, KV per device shrinks)
     model = load_model("llama-2-13b")
     assert kv_capacity_tokens(model, hw, Parallel(tp=2)) > 2 * kv_capacity_tokens(model, hw, Parallel(tp=1))
+
+
+def test_tp_and_pp_problems_mirror_the_native_model_code():
+    """The shape checks the launcher runs: heads, MLP width and KV heads (split or evenly replicated), layers."""
+    from splitserve.placement.launch_checks import launch_shape_problem
+
+    small = MODEL_PRESETS["small"]  # 8 heads, 2 KV heads, MLP 1408, 8 layers
+    assert small.tp_problem(1) is None and small.tp_problem(4) is None and small.tp_problem(8) is None
+    assert "8 attention heads" in small.tp_problem(3)
+    odd_mlp = dataclasses.replace(small, intermediate_size=1410)
+    assert odd_mlp.tp_problem(2) is None
+    assert odd_mlp.tp_problem(4) == "4 ranks do not divide the model's MLP width (1410)"
+    six_kv = dataclasses.replace(small, num_heads=12, num_kv_heads=6, intermediate_size=1440)
+    assert "neither split nor evenly replicate the model's 6 KV heads" in six_kv.tp_problem(4)
+    assert six_kv.tp_problem(12) is None  # 6 KV heads, each held by 2 ranks
+    assert launch_shape_problem(odd_mlp, Parallel(tp=4)).startswith("tp: 4 ranks do not divide")
+    assert launch_shape_problem(small, Parallel(pp=9)) == "pp: 9 stages for 8 layers"
+    assert launch_shape_problem(small, Parallel(tp=2, pp=8, sp=2, sp_algorithm="ring")) is None
