@@ -3,9 +3,11 @@ thread like every rank actor), fits DistServe's forms and writes a profile the p
 shape is timed `--repeats` times; the fit uses each shape's median, down-weights shapes that stray (a busy
 machine), and reports a bootstrap interval per coefficient, printed and saved with the profile.
 
-With `--pp 1,2` the same shapes also run through real pipeline stages (cluster/pipeline_profiler.py: one process
-per stage), each depth saved as an entry of its own, and the cost of one more stage (fixed + per token) is derived
-from the single-sequence forwards and printed next to the analytic model's.
+With `--layouts 2x1x1,1x2x1,1x1x2` (TP x SP x PP; `--pp 1,2` is short for `--layouts 1x1x1,1x1x2`) the same shapes
+also run through the real ranks of each layout (cluster/layout_profiler.py: one process per rank, each built as the
+launcher builds an instance's rank), each layout saved as an entry of its own (an SP layout times prefill only: SP
+runs prefill only). What the layout adds to TP 1 (fixed + per token) is fitted from paired forwards and printed
+next to the analytic model's TP all-reduce, SP ring and pipeline-hop terms.
 
 With `--server` the decode step is fitted through a running server instead: batches of requests decoding together
 as the decode rank really runs them (mixed contexts, sampling, scheduling, events). The in-process fit covers the
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+from dataclasses import dataclass
 import itertools
 import statistics
 import time
@@ -22,8 +25,8 @@ import time
 import torch
 
 from splitserve.placement.parallel import Parallel
-from splitserve.placement.profile import (PipelineHop, Profile, ProfileEntry, Uncertainty, fit_decode_report,
-                                          fit_pipeline_hop, fit_prefill_report)
+from splitserve.placement.profile import (Overhead, Profile, ProfileEntry, Uncertainty, fit_decode_report,
+                                          fit_overhead, fit_pipeline_hop, fit_prefill_report)
 from splitserve.workers.batch import build_batch
 from splitserve.workers.block_manager import BlockManager
 from splitserve.workers.llm import LLM
@@ -93,8 +96,7 @@ def measure(llm: LLM, prefill_batches, decode_points, repeats: int = 5):
     times: list[list[float]] = [[] for _ in shapes]
     for sweep in range(repeats):
         for i, (phase, shape) in enumerate(shapes):
-            lengths = list(shape) if phase == "prefill" else [shape[1]] * shape[0]
-            seqs = sequences(llm.blocks, lengths, computed_all_but_last=phase == "decode")
+            seqs = sequences(llm.blocks, shape_lengths((phase, shape)), computed_all_but_last=phase == "decode")
             batch = build_batch(seqs, llm.blocks)
             if sweep == 0:
                 runner.forward_logits(batch)  # warm-up
@@ -107,7 +109,10 @@ def measure(llm: LLM, prefill_batches, decode_points, repeats: int = 5):
 
 
 def _fit_entry(par: Parallel, prefill, decode, resamples: int) -> ProfileEntry:
+    """The entry of `par`; without decode shapes (an SP layout) it has a prefill fit only."""
     k_prefill, u_prefill = fit_prefill_report([(ls, t) for ls, ts in prefill for t in ts], resamples)
+    if not decode:
+        return ProfileEntry(par, k_prefill, None, {"prefill": u_prefill})
     k_decode, u_decode = fit_decode_report([(b, c, t) for b, c, ts in decode for t in ts], resamples)
     return ProfileEntry(par, k_prefill, k_decode, {"prefill": u_prefill, "decode": u_decode})
 
@@ -130,30 +135,64 @@ def profile_model(model: str, dtype: str = "float32", device: str = "cpu", repea
     return (Profile(model=model, hardware=hardware, entries=(entry,)), *_medians(prefill, decode))
 
 
-def profile_pipeline(model: str, pp: int, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
-                     prefill_batches=PREFILL_BATCHES, decode_points=DECODE_POINTS, resamples: int = 200):
-    """The same shapes as `profile_model` through `pp` real pipeline stages (one process each), each forward
-    followed by the same batch through the whole model (PP 1) in the leader's process. Returns (entry for tp 1 pp
-    `pp`, (prefill, decode) medians through the stages, (prefill, decode) medians of the PP 1 forwards alongside,
-    the cost of one more stage), the medians as `profile_model` returns them."""
-    from splitserve.cluster.pipeline_profiler import measure_pipeline
+@dataclass(frozen=True)
+class LayoutTiming:
+    """One layout timed through its real ranks: its profile entry; the medians through its ranks and through the
+    whole model at TP 1 alongside, as `profile_model` returns them; per shape, the median of what the layout added to
+    the TP 1 forward timed right after it; and that added time fitted as fixed + per token (per stage for a pipeline
+    alone)."""
+
+    entry: ProfileEntry
+    timed: tuple[list, list]
+    alongside: tuple[list, list]
+    added: tuple[list[float], list[float]]
+    overhead: Overhead
+
+
+def _tokens(shape) -> int:
+    """Query tokens of a shape's forward."""
+    phase, value = shape
+    return sum(value) if phase == "prefill" else value[0]
+
+
+def profile_layout(model: str, par: Parallel, dtype: str = "float32", device: str = "cpu", repeats: int = 5,
+                   prefill_batches=PREFILL_BATCHES, decode_points=DECODE_POINTS, resamples: int = 200,
+                   backend: str = "auto") -> LayoutTiming:
+    """The shapes of `profile_model` through the ranks of layout `par` (one process per rank; prefill shapes only
+    under SP), each forward followed by the same shape through the whole model at TP 1 in the leader's process."""
+    from splitserve.cluster.layout_profiler import measure_layout
     from splitserve.workers.engine_config import EngineConfig
+    from splitserve.workers.instance import InstanceSpec
     from splitserve.workers.presets import resolve_model
 
+    if par.sp > 1:
+        decode_points = []  # SP runs prefill only
     shapes = _shapes(prefill_batches, decode_points)
-    staged, single = measure_pipeline(str(resolve_model(model)), pp, shapes, repeats, dtype, device,
-                                      EngineConfig().block_size)
-    prefill, decode = _by_phase(shapes, staged)
-    # The hop from single sequences (a batch of several flows as overlapping micro-batches): per shape, the median
-    # of each repeat's difference, PP 1 having run right after the stages.
-    alone = []
-    for (phase, shape), through_stages, whole in zip(shapes, staged, single):
-        lengths = shape if phase == "prefill" else [1] * shape[0]
-        if len(lengths) == 1:
-            added = statistics.median(t - u for t, u in zip(through_stages, whole))
-            alone.append((lengths[0], statistics.median(whole), added))
-    return (_fit_entry(Parallel(pp=pp), prefill, decode, resamples), _medians(prefill, decode),
-            _medians(*_by_phase(shapes, single)), fit_pipeline_hop(alone, pp))
+    longest = max(sum(shape_lengths(shape)) for shape in shapes)
+    spec = InstanceSpec(cluster_id="profile", name=f"profile-{par.tp}x{par.sp}x{par.pp}",
+                        role="prefill" if par.sp > 1 else "colocated", tp=par.tp, sp=par.sp, pp=par.pp,
+                        sp_algorithm=par.sp_algorithm if par.sp > 1 else "ring",
+                        model_dir=str(resolve_model(model)), dtype=dtype, device=device,
+                        engine=EngineConfig(kv_cache_bytes=_cache_bytes(model, longest), backend=backend))
+    timed, single = measure_layout(spec, shapes, repeats)
+    added_by_shape = [statistics.median(t - u for t, u in zip(through, whole)) for through, whole in zip(timed, single)]
+    # Under pipeline stages, single sequences only: a batch of several flows as overlapping micro-batches.
+    samples = [(_tokens(shape), statistics.median(whole), added)
+               for shape, whole, added in zip(shapes, single, added_by_shape)
+               if par.pp == 1 or len(shape_lengths(shape)) == 1]
+    pipeline_alone = par.pp > 1 and par.tp == par.sp == 1
+    overhead = fit_pipeline_hop(samples, par.pp) if pipeline_alone else fit_overhead(samples)
+    prefill, decode = _by_phase(shapes, timed)
+    count = len(prefill)
+    return LayoutTiming(_fit_entry(par, prefill, decode, resamples), _medians(prefill, decode),
+                        _medians(*_by_phase(shapes, single)), (added_by_shape[:count], added_by_shape[count:]),
+                        overhead)
+
+
+def shape_lengths(shape) -> list[int]:
+    """The sequence lengths of a shape's batch: its prompts, or (decode) each sequence's context."""
+    phase, value = shape
+    return list(value) if phase == "prefill" else [value[1]] * value[0]
 
 
 def uncertainty_line(name: str, k, u: Uncertainty) -> str:
@@ -274,9 +313,34 @@ def add_arguments(p) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=4096,
                    help="with --server: prompt tokens per batch at most (the server's engine.max_num_batched_tokens)")
     p.add_argument("--timeout", type=float, default=300.0, help="with --server: per-request deadline (s)")
-    p.add_argument("--pp", type=pipeline_degrees, default=(1,),
-                   help="pipeline depths to time, e.g. 1,2 (default 1: in-process only; each deeper one runs the "
-                        "same shapes again through that many stage processes, about the PP 1 time each)")
+    p.add_argument("--layouts", type=layouts, default=None,
+                   help="instance layouts to time through their real ranks, TPxSPxPP, e.g. 1x1x1,2x1x1,1x2x1,1x1x2 "
+                        "(1x1x1 is always timed, in-process; each other layout runs the same shapes again through "
+                        "one process per rank, about the TP 1 time each; an SP layout times prefill shapes only)")
+    p.add_argument("--pp", type=pipeline_degrees, default=None,
+                   help="short for --layouts 1x1x1,1x1xP,...: pipeline depths to time, e.g. 1,2")
+    p.add_argument("--sp-algorithm", default="auto", choices=["auto", "ring", "token_ring"],
+                   help="attention of the SP layouts (auto: the one the planner picks for the model and TP degree)")
+
+
+def layouts(text: str) -> tuple[tuple[int, int, int], ...]:
+    """`1x1x1,2x1x1` -> ((1, 1, 1), (2, 1, 1)) as (tp, sp, pp); 1x1x1 (the base of every other layout) always
+    comes first."""
+    values = {}  # in the order given
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        parts = item.lower().split("x")
+        try:
+            degrees = tuple(int(v) for v in parts)
+        except ValueError:
+            degrees = ()
+        if len(degrees) != 3 or min(degrees) < 1:
+            raise argparse.ArgumentTypeError(f"expected layouts TPxSPxPP of integers >= 1 like 2x1x1, got {item!r}")
+        values[degrees] = None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected layouts TPxSPxPP like 1x1x1,2x1x1, got {text!r}")
+    return ((1, 1, 1),) + tuple(v for v in values if v != (1, 1, 1))
 
 
 def pipeline_degrees(text: str) -> tuple[int, ...]:
@@ -300,48 +364,136 @@ def _analytic_hardware(device: str) -> str | None:
     return next((h for h in HARDWARE if h != "cpu" and h.split("-")[0] in name), None)
 
 
-def _print_pipeline(pp: int, entry: ProfileEntry, single, staged, hop: PipelineHop, model: str, dtype: str,
-                    device: str):
-    # PP 1 here is the whole model in the leader's process, timed right after each pipelined forward.
-    print(f"pp {pp}    {'shape':<22}{'pp 1 ms':>10}{f'pp {pp} ms':>10}{'fitted ms':>11}")
-    for (lengths, t1), (_, t) in zip(single[0], staged[0]):
-        k = entry.prefill
-        fit = k.a + k.b * sum(lengths) + k.c * sum(n * n for n in lengths)
-        print(f"prefill  {f'{len(lengths)} x {lengths[0]}':<22}{t1 * 1e3:>10.2f}{t * 1e3:>10.2f}{fit * 1e3:>11.2f}")
-    for (batch, ctx, t1), (*_, t) in zip(single[1], staged[1]):
-        fit = entry.decode.a + entry.decode.b * ctx + entry.decode.c * batch
-        print(f"decode   {f'{batch} x {ctx // batch}':<22}{t1 * 1e3:>10.2f}{t * 1e3:>10.2f}{fit * 1e3:>11.2f}")
-    line = (f"one more stage (pp {pp} vs 1, {hop.shapes} single-sequence shapes): {hop.fixed * 1e3:.3f} ms + "
-            f"{hop.per_token * 1e6:.3f} us/token")
-    hardware = _analytic_hardware(device)
-    if hardware:
-        from splitserve.placement.hardware import ClusterSpec, get_hardware
-        from splitserve.placement.latency import AnalyticLatency, Efficiency
-        from splitserve.placement.specs import load_model
-        from splitserve.workers.presets import resolve_model
+def _label(par: Parallel) -> str:
+    return f"{par.tp}x{par.sp}x{par.pp}"
 
-        spec = load_model(str(resolve_model(model)), dtype)
-        fixed, per_token = AnalyticLatency(spec, ClusterSpec(1, pp, get_hardware(hardware))).pipeline_hop(
-            Parallel(pp=pp))
+
+def _analytic(model: str, dtype: str, device: str, par: Parallel):
+    """(the analytic model of this device with the layout's ranks on one node, the catalog name), or None."""
+    hardware = _analytic_hardware(device)
+    if hardware is None:
+        return None
+    from splitserve.placement.hardware import ClusterSpec, get_hardware
+    from splitserve.placement.latency import AnalyticLatency
+    from splitserve.placement.specs import load_model
+    from splitserve.workers.presets import resolve_model
+
+    spec = load_model(str(resolve_model(model)), dtype)
+    return AnalyticLatency(spec, ClusterSpec(1, par.devices, get_hardware(hardware))), hardware
+
+
+def _analytic_comm(lat, par: Parallel, lengths: list[int], tokens: int, prefill: bool) -> float:
+    """The analytic model's communication of one forward: TP all-reduces, exposed SP ring steps, pipeline hops."""
+    seconds = 0.0
+    if par.tp > 1:
+        fixed, per_token = lat.tp_allreduce(par, prefill)
+        seconds += fixed + per_token * tokens
+    if par.sp > 1 and prefill:
+        seconds += lat.sp_ring_exposed(lengths, par)
+    if par.pp > 1:
+        fixed, per_token = lat.pipeline_hop(par, prefill)
+        seconds += (par.pp - 1) * (fixed + per_token * tokens)
+    return seconds
+
+
+def _print_layout(timing: LayoutTiming, model: str, dtype: str, device: str) -> None:
+    """Each shape at TP 1 (timed right after it) and through the layout's ranks, what the layout added, and the
+    analytic model's view of the same: the whole difference, and its communication terms alone."""
+    par, entry = timing.entry.par, timing.entry
+    analytic = _analytic(model, dtype, device, par)
+    lat = analytic[0] if analytic else None
+    print(f"{_label(par):<8} {'shape':<16}{'tp 1 ms':>9}{'layout ms':>11}{'fitted ms':>11}{'added ms':>10}"
+          f"{'analytic added':>16}{'analytic comm':>15}")
+    analytic_added = []
+    rows = ([("prefill", ls, t1, t, add) for (ls, t1), (_, t), add in
+             zip(timing.alongside[0], timing.timed[0], timing.added[0])]
+            + [("decode", (b, c), t1, t, add) for (b, c, t1), (*_, t), add in
+               zip(timing.alongside[1], timing.timed[1], timing.added[1])])
+    for phase, shape, t1, t, add in rows:
+        if phase == "prefill":
+            k, lengths, tokens = entry.prefill, list(shape), sum(shape)
+            fit = k.a + k.b * tokens + k.c * sum(n * n for n in lengths)
+            label = f"{len(lengths)} x {lengths[0]}"
+        else:
+            (batch, ctx), k = shape, entry.decode
+            lengths, tokens = [ctx // batch] * batch, batch
+            fit = k.a + k.b * ctx + k.c * batch
+            label = f"{batch} x {ctx // batch}"
+        line = f"{phase:<8} {label:<16}{t1 * 1e3:>9.2f}{t * 1e3:>11.2f}{fit * 1e3:>11.2f}{add * 1e3:>10.2f}"
+        if lat is not None:
+            if phase == "prefill":
+                whole = lat.prefill_time(lengths, par) - lat.prefill_time(lengths, Parallel())
+            else:
+                whole = lat.decode_time(batch, ctx, par) - lat.decode_time(batch, ctx, Parallel())
+            comm = _analytic_comm(lat, par, lengths, tokens, phase == "prefill")
+            line += f"{whole * 1e3:>16.3f}{comm * 1e3:>15.3f}"
+            analytic_added.append((tokens, t1, whole))
+        print(line)
+    o = timing.overhead
+    per = "per stage, " if par.pp > 1 and par.tp == par.sp == 1 else ""
+    which = "single-sequence " if par.pp > 1 else ""
+    line = (f"{_label(par)} added to tp 1 ({per}{o.shapes} {which}shapes, fitted): {o.fixed * 1e3:.3f} ms + "
+            f"{o.per_token * 1e6:.3f} us/token")
+    if lat is None:
+        print(line)
+        return
+    hardware = analytic[1]
+    if per:
+        fixed, per_token = lat.pipeline_hop(par)
         line += (f"; the analytic model ({hardware}): {fixed * 1e3:.3f} ms + {per_token * 1e6:.3f} us/token "
-                 f"(forward_overhead {Efficiency().forward_overhead * 1e3:g} ms + link latency)")
+                 f"(forward_overhead {lat.eff.forward_overhead * 1e3:g} ms + link latency)")
+    elif len({n for n, *_ in analytic_added}) > 1:
+        fit = fit_overhead(analytic_added)
+        line += (f"; the analytic model ({hardware}), whole forward: {fit.fixed * 1e3:.3f} ms + "
+                 f"{fit.per_token * 1e6:.3f} us/token")
     print(line)
+    if par.tp > 1:
+        fixed, per_token = lat.tp_allreduce(par)
+        print(f"  analytic TP all-reduces (2 per layer x {lat.model.num_layers} layers): {fixed * 1e3:.3f} ms + "
+              f"{per_token * 1e6:.3f} us/token; compute x {1 + lat.eff.tp_penalty * (1 - 1 / par.tp):.2f} / {par.tp} "
+              f"(tp_penalty {lat.eff.tp_penalty:g}), which needs a device per rank")
+    if par.sp > 1:
+        fixed, per_token = lat.sp_ring(par)
+        print(f"  analytic SP ring ({par.sp_algorithm}, {par.sp - 1} steps x {lat.model.num_layers} layers): "
+              f"{fixed * 1e3:.3f} ms + {per_token * 1e6:.3f} us/token before overlap; exposed beyond attention "
+              "in the comm column")
+
+
+def _layouts(args, model_config, spec) -> list[Parallel]:
+    """The layouts to time through ranks (1x1x1 apart), validated as the launcher validates an instance."""
+    from splitserve.cluster.auto_placement import launch_problem
+    from splitserve.placement.latency import cheaper_sp_algorithm
+    from splitserve.workers.hf_config import resolve_backend
+
+    if args.layouts is not None and args.pp is not None:
+        raise ValueError("--pp: short for --layouts 1x1xP; give one of them")
+    flag = "--pp" if args.pp is not None else "--layouts"
+    triples = [(1, 1, pp) for pp in args.pp] if args.pp is not None else list(args.layouts or [(1, 1, 1)])
+    backend = resolve_backend("auto", model_config.architecture)
+    out = []
+    for tp, sp, pp in triples:
+        if (tp, sp, pp) == (1, 1, 1):
+            continue
+        algorithm = "none" if sp == 1 else (cheaper_sp_algorithm(spec, tp) if args.sp_algorithm == "auto"
+                                            else args.sp_algorithm)
+        par = Parallel(tp=tp, pp=pp, sp=sp, sp_algorithm=algorithm)
+        problem = launch_problem(spec, model_config, backend, par)
+        if problem:
+            raise ValueError(f"{flag}: {tp}x{sp}x{pp} cannot run {args.model}: {problem}")
+        out.append(par)
+    if out and args.server:
+        raise ValueError(f"{flag}: layouts beyond 1x1x1 are timed in-process only; with --server only TP 1's decode "
+                         "is refitted, so profile them apart")
+    return out
 
 
 def run(args) -> int:
+    from splitserve.placement.specs import load_model
     from splitserve.workers.config import load_config
-    from splitserve.workers.hf_config import resolve_backend
     from splitserve.workers.presets import resolve_model
 
-    stages = [pp for pp in args.pp if pp > 1]
-    if stages and args.server:
-        raise ValueError("--pp: deeper pipelines are timed in-process only; with --server only PP 1's decode is "
-                         "refitted, so profile them apart")
-    model_config = load_config(resolve_model(args.model))
-    if stages and max(stages) > model_config.num_layers:
-        raise ValueError(f"--pp: {max(stages)} stages cannot split {args.model}'s {model_config.num_layers} layers")
-    if stages and resolve_backend("auto", model_config.architecture) != "native":
-        raise ValueError(f"--pp: pipeline stages run on the native model backend only ({model_config.architecture})")
+    model_dir = resolve_model(args.model)
+    layouts_to_time = _layouts(args, load_config(model_dir), load_model(str(model_dir), args.dtype))
     profile, prefill, decode = profile_model(args.model, args.dtype, args.device, args.repeats)
     entry = profile.entries[0]
     print(f"prefill {'lengths':<24}{'measured ms':>12}{'fitted ms':>11}")
@@ -359,12 +511,12 @@ def run(args) -> int:
         profile = dataclasses.replace(profile, entries=(entry,))
     for phase in ("prefill", "decode"):
         print(uncertainty_line(phase, getattr(entry, phase), entry.uncertainty[phase]))
-    for pp in stages:
-        staged_entry, staged, single, hop = profile_pipeline(args.model, pp, args.dtype, args.device, args.repeats)
-        _print_pipeline(pp, staged_entry, single, staged, hop, args.model, args.dtype, args.device)
-        for phase in ("prefill", "decode"):
-            print(uncertainty_line(f"pp {pp} {phase}", getattr(staged_entry, phase), staged_entry.uncertainty[phase]))
-        profile = dataclasses.replace(profile, entries=profile.entries + (staged_entry,))
+    for par in layouts_to_time:
+        timing = profile_layout(args.model, par, args.dtype, args.device, args.repeats)
+        _print_layout(timing, args.model, args.dtype, args.device)
+        for phase, u in timing.entry.uncertainty.items():
+            print(uncertainty_line(f"{_label(par)} {phase}", getattr(timing.entry, phase), u))
+        profile = dataclasses.replace(profile, entries=profile.entries + (timing.entry,))
     profile.save(args.output)
     print(f"wrote {args.output}; use it with `splitserve plan --profile {args.output} --model {args.model} ...`")
     return 0

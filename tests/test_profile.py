@@ -1,5 +1,6 @@
-"""`splitserve profile` measures our own engine (in-process, and with `--pp` through real pipeline stages), fits
-DistServe's forms, and the planner accepts the result."""
+"""`splitserve profile` measures our own engine (in-process, and with `--layouts` through the real ranks of TP, SP
+and PP layouts), fits DistServe's forms, and the planner accepts the result."""
+import argparse
 import math
 
 import pytest
@@ -7,8 +8,12 @@ import yaml
 
 from splitserve.cluster import profiler
 from splitserve.cluster.cli import main
+from splitserve.placement.latency import cheaper_sp_algorithm
 from splitserve.placement.parallel import Parallel
 from splitserve.placement.profile import Profile, ProfileLatency
+from splitserve.placement.specs import load_model
+from splitserve.workers.config import load_config
+from splitserve.workers.presets import resolve_model
 
 
 def test_profile_fits_and_feeds_the_planner(tmp_path, capsys):
@@ -39,49 +44,114 @@ def test_profile_fits_and_feeds_the_planner(tmp_path, capsys):
     assert plan["placement"]["predicted"]["disaggregated"]["verified_attainment"] >= 0.9
 
 
-PP_PREFILL = ([16], [64], [32, 32], [128])
-PP_DECODE = [(1, 32), (4, 32), (1, 128)]
+LAYOUT_PREFILL = ([64], [128], [64, 64], [256])  # multiples of 2·SP·block_size: no SP padding
+LAYOUT_DECODE = [(1, 32), (4, 32), (1, 128)]
 
 
-def test_pipeline_profile_times_real_stages_and_feeds_the_planner(tmp_path):
-    """PP 2 runs the PP 1 shapes through two stage processes (and each through the whole model alongside); its
-    entry is what the planner uses at pp 2, and the cost of the extra stage comes from the single-sequence shapes."""
-    profile, prefill, decode = profiler.profile_model("tiny", repeats=1, prefill_batches=PP_PREFILL,
-                                                      decode_points=PP_DECODE, resamples=20)
-    entry, staged, alongside, hop = profiler.profile_pipeline("tiny", 2, repeats=2, prefill_batches=PP_PREFILL,
-                                                              decode_points=PP_DECODE, resamples=20)
-    assert entry.par == Parallel(pp=2)
-    for medians in (staged, alongside):
+@pytest.mark.parametrize("par", [Parallel(tp=2), Parallel(sp=2, sp_algorithm="ring"), Parallel(pp=2)],
+                         ids=["tp2", "sp2", "pp2"])
+def test_layout_profile_times_real_ranks_and_feeds_the_planner(par, tmp_path, capsys):
+    """A layout runs the TP 1 shapes through its ranks (one process each, built as the launcher builds them) and
+    each through the whole model alongside; its entry is what the planner uses at that layout (SP: prefill only), and
+    what it added to TP 1 is fitted (per stage for a pipeline)."""
+    profile, prefill, decode = profiler.profile_model("tiny", repeats=1, prefill_batches=LAYOUT_PREFILL,
+                                                      decode_points=LAYOUT_DECODE, resamples=20)
+    timing = profiler.profile_layout("tiny", par, repeats=2, prefill_batches=LAYOUT_PREFILL,
+                                     decode_points=LAYOUT_DECODE, resamples=20)
+    entry = timing.entry
+    assert entry.par == par
+    timed_decode = [] if par.sp > 1 else [(b, c) for b, c, _ in decode]
+    for medians in (timing.timed, timing.alongside):
         assert [ls for ls, _ in medians[0]] == [ls for ls, _ in prefill]
-        assert [(b, c) for b, c, _ in medians[1]] == [(b, c) for b, c, _ in decode]
+        assert [(b, c) for b, c, _ in medians[1]] == timed_decode
         assert all(t > 0 for *_, t in medians[0] + medians[1])
-    for c in (entry.prefill, entry.decode):
+    assert [len(a) for a in timing.added] == [len(prefill), len(timed_decode)]
+    assert (entry.decode is None) == (par.sp > 1) and set(entry.uncertainty) == {"prefill", "decode"} - (
+        {"decode"} if par.sp > 1 else set())
+    for c in (entry.prefill, entry.decode or entry.prefill):
         assert all(math.isfinite(v) and v >= 0 for v in (c.a, c.b, c.c))
-    assert hop.shapes == 5 and math.isfinite(hop.fixed) and math.isfinite(hop.per_token)
+    # Pipeline stages: the single-sequence shapes (3 prefill, 2 decode); otherwise every shape.
+    assert timing.overhead.shapes == (5 if par.pp > 1 else len(prefill) + len(timed_decode))
+    assert math.isfinite(timing.overhead.fixed) and math.isfinite(timing.overhead.per_token)
+
+    profiler._print_layout(timing, "tiny", "float32", "cpu")
+    printed = capsys.readouterr().out
+    label = f"{par.tp}x{par.sp}x{par.pp}"
+    if par.pp > 1:
+        assert f"{label} added to tp 1 (per stage, 5 single-sequence shapes, fitted)" in printed
+        assert "the analytic model (cpu): 3.0" in printed  # its forward overhead of 3 ms per stage
+    else:
+        assert f"{label} added to tp 1 ({timing.overhead.shapes} shapes, fitted)" in printed
+    assert ("analytic TP all-reduces (2 per layer x 2 layers)" in printed) == (par.tp > 1)
+    assert ("analytic SP ring (ring, 1 steps x 2 layers)" in printed) == (par.sp > 1)
 
     path = tmp_path / "profile.json"
     Profile(profile.model, profile.hardware, profile.entries + (entry,)).save(str(path))
     latency = ProfileLatency(Profile.load(str(path)))
-    k = entry.decode
-    assert latency.decode_time(4, 128, Parallel(pp=2)) == pytest.approx(k.a + 128 * k.b + 4 * k.c, rel=1e-9)
+    k = entry.prefill
+    assert latency.prefill_time([64, 64], par) == pytest.approx(k.a + 128 * k.b + 2 * 64 * 64 * k.c, rel=1e-9)
+    if entry.decode is not None:
+        k = entry.decode
+        assert latency.decode_time(4, 128, par) == pytest.approx(k.a + 128 * k.b + 4 * k.c, rel=1e-9)
     k = profile.entry(Parallel()).decode
     assert latency.decode_time(4, 128, Parallel()) == pytest.approx(k.a + 128 * k.b + 4 * k.c, rel=1e-9)
 
 
-def test_pipeline_profile_reports_a_stage_that_fails():
-    with pytest.raises(RuntimeError, match=r"stage \d of 3 failed(.|\n)*3 stages cannot split 2 layers"):
-        profiler.profile_pipeline("tiny", 3, repeats=1, prefill_batches=([16], [32]), decode_points=[(1, 16)])
+def test_layout_profile_runs_the_instances_model_code():
+    """The ranks build the real TP shards: a degree the model code cannot split fails in the rank, reported."""
+    with pytest.raises(RuntimeError, match=r"rank \d of 3 \(tp 3 sp 1 pp 1\) failed(.|\n)*num_attention_heads \(4\) "
+                                           r"is not divisible by the tensor-parallel size \(3\)"):
+        profiler.profile_layout("tiny", Parallel(tp=3), repeats=1, prefill_batches=([64], [128]),
+                                decode_points=[(1, 16)])
 
 
-def test_profile_command_with_pipeline_depths(tmp_path, capsys):
+def test_profile_command_with_layouts(tmp_path, capsys):
     out = tmp_path / "profile.json"
-    assert main(["profile", "--model", "tiny", "--pp", "2", "--repeats", "1", "--output", str(out)]) == 0
+    assert main(["profile", "--model", "tiny", "--layouts", "1x2x1", "--repeats", "1", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "one more stage (pp 2 vs 1, 8 single-sequence shapes)" in printed and "analytic model (cpu)" in printed
+    algorithm = cheaper_sp_algorithm(load_model("tiny", "float32"), 1)  # what the planner would ask the profile for
+    assert "1x2x1 added to tp 1 (9 shapes, fitted)" in printed and "the analytic model (cpu)" in printed
+    assert f"analytic SP ring ({algorithm}, 1 steps x 2 layers)" in printed
     saved = Profile.load(str(out))
-    assert [e.par for e in saved.entries] == [Parallel(), Parallel(pp=2)]
-    assert main(["profile", "--model", "tiny", "--pp", "1,3", "--output", str(out)]) == 2
-    assert "--pp: 3 stages cannot split tiny's 2 layers" in capsys.readouterr().err
+    assert [e.par for e in saved.entries] == [Parallel(), Parallel(sp=2, sp_algorithm=algorithm)]
+    assert saved.entries[1].decode is None
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    profiler.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny", *argv])
+    return profiler._layouts(args, load_config(resolve_model("tiny")), load_model("tiny", "float32"))
+
+
+def test_layouts_and_the_pp_shorthand():
+    assert _args() == []
+    assert _args("--pp", "1,2") == [Parallel(pp=2)]
+    assert _args("--layouts", "1x1x1,1x1x2") == [Parallel(pp=2)]
+    assert _args("--layouts", "2x1x2,1x2x1,2x1x2", "--sp-algorithm", "token_ring") == [
+        Parallel(tp=2, pp=2), Parallel(sp=2, sp_algorithm="token_ring")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layouts", "3x1x1"], "--layouts: 3x1x1 cannot run tiny: tp: 3 ranks do not divide the model's 4 attention "
+                             "heads"),
+    (["--pp", "1,3"], "--pp: 1x1x3 cannot run tiny: pp: 3 stages for 2 layers"),
+    (["--pp", "2", "--layouts", "2x1x1"], "--pp: short for --layouts 1x1xP; give one of them"),
+    (["--layouts", "1x1x2", "--server", "127.0.0.1:1"], "--layouts: layouts beyond 1x1x1 are timed in-process only"),
+])
+def test_profile_command_refuses_layouts_by_flag(args, message, tmp_path, capsys):
+    """Refused before anything is timed (these layouts would fail, or take minutes, if they ran)."""
+    assert main(["profile", "--model", "tiny", *args, "--output", str(tmp_path / "p.json")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--layouts", "2x1", "argument --layouts: expected layouts TPxSPxPP of integers >= 1 like 2x1x1, got '2x1'"),
+    ("--layouts", "2x0x1", "argument --layouts: expected layouts TPxSPxPP"),
+    ("--pp", "0", "argument --pp: pipeline depths must be integers >= 1"),
+])
+def test_profile_layout_syntax(flag, value, message, capsys):
     with pytest.raises(SystemExit):
-        main(["profile", "--pp", "0"])
-    assert "argument --pp: pipeline depths must be integers >= 1" in capsys.readouterr().err
+        main(["profile", flag, value])
+    assert message in capsys.readouterr().err
