@@ -15,7 +15,10 @@ Steps, in one run:
    points give every sequence of a batch the same context; a second decode fit uses batches whose contexts are
    drawn from the workload (prompt + part of the output), because the decode attention pads every sequence of a
    batch to the longest context (a batch costs about batch x longest context, not the sum of contexts).
-2. Server: `splitserve serve` in a subprocess, so the client does not share the frontend's interpreter.
+2. Server: `splitserve serve` in a subprocess, so the client does not share the frontend's interpreter, with the
+   prefix cache off: the serving fit and every rate resend prompts sent before (each rate's requests are the first
+   N of one workload), and cached prompts would be neither computed nor moved (the simulator has no cache). Each
+   row records the cached prompt tokens (0).
 3. Calibration: unloaded, one request at a time through the server: client-seen TTFT minus the fitted prefill,
    the server's first-token-to-KV-ready time (hand-off), and client-seen TPOT minus the fitted decode step. These
    fixed serving costs are measured apart from the validation runs.
@@ -23,7 +26,7 @@ Steps, in one run:
    ids with ignore_eos, sent with its seeded Poisson arrivals. The simulator gets exactly those arrival times and
    (prompt, output) lengths: one trace, two consumers. SLOs are multiples of the fitted unloaded times (TTFT: the
    prefill of the mean prompt; TPOT: a batch-1 step at the mean context).
-5. Rates: by default 0.5x, 1x and 1.5x the rate at which `--knee-model` (default `serving`, below) predicts 90 %
+5. Rates: by default 0.5x, 1x and 1.5x the rate at which `--knee-model` (default `shared`, below) predicts 90 %
    attainment (low, knee, overloaded); each run sends about `--duration` seconds of arrivals.
 6. Per rate, four predictions and the measurement (attainment, TTFT/TPOT p50/p90, difference in points):
    `profile`: the profile alone, as `splitserve plan --profile` uses it (forwards only, no transfer time);
@@ -34,8 +37,12 @@ Steps, in one run:
    at once and decoding together, B = 1..24, shorter and longer prompts, every batch sent `--serving-rounds`
    times with the rounds minutes apart, fitted robustly to the medians): every per-step cost of the rank
    (sampling, scheduling, events, RPCs, padding) at each batch size, with no prefill running meanwhile. Its
-   `band` is the 5th-95th percentile of the attainment predicted with the two fits' bootstrap draws in their
-   place.
+   `shared`: serving, with both ranks simulated together on the shared cores (`placement/shared_host.py`):
+   a decode step runs slower while a prefill batch computes and a prefill slower while decode steps run (by the
+   factors `calibrate_sharing` measures through the server: a decode batch alone, then beside back-to-back
+   prompts), a request's reservation waits for the decode step in flight, and the prefill leader waits for its
+   KV pushes (the hand-off) before its next batch. Its `band` is the 5th-95th percentile of the attainment
+   predicted with the two serving fits' bootstrap draws in their place; the rates come from its knee.
    Each run also records where the CPU went (ranks, frontend, client, the rest of Ray, other users) and samples
    the decode batch (GetServerInfo, every 0.25 s) to compare the client's mean ITL with the serving fit's step at
    the batches the rank actually ran. Before each phase the script waits (up to `--quiet-wait` s) until other
@@ -48,12 +55,14 @@ Where prediction and measurement part (numbers in benchmarks/results/planner_val
   from batch 1 to 2, grows faster than linearly beyond ~8k tokens of context, and varies by 10-20 % from one
   process (and minute) to the next on this machine. `mixed` absorbs the padding on average; `serving` also
   holds the rank's own per-step costs. On this workload the latter predicts a knee ~30 % lower than the profile.
-- Steps under open-loop load. Even against `serving`, the decode rank's steps under Poisson arrivals take
-  ~1.2-1.4x as long as the same batches decoding alone (`decode_under_load.itl_over_fit`). Causes the simulator
-  has no term for: prefill forwards and layer-wise KV pushes running at the same time on the shared cores and
-  memory (3-15 % measured in-process), commands to a leader (reserve at dispatch, first-token hand-off) that
-  wait for its current step, and the decode leader polling the store once per pending reservation every loop
-  (so a prefill backlog slows decode steps). The calibration adds only their unloaded cost.
+- Steps under open-loop load. Until the prefix cache was turned off here, most requests of a run had been sent
+  before (by the serving fit and the lower rates), so their prefill computed one block and moved none: measured
+  TTFT p50 ~50 ms against ~100 ms unloaded for the same lengths. With every prompt computed, the decode steps
+  that overlap a prefill forward take 1.3-1.9x the serving fit, the others 0.97-1.06x (steps rebuilt from the
+  client's token times), so the mean step is 1.15-1.2x the fit while its median matches it; the simulator's
+  decode fed the measured KV-ready times reproduces the measured TPOT p50/p90 only with that mean. The `shared`
+  prediction models the overlap; `decode_under_load.itl_over_fit` still compares the client's mean ITL with
+  the serving fit (no overlap) at the batches the rank ran.
 - Sensitivity at the knee. Every request in a decode batch shares its step time, so TPOT attainment falls from
   ~100 % to ~0 % over a narrow band of rates: a 20-30 % error in the step moves the knee by about as much, and
   the attainment at the predicted knee by tens of points. At the low rate both sides are ~100 %; past the knee
@@ -100,8 +109,9 @@ from splitserve.placement.parallel import Parallel
 from splitserve.placement.percentiles import percentile
 from splitserve.placement.profile import (Coefficients, Profile, ProfileEntry, ProfileLatency, fit_decode,
                                           fit_prefill_report)
+from splitserve.placement.shared_host import SharedHost, simulate_shared_host
 from splitserve.placement.simulator import INF, simulate_decode, simulate_prefill
-from splitserve.proto.client import Client
+from splitserve.proto.client import AsyncClient, Client
 from splitserve.workers.batch import build_batch
 from splitserve.workers.llm import LLM
 
@@ -120,7 +130,13 @@ MIXED_DRAWS = 2
 CALIBRATION_PROMPTS = (64, 128, 256, 512)
 CALIBRATION_OUTPUT = 32
 RATE_FACTORS = (0.5, 1.0, 1.5)
-MODELS = ("profile", "calibrated", "mixed", "serving")
+MODELS = ("profile", "calibrated", "mixed", "serving", "shared")
+BAND_MODEL = "shared"  # the prediction compared in the table's columns, with the band its fits' intervals allow
+# How much the two ranks slow each other on the shared cores: a decode batch of SHARING_BATCH requests decodes
+# SHARING_OUTPUT tokens alone, then again while prompts of SHARING_PROMPT tokens are prefilled back to back.
+SHARING_BATCH = 8
+SHARING_OUTPUT = 160
+SHARING_PROMPT = 192
 
 
 # ---------------------------------------------------------------------------------------------- CPU accounting
@@ -253,6 +269,7 @@ class Model:
     prefill: Coefficients
     decode: Coefficients
     overheads: Overheads = Overheads()
+    host: SharedHost | None = None  # simulate both ranks together on shared cores (else each phase alone)
 
     def latency(self) -> ProfileLatency:
         d = self.decode
@@ -306,7 +323,10 @@ def start_server(args, workdir: str) -> tuple[subprocess.Popen, str, Path]:
     config = {"model": args.model, "dtype": args.dtype, "device": "cpu",
               "prefill": {"instances": 1, "tp": 1}, "decode": {"instances": 1, "tp": 1},
               "engine": {"block_size": BLOCK_SIZE, "kv_cache_bytes": args.kv_cache_mib << 20,
-                         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_batched_tokens}}
+                         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_batched_tokens,
+                         # The runs send prompts that the fits and earlier runs sent before: with the prefix cache
+                         # their prefill would compute nothing and move no KV, which the simulator does not model.
+                         "prefix_caching": False}}
     path = Path(workdir) / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
@@ -346,15 +366,107 @@ def calibrate(client: Client, vocab: int, seed: int, rounds: int) -> list[dict]:
     return rows
 
 
+def calibrate_sharing(target: str, workload, vocab: int, prefill: Coefficients, meter: CpuMeter, args) -> dict:
+    """How much the prefill and decode ranks slow each other on the shared cores, measured through the server.
+    Per round, a batch of SHARING_BATCH requests decodes SHARING_OUTPUT tokens alone, and again while one client
+    sends prompts back to back (each with one output token, so the prefill rank computes most of the time and the
+    decode leader takes a reservation and a KV push per prompt, as under live load). decode_slowdown: the step
+    ratio less one, per unit of the window the prompts were in flight; prefill_slowdown: those prompts' TTFT (less
+    half a decode step, the wait for the decode leader's reservation) over the prefill fitted unloaded, less one.
+    Other users' load inflates both, so each round first waits for quiet (briefly) and records what they took;
+    the medians are over the rounds they disturbed least."""
+    rng = random.Random(args.seed + 13)
+    pool = workload[len(workload) // 2:]
+    rows = []
+    for round_ in range(args.sharing_rounds):
+        batch = pool[round_ * SHARING_BATCH:(round_ + 1) * SHARING_BATCH]
+        wait_quiet(meter, args.max_other_cores, min(30.0, args.quiet_wait))
+        before = meter.snapshot()
+        alone = asyncio.run(_sharing_round(target, batch, None))
+        prompts = [[rng.randrange(bench.LOW_TOKEN_ID, vocab) for _ in range(SHARING_PROMPT)] for _ in range(64)]
+        shared = asyncio.run(_sharing_round(target, batch, prompts))
+        other = meter.usage(before, meter.snapshot())["other_users"]
+        step, ttfts = shared["step_s"], shared["prompt_ttfts"]
+        fitted = prefill.a + prefill.b * SHARING_PROMPT + prefill.c * SHARING_PROMPT ** 2
+        rows.append({"step_alone_s": alone["step_s"], "step_shared_s": step, "window_s": shared["window_s"],
+                     "prefill_busy": shared["busy"], "prompts": len(ttfts),
+                     "prompt_ttft_s": statistics.median(ttfts) if ttfts else None, "other_users_cores": other,
+                     "decode_slowdown": (step / alone["step_s"] - 1) / max(shared["busy"], 1e-3),
+                     "prefill_slowdown": (statistics.median(ttfts) - step / 2) / fitted - 1 if ttfts else None})
+    quiet = [r for r in rows if r["other_users_cores"] <= args.max_other_cores and r["prompts"]]
+    if len(quiet) < 2:
+        quiet = sorted((r for r in rows if r["prompts"]), key=lambda r: r["other_users_cores"])[:max(1, len(rows) // 2)]
+    for r in rows:
+        r["used"] = r in quiet
+    return {"decode_slowdown": max(0.0, statistics.median(r["decode_slowdown"] for r in quiet)),
+            "prefill_slowdown": max(0.0, statistics.median(r["prefill_slowdown"] for r in quiet)), "rounds": rows}
+
+
+async def _sharing_round(target: str, batch, prompts) -> dict:
+    """The batch's decode step while all of it decodes (from its last first token to its first last token: its
+    prompts are prefilled over several batches); with `prompts`, those sent one after another meanwhile, their
+    TTFTs and the share of that window they were in flight."""
+    async with AsyncClient(target) as client:
+        started, ended = asyncio.Event(), asyncio.Event()
+        firsts, spans, window = [], [], []
+
+        async def decode_one(q) -> list[float]:
+            times = []
+            async for msg in client.stream(list(q.prompt), max_tokens=SHARING_OUTPUT, temperature=0.0,
+                                           ignore_eos=True):
+                if msg.token_ids:
+                    times.append(time.perf_counter())
+                    if len(times) == 1:
+                        firsts.append(times[0])
+                        if len(firsts) == len(batch):
+                            window.append(times[0])
+                            started.set()
+            if not ended.is_set():
+                window.append(time.perf_counter())
+                ended.set()
+            return times
+
+        async def send_prompts() -> None:
+            await started.wait()
+            for ids in prompts:
+                if ended.is_set():
+                    return
+                sent = time.perf_counter()
+                r = await client.generate(ids, max_tokens=1, temperature=0.0, ignore_eos=True)
+                spans.append((sent, sent + r.ttft_s))
+
+        tasks = [asyncio.create_task(decode_one(q)) for q in batch]
+        if prompts:
+            sender = asyncio.create_task(send_prompts())
+        token_times = await asyncio.gather(*tasks)
+        if prompts:
+            await sender
+    start, end = window
+    steps = []
+    for times in token_times:
+        inside = [t for t in times if start <= t <= end]
+        if len(inside) > 1:
+            steps.append((inside[-1] - inside[0]) / (len(inside) - 1))
+    inside = [(max(a, start), min(b, end)) for a, b in spans if b > start and a < end]
+    return {"step_s": statistics.median(steps), "window_s": end - start,
+            "busy": sum(b - a for a, b in inside) / max(1e-9, end - start),
+            "prompt_ttfts": [b - a for a, b in spans if a >= start and b <= end]}
+
+
 # ---------------------------------------------------------------------------------------------- prediction
 
 def simulate(model: Model, arrivals, prompts, outputs, kv_tokens: int, args) -> tuple[list[float], list[float]]:
     """Per-request (TTFT, TPOT) in seconds, as the client would see them under the model."""
     latency, over = model.latency(), model.overheads
-    first = simulate_prefill(latency, ONE, arrivals, prompts, 1, args.max_batched_tokens)
-    seen = [f + over.ttft_s for f in first]
-    ready = [s + over.handoff_s for s in seen]
-    finish = simulate_decode(latency, ONE, ready, prompts, outputs, 1, kv_tokens, args.max_num_seqs)
+    if model.host is not None:
+        first, finish = simulate_shared_host(latency, ONE, ONE, arrivals, prompts, outputs, model.host, over.handoff_s,
+                                             kv_tokens, args.max_num_seqs, args.max_batched_tokens)
+        seen = [f + over.ttft_s for f in first]
+    else:
+        first = simulate_prefill(latency, ONE, arrivals, prompts, 1, args.max_batched_tokens)
+        seen = [f + over.ttft_s for f in first]
+        ready = [s + over.handoff_s for s in seen]
+        finish = simulate_decode(latency, ONE, ready, prompts, outputs, 1, kv_tokens, args.max_num_seqs)
     ttft = [s - a for s, a in zip(seen, arrivals)]
     tpot = [INF if e == INF else (e - s) / (o - 1) if o > 1 else 0.0 for s, e, o in zip(seen, finish, outputs)]
     return ttft, tpot
@@ -404,7 +516,7 @@ def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: 
     prompts = [q.prompt_len for q in requests]
     outputs = [q.output_len for q in requests]
     predicted = {name: simulate(m, arrivals, prompts, outputs, kv_tokens, args) for name, m in models.items()}
-    band = predicted_band(models["serving"], draws, arrivals, prompts, outputs, kv_tokens, slo, args)
+    band = predicted_band(models[BAND_MODEL], draws, arrivals, prompts, outputs, kv_tokens, slo, args)
     quiet = wait_quiet(meter, args.max_other_cores, args.quiet_wait)
     before = meter.snapshot()
     with DecodeProbe(target) as probe:
@@ -430,12 +542,13 @@ def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: 
            "duration_s": round(report["duration_s"], 1), "failed": report["failed"],
            "errors": report["errors"],
            "prompt_mismatches": sum(r["ok"] and r["prompt_tokens"] != p for r, p in zip(records, prompts)),
+           "cached_prompt_tokens": report["cached_input_tokens"],  # 0: every prompt was computed and moved
            "output_tokens_per_s": round(report["output_throughput"], 1), "quiet_check": quiet, "cpu_cores": cpu,
            "decode_under_load": decode_load, "measured": measured}
     for name, (ttft, tpot) in predicted.items():
         p = summary(ttft, tpot, outputs, slo)
         row[name] = p | {"diff_pp": 100 * (p["attainment"] - measured["attainment"]),
-                         **({"band": band} if name == "serving" else {}),
+                         **({"band": band} if name == BAND_MODEL else {}),
                          "median_ttft_error_ms": _median_error(ttft, ttft_m),
                          "median_tpot_error_ms": _median_error(tpot, tpot_m, outputs)}
     return row
@@ -505,15 +618,15 @@ def print_table(rows: list, slo: SLO) -> None:
     print(f"\nSLO: TTFT <= {slo.ttft * 1e3:.0f} ms and TPOT <= {slo.tpot * 1e3:.1f} ms; attainment %, "
           f"prediction - measurement in points")
     head = "".join(f"{m:>12}{'diff':>7}" for m in MODELS)
-    print(f"{'rate':>6}{'reqs':>6}{'measured':>10}{head}{'band':>10}   {'TTFT p50/p90 ms meas|serving':<30}"
-          f"{'TPOT p50/p90 ms meas|serving':<30}{'others':>7}{'runs':>5}")
+    print(f"{'rate':>6}{'reqs':>6}{'measured':>10}{head}{'band':>10}   {'TTFT p50/p90 ms meas|' + BAND_MODEL:<30}"
+          f"{'TPOT p50/p90 ms meas|' + BAND_MODEL:<30}{'others':>7}{'runs':>5}")
 
     def pair(d, key):
         digits = 0 if key == "ttft_ms" else 1
         return f"{d[key]['p50']:.{digits}f}/{d[key]['p90']:.{digits}f}"
 
     for r in rows:
-        m, best = r["measured"], r["serving"]
+        m, best = r["measured"], r[BAND_MODEL]
         preds = "".join(f"{100 * r[k]['attainment']:>12.1f}{r[k]['diff_pp']:>+7.1f}" for k in MODELS)
         print(f"{r['rate']:>6.2f}{r['requests']:>6}{100 * m['attainment']:>10.1f}{preds}{_band(best):>10}   "
               f"{pair(m, 'ttft_ms') + ' | ' + pair(best, 'ttft_ms'):<30}"
@@ -528,7 +641,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--dataset", default="humaneval", choices=bench.SYNTHETIC_DATASETS)
     ap.add_argument("--rates", default="auto", help="auto (0.5x, 1x, 1.5x the predicted knee) or R1,R2,...")
-    ap.add_argument("--knee-model", default="serving", choices=MODELS, help="the prediction whose knee sets the rates")
+    ap.add_argument("--knee-model", default=BAND_MODEL, choices=MODELS, help="the prediction whose knee sets the rates")
     ap.add_argument("--duration", type=float, default=45.0, help="seconds of arrivals per rate")
     ap.add_argument("--min-requests", type=int, default=50)
     ap.add_argument("--ttft-slo-scale", type=float, default=4.0, help="x the fitted prefill of the mean prompt")
@@ -540,6 +653,8 @@ def parse_args(argv=None):
     ap.add_argument("--band-draws", type=int, default=40,
                     help="bootstrap draws of the serving decode fit simulated per rate for the predicted band")
     ap.add_argument("--calibration-rounds", type=int, default=3)
+    ap.add_argument("--sharing-rounds", type=int, default=5,
+                    help="rounds of the shared-cores calibration (a decode batch alone, then beside prefills)")
     ap.add_argument("--kv-cache-mib", type=int, default=1024, help="per rank: large enough never to bind")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
@@ -622,6 +737,12 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
                                     serving_prefill_uncertainty), flush=True)
     # The serving fits hold the per-step costs and TTFT's; the hand-off comes from the calibration.
     models["serving"] = Model(serving_prefill, serving_decode, Overheads(handoff_s=handoff))
+    # The serving fits time each phase with the other idle; under load both ranks compute at once on the same cores.
+    sharing = calibrate_sharing(target, workload, info.vocab_size, serving_prefill, meter, args)
+    print(f"shared cores: decode steps x{1 + sharing['decode_slowdown']:.2f} while a prefill computes, prefill "
+          f"x{1 + sharing['prefill_slowdown']:.2f} while decode steps run", flush=True)
+    models["shared"] = dataclasses.replace(models["serving"], host=SharedHost(
+        sharing["decode_slowdown"], sharing["prefill_slowdown"], reserve_waits_for_step=True, push_holds_prefill=True))
     draws = list(zip(serving_prefill_uncertainty.draws, serving_uncertainty.draws))
     for name in ("calibrated", "mixed", "serving"):
         o = models[name].overheads
@@ -647,7 +768,7 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
         rows.append(row)
         print(f"rate {rate:g}: measured {100 * row['measured']['attainment']:.1f} %, predicted "
               + ", ".join(f"{m} {100 * row[m]['attainment']:.1f} %" for m in MODELS)
-              + f" (band {_band(row['serving'])})"
+              + f" (band {_band(row[BAND_MODEL])})"
               + f"; decode ITL / serving fit {row['decode_under_load']['itl_over_fit'] or math.nan:.2f}"
               + f" (other users {row['cpu_cores']['other_users']:.2f} cores, {len(row['attempts'])} run(s))",
               flush=True)
@@ -656,7 +777,7 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
             "mixed_decode_profile": mixed, "serving_decode_profile": serving,
             "serving_prefill_profile": {"prefill_ms": serving_prefill.to_ms(),
                                         "uncertainty": serving_prefill_uncertainty.to_dict()},
-            "calibration": calibration,
+            "calibration": calibration, "sharing": sharing,
             "overheads": {name: asdict(models[name].overheads) for name in MODELS},
             "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot, "ttft_scale": args.ttft_slo_scale,
                     "tpot_scale": args.tpot_slo_scale},
