@@ -139,14 +139,16 @@ def profile_model(model: str, dtype: str = "float32", device: str = "cpu", repea
 class LayoutTiming:
     """One layout timed through its real ranks: its profile entry; the medians through its ranks and through the
     whole model at TP 1 alongside, as `profile_model` returns them; per shape, the median of what the layout added to
-    the TP 1 forward timed right after it; and that added time fitted as fixed + per token (per stage for a pipeline
-    alone)."""
+    the TP 1 forward timed right after it; that added time fitted as fixed + per token (per stage for a pipeline
+    alone); and per shape, the median time the leader spent blocked in communication (cluster/comm_timer.py)."""
 
     entry: ProfileEntry
     timed: tuple[list, list]
     alongside: tuple[list, list]
     added: tuple[list[float], list[float]]
     overhead: Overhead
+    blocked: tuple[list[float], list[float]]  # per shape, the median seconds the leader was blocked in communication
+    calls: tuple[list[int], list[int]]  # per shape, the leader's communication calls in one forward
 
 
 def _tokens(shape) -> int:
@@ -174,7 +176,7 @@ def profile_layout(model: str, par: Parallel, dtype: str = "float32", device: st
                         sp_algorithm=par.sp_algorithm if par.sp > 1 else "ring",
                         model_dir=str(resolve_model(model)), dtype=dtype, device=device,
                         engine=EngineConfig(kv_cache_bytes=_cache_bytes(model, longest), backend=backend))
-    timed, single = measure_layout(spec, shapes, repeats)
+    timed, blocked, single = measure_layout(spec, shapes, repeats)
     added_by_shape = [statistics.median(t - u for t, u in zip(through, whole)) for through, whole in zip(timed, single)]
     # Under pipeline stages, single sequences only: a batch of several flows as overlapping micro-batches.
     samples = [(_tokens(shape), statistics.median(whole), added)
@@ -184,9 +186,12 @@ def profile_layout(model: str, par: Parallel, dtype: str = "float32", device: st
     overhead = fit_pipeline_hop(samples, par.pp) if pipeline_alone else fit_overhead(samples)
     prefill, decode = _by_phase(shapes, timed)
     count = len(prefill)
+    blocked_by_shape = [statistics.median(seconds for seconds, _ in b) for b in blocked]
+    calls_by_shape = [max(calls for _, calls in b) for b in blocked]
     return LayoutTiming(_fit_entry(par, prefill, decode, resamples), _medians(prefill, decode),
                         _medians(*_by_phase(shapes, single)), (added_by_shape[:count], added_by_shape[count:]),
-                        overhead)
+                        overhead, (blocked_by_shape[:count], blocked_by_shape[count:]),
+                        (calls_by_shape[:count], calls_by_shape[count:]))
 
 
 def shape_lengths(shape) -> list[int]:
@@ -403,13 +408,13 @@ def _print_layout(timing: LayoutTiming, model: str, dtype: str, device: str) -> 
     analytic = _analytic(model, dtype, device, par)
     lat = analytic[0] if analytic else None
     print(f"{_label(par):<8} {'shape':<16}{'tp 1 ms':>9}{'layout ms':>11}{'fitted ms':>11}{'added ms':>10}"
-          f"{'analytic added':>16}{'analytic comm':>15}")
+          f"{'comm ms':>9}{'analytic added':>16}{'analytic comm':>15}")
     analytic_added = []
-    rows = ([("prefill", ls, t1, t, add) for (ls, t1), (_, t), add in
-             zip(timing.alongside[0], timing.timed[0], timing.added[0])]
-            + [("decode", (b, c), t1, t, add) for (b, c, t1), (*_, t), add in
-               zip(timing.alongside[1], timing.timed[1], timing.added[1])])
-    for phase, shape, t1, t, add in rows:
+    rows = ([("prefill", ls, t1, t, add, b) for (ls, t1), (_, t), add, b in
+             zip(timing.alongside[0], timing.timed[0], timing.added[0], timing.blocked[0])]
+            + [("decode", (bs, c), t1, t, add, b) for (bs, c, t1), (*_, t), add, b in
+               zip(timing.alongside[1], timing.timed[1], timing.added[1], timing.blocked[1])])
+    for phase, shape, t1, t, add, blocked in rows:
         if phase == "prefill":
             k, lengths, tokens = entry.prefill, list(shape), sum(shape)
             fit = k.a + k.b * tokens + k.c * sum(n * n for n in lengths)
@@ -419,7 +424,8 @@ def _print_layout(timing: LayoutTiming, model: str, dtype: str, device: str) -> 
             lengths, tokens = [ctx // batch] * batch, batch
             fit = k.a + k.b * ctx + k.c * batch
             label = f"{batch} x {ctx // batch}"
-        line = f"{phase:<8} {label:<16}{t1 * 1e3:>9.2f}{t * 1e3:>11.2f}{fit * 1e3:>11.2f}{add * 1e3:>10.2f}"
+        line = (f"{phase:<8} {label:<16}{t1 * 1e3:>9.2f}{t * 1e3:>11.2f}{fit * 1e3:>11.2f}{add * 1e3:>10.2f}"
+                f"{blocked * 1e3:>9.2f}")
         if lat is not None:
             if phase == "prefill":
                 whole = lat.prefill_time(lengths, par) - lat.prefill_time(lengths, Parallel())
@@ -427,8 +433,15 @@ def _print_layout(timing: LayoutTiming, model: str, dtype: str, device: str) -> 
                 whole = lat.decode_time(batch, ctx, par) - lat.decode_time(batch, ctx, Parallel())
             comm = _analytic_comm(lat, par, lengths, tokens, phase == "prefill")
             line += f"{whole * 1e3:>16.3f}{comm * 1e3:>15.3f}"
-            analytic_added.append((tokens, t1, whole))
+            if par.pp == 1 or len(lengths) == 1:  # the shapes the measured fit takes
+                analytic_added.append((tokens, t1, whole))
         print(line)
+    blocked = timing.blocked[0] + timing.blocked[1]
+    calls = timing.calls[0] + timing.calls[1]
+    each = statistics.median(b / c for b, c in zip(blocked, calls) if c)
+    print(f"comm ms: the leader's time blocked in collectives and point-to-point waits (waiting for its peers "
+          f"included{'; with stages, the logits of the last stage too' if par.pp > 1 else ''}): {min(calls)}-"
+          f"{max(calls)} calls per forward, median {each * 1e6:.0f} us per call")
     o = timing.overhead
     per = "per stage, " if par.pp > 1 and par.tp == par.sp == 1 else ""
     which = "single-sequence " if par.pp > 1 else ""

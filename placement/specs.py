@@ -82,7 +82,8 @@ class ModelSpec:
             return f"{tp} ranks do not divide the model's MLP width ({self.intermediate_size})"
         kv = self.num_kv_heads
         if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-            return f"{tp} ranks can neither split nor evenly replicate the model's {kv} KV heads ({self.num_heads} heads)"
+            return (f"{tp} ranks can neither split nor evenly replicate the model's {kv} KV heads "
+                    f"({self.num_heads} heads)")
         return None
 
     def pp_problem(self, pp: int) -> str | None:

@@ -70,6 +70,13 @@ def test_layout_profile_times_real_ranks_and_feeds_the_planner(par, tmp_path, ca
         {"decode"} if par.sp > 1 else set())
     for c in (entry.prefill, entry.decode or entry.prefill):
         assert all(math.isfinite(v) and v >= 0 for v in (c.a, c.b, c.c))
+    # The leader's communication, counted through torch.distributed: every TP layer all-reduces twice, every SP ring
+    # step sends and receives once per layer, a pipeline sends the residual stream on and takes the logits back.
+    calls = timing.calls[0] + timing.calls[1]
+    least = {2 * 2: par.tp > 1, 2 * 2 * (par.sp - 1): par.sp > 1, 2: par.pp > 1}
+    assert min(calls) >= max(n for n, applies in least.items() if applies)
+    times = [t for _, t in timing.timed[0]] + [t for *_, t in timing.timed[1]]
+    assert all(0 < b <= t for b, t in zip(timing.blocked[0] + timing.blocked[1], times))
     # Pipeline stages: the single-sequence shapes (3 prefill, 2 decode); otherwise every shape.
     assert timing.overhead.shapes == (5 if par.pp > 1 else len(prefill) + len(timed_decode))
     assert math.isfinite(timing.overhead.fixed) and math.isfinite(timing.overhead.per_token)
