@@ -9,9 +9,9 @@ the fixed-minimum pass (goal: 0); saves JSON.
 Each decode instance runs at most a few sequences at once (`--max-seqs`, the engine's max_num_seqs; the KV
 cache holds many more, so nothing is preempted), so the load that triples outgrows one decode instance by a
 per-instance limit that a second instance relieves; the planner's simulator models the same cap. The SLOs and
-the rates come from a profile fitted at the start (in-process, robust fit) and calibrated through the running
-cluster (unloaded TTFT and TPOT overheads): the low rate is half the rate at which the simulator predicts 90 %
-attainment for 1P1D, the high rate three times that.
+the rates come from fits through the running cluster (robust, with intervals): the prefill to unloaded TTFTs, the
+decode step to batches decoding together (the in-process profile is kept for reference). The low rate is half
+the rate at which the simulator predicts 90 % attainment for 1P1D, the high rate three times that.
 On this machine the simulated GPUs share two CPU cores, so a second decode instance adds batch slots but no
 compute; on GPUs each instance brings both.
 """
@@ -39,7 +39,8 @@ from splitserve.placement.goodput import max_rate
 from splitserve.placement.metrics import SLO
 from splitserve.placement.parallel import Parallel
 from splitserve.placement.percentiles import percentile
-from splitserve.placement.profile import Coefficients, Profile, ProfileEntry, ProfileLatency, fit_decode_report
+from splitserve.placement.profile import (Profile, ProfileEntry, ProfileLatency, fit_decode_report,
+                                          fit_prefill_report)
 from splitserve.placement.simulator import simulate_disaggregated
 from splitserve.placement.workload import Trace
 from splitserve.workers.sampling_params import SamplingParams
@@ -156,17 +157,18 @@ def fitted_profile(model: str, repeats: int) -> ProfileEntry:
     return profile.entries[0]
 
 
-def calibrate_ttft(cluster: Cluster, entry: ProfileEntry, vocab: int, seed: int) -> float:
-    """Unloaded requests one at a time: what the fitted prefill leaves unexplained of the client's TTFT."""
+def serving_prefill(cluster: Cluster, vocab: int, seed: int):
+    """The prefill fitted to unloaded TTFTs through the running cluster (one request at a time, after a warm-up),
+    as `benchmarks/planner_validation.py` fits it: the fixed term holds the RPC, polling and event costs, and the
+    slope is timed in the ranks as they serve, minutes before the passes. Returns (Coefficients, Uncertainty)."""
     rng = random.Random(seed + 1)
-    bare = ProfileLatency(Profile("m", "cpu", (entry,)))
-    ttft = []
+    samples = []
     for i, (p, o) in enumerate([(32, 8)] + CALIBRATION):
         item = {"at": 0.0, "prompt": [rng.randrange(10, vocab) for _ in range(p)], "output": o}
         r = asyncio.run(one_request(cluster, time.monotonic(), item))
         if i > 0:  # the first is a warm-up
-            ttft.append(r["ttft_s"] - bare.prefill_time([p], ONE))
-    return max(0.0, statistics.median(ttft))
+            samples.append(([p], r["ttft_s"]))
+    return fit_prefill_report(samples)
 
 
 def serving_decode(cluster: Cluster, vocab: int, max_seqs: int, seed: int, rounds: int):
@@ -280,14 +282,12 @@ def run_all(args, config, entry: ProfileEntry, profile_path: str, vocab: int, se
     span = sum(seconds)
     passes = {}
     with Cluster(config(1)) as cluster:
-        ttft_overhead = calibrate_ttft(cluster, entry, vocab, args.seed)
+        # Both phases through the cluster: the in-process profile (forwards only) is kept for reference.
+        prefill, prefill_u = serving_prefill(cluster, vocab, args.seed)
+        print(profiler.uncertainty_line("prefill through the cluster (unloaded TTFT)", prefill, prefill_u))
         decode, decode_u = serving_decode(cluster, vocab, args.max_seqs, args.seed, args.serving_rounds)
         print(profiler.uncertainty_line("decode through the cluster", decode, decode_u), flush=True)
-        # The TTFT overhead occupies the prefill instance in the simulator as it does the rank; the served decode
-        # step already holds every per-step cost.
-        p = entry.prefill
-        fitted = ProfileEntry(ONE, Coefficients(p.a + ttft_overhead, p.b, p.c), decode,
-                              {"prefill": entry.uncertainty["prefill"], "decode": decode_u})
+        fitted = ProfileEntry(ONE, prefill, decode, {"prefill": prefill_u, "decode": decode_u})
         Profile(args.model, "cpu", (fitted,)).save(profile_path)
         kv_tokens = min(s["num_blocks"] for n, s in cluster.dispatcher.instance_stats.items()
                         if n.startswith("decode-")) * BLOCK_SIZE
@@ -305,8 +305,7 @@ def run_all(args, config, entry: ProfileEntry, profile_path: str, vocab: int, se
         phases = list(zip((low, high, low), seconds))
         plan = {f"1P{d}D": {f"{r:g}": predicted(latency, sim, r, d, kv_tokens, slo, args.max_seqs) for r in (low, high)}
                 for d in (1, 2)}
-        print(f"TTFT overhead +{ttft_overhead * 1e3:.1f} ms;"
-              f" KV {kv_tokens} tokens per instance; SLO TTFT {slo.ttft * 1e3:.0f} ms, TPOT {slo.tpot * 1e3:.1f} ms; "
+        print(f"KV {kv_tokens} tokens per instance; SLO TTFT {slo.ttft * 1e3:.0f} ms, TPOT {slo.tpot * 1e3:.1f} ms; "
               f"1P1D knee (90 %) {knee:.2f} req/s; phases {phases}; predicted attainment {plan}", flush=True)
         trace = make_trace(phases, vocab, args.seed)
         passes["fixed-min"] = measure(cluster, trace, span, slo, width, "fixed-min")
@@ -330,7 +329,7 @@ def run_all(args, config, entry: ProfileEntry, profile_path: str, vocab: int, se
         p.pop("_start", None)
         p["outputs_differing_from_fixed_min"] = 0 if tokens is None else sum(
             a != b for a, b in zip(tokens, reference))
-    return {"slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot}, "ttft_overhead_s": ttft_overhead,
+    return {"slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot},
             "planner_profile": Profile(args.model, "cpu", (fitted,)).to_dict(),
             "kv_tokens_per_instance": kv_tokens, "knee_1p1d_rps": knee,
             "phases": [{"rate": r, "seconds": s} for r, s in phases], "requests": len(trace), "window_s": width,
