@@ -56,6 +56,8 @@ def _run(model_dir, tp, pp, rank):
         torch.distributed.broadcast_object_list(box, src=0)
         tokens = box[0]
     decode = forward(_batches(tokens))
+    if pp > 1:
+        forward.__self__.drain()
     return prefill, decode, {layers[i]: c for i, c in enumerate(caches)}, hooked
 
 
@@ -84,9 +86,9 @@ def _in_flight(rank, world, model_dir, tp, pp):
     for batch in groups:
         batch.micro_batches = 1
         stage.launch(batch)
-    if rank != 0:
-        return None
-    return [stage.collect(batch) for batch in groups]
+    logits = [stage.collect(batch) for batch in groups] if rank == 0 else None
+    stage.drain()
+    return logits
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +125,22 @@ def test_stages_match_one_process(model_dir, single, tp, pp):
             expected = ref_caches[layer][..., head0 : head0 + kv_heads_per_rank, :]
             torch.testing.assert_close(cache, expected, rtol=1e-4, atol=1e-5)
     assert sorted(layer for r in results for layer in r[2]) == sorted(list(range(5)) * tp)
+
+
+@pytest.mark.parametrize("pp, sp, tp", [(2, 1, 1), (3, 1, 2), (2, 2, 2), (4, 2, 1)])
+def test_step_metadata_reaches_every_rank_once(pp, sp, tp):
+    """The metadata relay is a tree rooted at the leader: every other rank has one source, sources come before
+    their targets (stage order), and following the targets from the leader reaches each rank exactly once."""
+    from splitserve.workers.pipeline import StagePosition
+
+    world = pp * sp * tp
+    positions = [StagePosition.of(r, pp, tp, sp) for r in range(world)]
+    reached, frontier = [0], [0]
+    while frontier:
+        rank = frontier.pop()
+        for target in positions[rank].control_targets:
+            assert positions[target].control_source == rank
+            assert positions[target].stage >= positions[rank].stage
+            reached.append(target)
+            frontier.append(target)
+    assert sorted(reached) == list(range(world))

@@ -195,14 +195,22 @@ class RankWorker:
 
     # --------------------------------------------------------------------------------------- every step
     def broadcast(self, message) -> None:
-        if self.spec.world_size > 1:
+        """One step's metadata from the leader to every follower (through the stages of a pipeline)."""
+        if self.spec.pp > 1:
+            self.pipeline.send_control(message)
+        elif self.spec.world_size > 1:
             dist.broadcast_object_list([message], src=0)
+
+    def _receive(self):
+        if self.spec.pp > 1:
+            return self.pipeline.receive_control()
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _follow(self) -> None:
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            kind, batch, orders = box[0]
+            kind, batch, orders = self._receive()
             if kind == "stop":
                 return
             self.execute(batch, orders)

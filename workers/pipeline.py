@@ -4,10 +4,20 @@ logits go back to the leader, which samples. Point-to-point on the instance's pr
 the same TP rank of the neighbouring stages (every TP rank holds the whole residual stream).
 
 A batch of several sequences flows as up to PP micro-batches (cut at sequence boundaries, near-equal in tokens):
-while a stage computes micro-batch i + 1, the next stage computes micro-batch i."""
+while a stage computes micro-batch i + 1, the next stage computes micro-batch i. A decode leader may launch the
+next batch before the last one's logits are back (see decode_engine.PipelinedDecodeEngine).
+
+Each step's metadata travels the pipeline too, not by a broadcast: a broadcast would hold the leader until the last
+stage finished its earlier batch, and no two batches could be in flight. The leader sends it to the other ranks of
+stage 0 and to its counterpart in stage 1; every other rank receives it from its counterpart in the stage before and
+passes it on before it computes. No send waits for its receiver: each is completed later (a rank waits for its
+oldest sends only when many are outstanding, and a receiver takes messages in order), so a stage never holds the one
+before it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -17,6 +27,7 @@ from splitserve.workers.batch import ForwardBatch
 from splitserve.workers.model_runner import ModelRunner
 
 LOGITS_TAG = 1 << 20  # apart from the micro-batch tags (0 .. pp - 1)
+CONTROL_SIZE_TAG, CONTROL_TAG = LOGITS_TAG + 1, LOGITS_TAG + 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,18 @@ class StagePosition:
     def last(self) -> bool:
         return self.stage == self.pp - 1
 
+    @property
+    def control_source(self) -> int:
+        """The rank this one receives each step's metadata from: the leader within stage 0, else its counterpart
+        in the stage before."""
+        return 0 if self.first else self.rank_of(self.stage - 1)
+
+    @property
+    def control_targets(self) -> list[int]:
+        """The ranks this one passes each step's metadata to (see `control_source`)."""
+        targets = list(range(1, self.sp * self.tp)) if self.leader else []
+        return targets + ([] if self.last else [self.rank_of(self.stage + 1)])
+
 
 def stage_groups(rank: int, pp: int, tp: int):
     """This rank's TP group (the TP ranks of its stage). Collective: every rank creates every stage's group, in
@@ -74,6 +97,50 @@ class PipelineStage:
         self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
         self.dtype = next(runner.model.parameters()).dtype
         self._logit_sends: list[tuple] = []  # last stage, TP rank 0: logits on their way to the leader
+        self._sends: list[tuple] = []  # activations and metadata on their way to later stages, not yet completed
+        device = runner.device
+        # Metadata moves as bytes on the group's device (NCCL moves device tensors only).
+        self._control_device = device if device.type == "cuda" else torch.device("cpu")
+
+    # --------------------------------------------------------------------------------------- metadata
+    def send_control(self, message) -> None:
+        """On the leader: one step's metadata (or the stop message) into the pipeline."""
+        self._pass_on(pickle.dumps(message))
+
+    def receive_control(self):
+        """On every other rank: the next step's metadata, passed on to the next stage before it is returned."""
+        src = self.pos.control_source
+        size = torch.empty(1, dtype=torch.long, device=self._control_device)
+        dist.recv(size, src=src, tag=CONTROL_SIZE_TAG)
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=self._control_device)
+        dist.recv(data, src=src, tag=CONTROL_TAG)
+        payload = data.cpu().numpy().tobytes()
+        self._pass_on(payload)
+        return pickle.loads(payload)
+
+    def _pass_on(self, payload: bytes) -> None:
+        if not self.pos.control_targets:
+            return
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self._control_device)
+        size = torch.tensor([data.numel()], dtype=torch.long, device=self._control_device)
+        for dst in self.pos.control_targets:
+            self._sending(dist.isend(size, dst=dst, tag=CONTROL_SIZE_TAG), size)
+            self._sending(dist.isend(data, dst=dst, tag=CONTROL_TAG), data)
+
+    def drain(self) -> None:
+        """Waits for every send of this rank (the leader must have collected all logits first)."""
+        for work, _ in self._sends + self._logit_sends:
+            work.wait()
+        self._sends, self._logit_sends = [], []
+
+    def _sending(self, work, tensor) -> None:
+        """Keeps a send's buffer until it completes. The receivers take messages in order and never wait for this
+        rank, so waiting for the oldest of many outstanding sends cannot deadlock; finished ones are let go."""
+        self._sends.append((work, tensor))
+        while self._sends and self._sends[0][0].is_completed():
+            self._sends.pop(0)
+        while len(self._sends) > 8 * (self.pos.sp * self.pos.tp + 1) * self.pos.pp:
+            self._sends.pop(0)[0].wait()
 
     @torch.inference_mode()
     def forward_logits(self, batch: ForwardBatch, on_kv_written=None) -> torch.Tensor | None:
@@ -97,7 +164,7 @@ class PipelineStage:
             for i, (lo, hi) in enumerate(parts):
                 buf = torch.empty(hi - lo, self.hidden_size, dtype=self.dtype, device=runner.device)
                 inbox.append((dist.irecv(buf, src=prev, tag=i), buf))
-        outs, sends = [], []
+        outs = []
         for i, (lo, hi) in enumerate(parts):
             part = meta if len(parts) == 1 else restrict_rows(meta, lo, hi, block_size)
             # A layer's KV is complete (and may be pushed) once the last micro-batch has written it.
@@ -111,9 +178,7 @@ class PipelineStage:
                 outs.append(out)
             else:
                 out = out.contiguous()
-                sends.append((dist.isend(out, dst=next_, tag=i), out))
-        for work, _ in sends:
-            work.wait()
+                self._sending(dist.isend(out, dst=next_, tag=i), out)
         rows = batch.sample_rows
         if not (pos.last and rows):
             return
