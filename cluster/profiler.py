@@ -175,7 +175,11 @@ def profile_layout(model: str, par: Parallel, dtype: str = "float32", device: st
                         role="prefill" if par.sp > 1 else "colocated", tp=par.tp, sp=par.sp, pp=par.pp,
                         sp_algorithm=par.sp_algorithm if par.sp > 1 else "ring",
                         model_dir=str(resolve_model(model)), dtype=dtype, device=device,
-                        engine=EngineConfig(kv_cache_bytes=_cache_bytes(model, longest), backend=backend))
+                        # On a GPU the leader's rank and the whole model alongside share device 0: half each.
+                        engine=EngineConfig(kv_cache_bytes=_cache_bytes(model, longest), gpu_memory_fraction=0.45,
+                                            backend=backend))
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # what the in-process profile held is the ranks' now
     timed, blocked, single = measure_layout(spec, shapes, repeats)
     added_by_shape = [statistics.median(t - u for t, u in zip(through, whole)) for through, whole in zip(timed, single)]
     # Under pipeline stages, single sequences only: a batch of several flows as overlapping micro-batches.

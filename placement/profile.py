@@ -128,9 +128,6 @@ class Overhead:
         return {"fixed_ms": self.fixed * 1e3, "per_token_us": self.per_token * 1e6, "shapes": self.shapes}
 
 
-PipelineHop = Overhead  # what one more pipeline stage adds
-
-
 def fit_overhead(samples: Sequence[tuple[int, float, float]]) -> Overhead:
     """The added cost from forwards timed at the base layout and at another: (tokens, base seconds, seconds the
     layout added) per shape, fitted as fixed + per_token·tokens by least squares on errors relative to the base
