@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-from dataclasses import dataclass
 import itertools
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
