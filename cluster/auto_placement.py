@@ -181,8 +181,7 @@ def plan_config(config: ClusterConfig, model_dir: str, ray_nodes: list[dict]) ->
     latency: LatencyModel = AnalyticLatency(model, cluster)
     if auto.profile:
         latency = ProfileLatency(Profile.load(auto.profile), fallback=latency)
-    latency = LaunchableLatency(latency, model_config, resolve_backend(config.engine.backend,
-                                                                        model_config.architecture))
+    latency = LaunchableLatency(latency, model_config, resolve_backend(config.engine.backend, model_config))
     trace = make_trace(load_workload(auto.workload), auto.requests, auto.seed, "poisson", 1.0, model.max_positions)
     slo = SLO(auto.ttft_s, auto.tpot_s, auto.attainment)
     # The same space as `splitserve plan` (no --max-pp): pipeline depths up to the model's layers.

@@ -16,7 +16,7 @@ from splitserve.cluster.dispatcher import Dispatcher
 from splitserve.cluster.request import Request, RequestState, StreamChunk
 from splitserve.cluster.scaling import Scaler, ScaleResult
 from splitserve.workers.config import load_config as load_model_config
-from splitserve.workers.config import tp_problem
+from splitserve.placement.specs import tp_split_problem
 from splitserve.workers.hf_config import autotp_problem, resolve_backend
 from splitserve.workers.chat_template import ChatTemplate, is_messages
 from splitserve.workers.detokenizer import IncrementalDetokenizer
@@ -225,7 +225,9 @@ class Cluster:
         stages than layers."""
         for role in ("prefill", "decode", "colocated"):
             section = getattr(self.config, role)
-            problem = tp_problem(self.model_config, section.tp) if section.instances else None
+            mc = self.model_config
+            problem = (tp_split_problem(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, section.tp)
+                       if section.instances else None)
             if problem:
                 raise ValueError(f"{role}.tp: {problem}")
             layers = self.model_config.num_layers

@@ -486,7 +486,7 @@ def _layouts(args, model_config, spec) -> list[Parallel]:
         raise ValueError("--pp: short for --layouts 1x1xP; give one of them")
     flag = "--pp" if args.pp is not None else "--layouts"
     triples = [(1, 1, pp) for pp in args.pp] if args.pp is not None else list(args.layouts or [(1, 1, 1)])
-    backend = resolve_backend("auto", model_config.architecture)
+    backend = resolve_backend("auto", model_config)
     out = []
     for tp, sp, pp in triples:
         if (tp, sp, pp) == (1, 1, 1):

@@ -23,6 +23,21 @@ def normalize_dtype(value: Any, field: str = "dtype") -> str:
     return name
 
 
+def tp_split_problem(num_heads: int, num_kv_heads: int, intermediate_size: int, tp: int) -> str | None:
+    """Why `tp` ranks cannot split a model's layers (None if they can): attention heads, MLP width and KV heads (split
+    when there are at least `tp`, else replicated, which needs `tp` to be a multiple of them). The one rule of the
+    planner and the launcher."""
+    if num_heads % tp:
+        return (f"{tp} ranks do not divide the model's {num_heads} attention heads ({num_kv_heads} KV heads); use a "
+                f"TP degree that divides {num_heads}")
+    if intermediate_size % tp:
+        return f"{tp} ranks do not divide the model's MLP width ({intermediate_size})"
+    kv = num_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        return f"{tp} ranks can neither split nor evenly replicate the model's {kv} KV heads ({num_heads} heads)"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only transformer, reduced to what costs time and memory."""
@@ -72,19 +87,9 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     def tp_problem(self, tp: int) -> str | None:
-        """Why `tp` ranks cannot split this model's layers as the native model code does (None if they can): attention
-        heads, MLP width and KV heads (split when there are at least `tp`, else replicated, which needs `tp` to be a
-        multiple of them). The launcher refuses such a layout, so the planner never proposes it."""
-        if self.num_heads % tp:
-            return (f"{tp} ranks do not divide the model's {self.num_heads} attention heads ({self.num_kv_heads} KV "
-                    f"heads); use a TP degree that divides {self.num_heads}")
-        if self.intermediate_size % tp:
-            return f"{tp} ranks do not divide the model's MLP width ({self.intermediate_size})"
-        kv = self.num_kv_heads
-        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-            return (f"{tp} ranks can neither split nor evenly replicate the model's {kv} KV heads "
-                    f"({self.num_heads} heads)")
-        return None
+        """Why `tp` ranks cannot split this model's layers as the native model code does (None if they can); see
+        `tp_split_problem`. The launcher refuses such a layout, so the planner never proposes it."""
+        return tp_split_problem(self.num_heads, self.num_kv_heads, self.intermediate_size, tp)
 
     def pp_problem(self, pp: int) -> str | None:
         """Why `pp` pipeline stages cannot split this model's layers (None if they can): each stage needs a layer."""

@@ -175,20 +175,6 @@ def parse_config(raw: dict) -> ModelConfig:
     )
 
 
-def tp_problem(cfg: ModelConfig, tp: int) -> str | None:
-    """Why `tp` ranks cannot split this model's layers (None if they can): attention heads, MLP width and KV heads
-    (split when there are at least `tp`, else replicated, which needs `tp` to be a multiple of them)."""
-    if cfg.num_heads % tp:
-        return (f"{tp} ranks do not divide the model's {cfg.num_heads} attention heads ({cfg.num_kv_heads} KV heads); "
-                f"use a TP degree that divides {cfg.num_heads}")
-    if cfg.intermediate_size % tp:
-        return f"{tp} ranks do not divide the model's MLP width ({cfg.intermediate_size})"
-    kv = cfg.num_kv_heads
-    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-        return f"{tp} ranks can neither split nor evenly replicate the model's {kv} KV heads ({cfg.num_heads} heads)"
-    return None
-
-
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
