@@ -5,6 +5,12 @@ stage, its sequences split into micro-batches within the step). Reported per lay
 throughput (output tokens per second of the run) and whether the greedy tokens equal PP1's.
 
     python benchmarks/pipeline.py [--model small] [--requests 16] [--rate 2] [--input 256] [--output 32] [--pp 1,2,4]
+                                  [--profile PROFILE.json]
+
+Next to each layout: the planner's prediction for the same arrivals and lengths (its simulator with a latency profile
+of this machine: `--profile`, else one timed first through the real stages of each depth, as `splitserve profile
+--layouts 1x1x1,1x1x2,...` does). The planner assumes one device per rank and, with PP, one batch per stage in
+flight; it predicts the in-flight rows.
 
 What CPU timing can say: the cost of the pipeline's own machinery (stage hand-offs of the residual stream over gloo,
 logits back to the leader, KV pushed per stage) against the layers it spreads. What it cannot: the ranks share this
@@ -26,6 +32,10 @@ import time
 from pathlib import Path
 
 from splitserve.cluster.cluster import Cluster
+from splitserve.placement.parallel import Parallel
+from splitserve.placement.percentiles import percentile as np_percentile
+from splitserve.placement.profile import Profile, ProfileLatency
+from splitserve.placement.simulator import simulate_decode, simulate_prefill
 from splitserve.workers.sampling_params import SamplingParams
 
 
@@ -57,10 +67,34 @@ async def run_load(cluster: Cluster, prompts, starts, output_len: int) -> tuple[
 
 
 def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+    return np_percentile(values, 100 * q)
+
+
+def timed_profile(args, degrees: list[int]) -> Profile:
+    """This machine's latency profile of each pipeline depth, timed through real stages (as `splitserve profile`)."""
+    from splitserve.cluster.profiler import profile_layout, profile_model
+
+    profile = profile_model(args.model, repeats=args.profile_repeats)[0]
+    entries = list(profile.entries)
+    for pp in degrees:
+        if pp > 1:
+            entries.append(profile_layout(args.model, Parallel(pp=pp), repeats=args.profile_repeats).entry)
+    return Profile(profile.model, profile.hardware, tuple(entries))
+
+
+def predict(latency: ProfileLatency, pp: int, starts: list[float], args, kv_tokens: int) -> dict:
+    """The planner's simulator on the benchmark's own arrivals and lengths, for 1P1D with both sides at PP `pp`."""
+    par = Parallel(pp=pp)
+    n = len(starts)
+    prompts, outputs = [args.input] * n, [args.output] * n
+    first = simulate_prefill(latency, par, starts, prompts, 1, 4096)
+    ready = [f + latency.kv_transfer_time(args.input, par, par, True) for f in first]
+    finish = simulate_decode(latency, par, ready, prompts, outputs, 1, kv_tokens, 64)
+    ttft = [f - a for f, a in zip(first, starts)]
+    tpot = [(e - f) / (args.output - 1) for e, f in zip(finish, first)] if args.output > 1 else [0.0] * n
+    return {"ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p90_ms": 1e3 * percentile(ttft, 0.9),
+            "tpot_mean_ms": 1e3 * statistics.mean(tpot),
+            "decode_tokens_per_s": n * args.output / (max(finish) - min(starts))}
 
 
 def summarize(rows: list[dict], seconds: float) -> dict:
@@ -81,6 +115,8 @@ def main() -> None:
     ap.add_argument("--output", type=int, default=32, help="output tokens")
     ap.add_argument("--pp", default="1,2,4", help="pipeline degrees, used on both instances")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", help="latency profile JSON with an entry per depth (default: time one first)")
+    ap.add_argument("--profile-repeats", type=int, default=3, help="repeats per shape when timing the profile")
     ap.add_argument("--save", default=str(Path(__file__).parent / "results" / "pipeline.json"))
     args = ap.parse_args()
     for name in ("requests", "input", "output"):
@@ -90,6 +126,8 @@ def main() -> None:
     if any(pp < 1 for pp in degrees):
         raise SystemExit("--pp: degrees must be >= 1")
     layouts = [(pp, depth) for pp in degrees for depth in ([pp, 1] if pp > 1 else [1])]
+    profile = Profile.load(args.profile) if args.profile else timed_profile(args, degrees)
+    latency = ProfileLatency(profile)
     results, reference = [], None
     for pp, depth in layouts:
         cfg = {"model": args.model, "device": "cpu",
@@ -105,6 +143,9 @@ def main() -> None:
             blocks = {n: s["num_blocks"] for n, s in stats.items()}
             in_flight = stats["decode-0"].get("max_batches_in_flight", 0)
         summary = summarize(rows, seconds)
+        if depth == pp:  # the planner's model of a pipeline: one batch per stage in flight
+            kv_tokens = blocks["decode-0"] * 16
+            summary["predicted"] = predict(latency, pp, starts, args, kv_tokens)
         tokens = [r["tokens"] for r in rows]
         reference = reference or tokens
         summary.update(layout=f"P TP1·PP{pp} / D TP1·PP{pp}" + (f" ({depth} in flight)" if pp > 1 else ""), pp=pp,
@@ -113,13 +154,19 @@ def main() -> None:
         results.append(summary)
         print(json.dumps(summary), flush=True)
     print(f"\n{args.model}, {args.requests} requests at {args.rate}/s, {args.input} prompt + {args.output} output tokens")
-    print(f"{'layout':<38}{'TTFT p50':>9}{'p90':>8}{'TPOT':>8}{'tok/s':>8}{'blocks D':>9}{'same':>6}")
+    print("measured (predicted by the planner's simulator with this machine's profile)")
+    print(f"{'layout':<38}{'TTFT p50':>18}{'TPOT':>18}{'tok/s':>16}{'blocks D':>9}{'same':>6}")
+
+    def both(r, key):
+        p = r.get("predicted")
+        return f"{r[key]:.1f} ({p[key]:.1f})" if p else f"{r[key]:.1f}"
+
     for r in results:
-        print(f"{r['layout']:<38}{r['ttft_p50_ms']:>9.1f}{r['ttft_p90_ms']:>8.1f}{r['tpot_mean_ms']:>8.1f}"
-              f"{r['decode_tokens_per_s']:>8.1f}{r['kv_blocks'].get('decode-0', 0):>9}"
+        print(f"{r['layout']:<38}{both(r, 'ttft_p50_ms'):>18}{both(r, 'tpot_mean_ms'):>18}"
+              f"{both(r, 'decode_tokens_per_s'):>16}{r['kv_blocks'].get('decode-0', 0):>9}"
               f"{'yes' if r['tokens_equal_pp1'] else 'NO':>6}")
     result = dict(model=args.model, args=vars(args), machine=platform.processor() or platform.machine(),
-                  cpus=os.cpu_count(), load_avg=os.getloadavg(), results=results)
+                  cpus=os.cpu_count(), load_avg=os.getloadavg(), profile=profile.to_dict(), results=results)
     Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     Path(args.save).write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {args.save}")
