@@ -62,7 +62,8 @@ Where prediction and measurement part (numbers in benchmarks/results/planner_val
   client's token times), so the mean step is 1.15-1.2x the fit while its median matches it; the simulator's
   decode fed the measured KV-ready times reproduces the measured TPOT p50/p90 only with that mean. The `shared`
   prediction models the overlap; `decode_under_load.itl_over_fit` still compares the client's mean ITL with
-  the serving fit (no overlap) at the batches the rank ran.
+  the serving fit (no overlap) at the batches the rank ran. The shared-cores calibration gives decode x1.23-1.28
+  and prefill x1.15-1.21 in rounds other users left alone, x1.40-1.46 and x1.46 in rounds they took 0.7 cores.
 - Sensitivity at the knee. Every request in a decode batch shares its step time, so TPOT attainment falls from
   ~100 % to ~0 % over a narrow band of rates: a 20-30 % error in the step moves the knee by about as much, and
   the attainment at the predicted knee by tens of points. At the low rate both sides are ~100 %; past the knee
