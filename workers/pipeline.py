@@ -15,9 +15,8 @@ oldest sends only when many are outstanding, and a receiver takes messages in or
 before it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pickle
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
