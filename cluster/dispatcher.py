@@ -41,6 +41,11 @@ def _actor_died(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError)
 
 
+def _awaiting_dispatch(req: Request) -> bool:
+    """Queued or migrating: a dispatch for its next attempt is scheduled or running, and no engine holds it yet."""
+    return req.state in (RequestState.QUEUED, RequestState.MIGRATING)
+
+
 # Cumulative counters each instance reports; the frontend sums them per role over every incarnation.
 INSTANCE_COUNTERS = ("prefix_hit_tokens", "prefix_query_tokens", "kv_received_bytes")
 
@@ -258,11 +263,15 @@ class Dispatcher:
         self.instance_stats.pop(name, None)
         self._last_counts.pop(name, None)
         for req in list(self.by_id.values()):
-            if req.state.final or name not in (req.prefill, req.decode):
-                continue
+            if req.state.final or name not in (req.prefill, req.decode) or _awaiting_dispatch(req):
+                continue  # (one awaiting its next dispatch names the instances of an abandoned attempt)
             if req.prefill == name and req.decode != name and req.state is RequestState.DECODING:
                 continue  # its KV already moved: the decode instance carries on
-            self._migrate(req, f"instance {name} died")
+            try:
+                self._migrate(req, f"instance {name} died")
+            except Exception as e:  # one request's trouble must not leave the others on a dead instance
+                log.exception("request %s could not be moved off %s", req.request_id, name)
+                self._fail(req, _client_message(e))
 
     def requests_on(self, name: str) -> list[Request]:
         """Requests that still need instance `name`: a prefill instance until their KV reached decode."""
@@ -300,7 +309,11 @@ class Dispatcher:
 
     def _migrate(self, req: Request, why: str, reason: str = "instance_died") -> None:
         """Resumes a request whose instance died on a healthy pair: prefill of prompt + tokens streamed so far,
-        then decoding goes on; the client's stream continues without a lost or repeated token."""
+        then decoding goes on; the client's stream continues without a lost or repeated token. A request already
+        awaiting its next dispatch (a retry, or a move reported twice: by a failed call and by the fleet) is left
+        to that dispatch."""
+        if req.state.final or _awaiting_dispatch(req):
+            return
         self._abort_engines(req)
         self._prompt_done(req)
         limit = self.config.fault_tolerance.migration_limit
@@ -318,7 +331,9 @@ class Dispatcher:
     def _current(self, request_id: str, attempt: int) -> Request | None:
         """The request an event is about, unless it has finished or the event is from an earlier attempt."""
         req = self.by_id.get(request_id)
-        return req if req is not None and req.attempt == attempt and not req.state.final else None
+        if req is None or req.attempt != attempt or req.state.final or _awaiting_dispatch(req):
+            return None  # (awaiting dispatch: its last attempt was abandoned, the next has not started)
+        return req
 
     def _handle(self, name: str, handle, event: tuple) -> None:
         kind = event[0]
@@ -362,6 +377,8 @@ class Dispatcher:
             self._forget(req)
 
     def _on_failure(self, req: Request, error: str) -> None:
+        if _awaiting_dispatch(req):  # a second report of the failure that already sent it back to dispatch
+            return
         retryable = error.startswith("KV transfer failed")
         self._abort_engines(req)
         if retryable and req.retries < self.config.kv_transfer.retries:

@@ -96,9 +96,11 @@ class Fleet:
         log.error("instance %s is dead: %s", name, error)
         draining = record.state is InstanceState.DRAINING
         self._set(record, InstanceState.DEAD, error)
-        self.on_dead(name, error)
-        if not draining:  # one being scaled down is not relaunched: its removal completes
-            self._spawn(self._replace(record))
+        try:
+            self.on_dead(name, error)
+        finally:  # the relaunch must not depend on moving its requests having gone well
+            if not draining:  # one being scaled down is not relaunched: its removal completes
+                self._spawn(self._replace(record))
 
     def _set(self, record: InstanceRecord, state: InstanceState, error: str | None = None) -> None:
         record.state = state
