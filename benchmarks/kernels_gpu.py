@@ -26,6 +26,7 @@ if "--cpu-check" in sys.argv:  # must precede the first import of triton
 import torch  # noqa: E402
 
 from splitserve.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_torch  # noqa: E402
+from splitserve.kernels.backend import ulps  # noqa: E402
 from splitserve.kernels.allreduce_rmsnorm import (MAX_PROGRAMS, SymmetricTensors,  # noqa: E402
                                                   oneshot_allreduce_add_rmsnorm, oneshot_torch)
 
@@ -54,8 +55,8 @@ def rand(shape, dtype, device, gen=None):
     return (mag * (torch.randint(0, 2, shape, device=device, generator=gen) * 2 - 1)).to(dtype)
 
 
-def peers_on_one_device(world, rows, hidden, dtype, device) -> SymmetricTensors:
-    bufs = [rand((rows, hidden), dtype, device) for _ in range(world)]
+def peers_on_one_device(world, rows, hidden, dtype, device, gen=None) -> SymmetricTensors:
+    bufs = [rand((rows, hidden), dtype, device, gen) for _ in range(world)]
     outs = [torch.empty(rows, hidden, dtype=dtype, device=device) for _ in range(2)]
     pads = [torch.zeros(MAX_PROGRAMS * world, dtype=torch.int32, device=device) for _ in range(world)]
     return SymmetricTensors(0, bufs, [outs[0]] * world, [outs[1]] * world, pads)
@@ -96,23 +97,32 @@ def bench_oneshot(bench, world, rows, hidden, dtype, device, copy_bw) -> dict:
             "GBps": moved / fused / 1e9, "fraction_of_copy_bw": moved / fused / copy_bw}
 
 
+def matches(got, want) -> bool:
+    """(normed, summed) of a kernel against its twin: the sums bit-identical (the same float32 adds, rounded once);
+    the normed rows within 2e-6 relative in float32 (row statistics summed in another order) and within 2 ulps in
+    half precision: that order can flip the rounding of a normalised value by one ulp, which the rounded weight
+    multiply can widen to two."""
+    (normed, summed), (normed_ref, summed_ref) = got, want
+    if not torch.equal(summed, summed_ref):
+        return False
+    if normed.dtype == torch.float32:
+        return torch.allclose(normed, normed_ref, rtol=2e-6, atol=1e-6)
+    return ulps(normed, normed_ref) <= 2
+
+
 def correctness(device) -> list[str]:
-    """Triton (compiled, or interpreted on CPU) against the twins; returns failures."""
+    """Triton (compiled, or interpreted on CPU) against the twins on seeded inputs; returns failures."""
     failures = []
     gen = torch.Generator(device=device).manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for rows, hidden in ((37, 65), (8, 1000)):
             x, r, w = (rand(s, dtype, device, gen) for s in ((rows, hidden), (rows, hidden), (hidden,)))
-            got, want = add_rmsnorm(x, r, w, EPS), add_rmsnorm_torch(x, r, w, EPS)
-            if not torch.equal(got[1], want[1]) or not torch.allclose(got[0].float(), want[0].float(), rtol=1e-2,
-                                                                       atol=1e-5):
+            if not matches(add_rmsnorm(x, r, w, EPS), add_rmsnorm_torch(x, r, w, EPS)):
                 failures.append(f"add_rmsnorm {dtype} {rows}x{hidden}")
             for world in (2, 4, 8):
-                peers = peers_on_one_device(world, rows, hidden, dtype, device)
-                got = oneshot_allreduce_add_rmsnorm(peers, rows, r, w, EPS, sync=False)
-                want = oneshot_torch(peers, rows, r, w, EPS, sync=False)
-                if not torch.equal(got[1], want[1]) or not torch.allclose(got[0].float(), want[0].float(),
-                                                                           rtol=1e-2, atol=1e-5):
+                peers = peers_on_one_device(world, rows, hidden, dtype, device, gen)
+                if not matches(oneshot_allreduce_add_rmsnorm(peers, rows, r, w, EPS, sync=False),
+                               oneshot_torch(peers, rows, r, w, EPS, sync=False)):
                     failures.append(f"oneshot W={world} {dtype} {rows}x{hidden}")
     return failures
 

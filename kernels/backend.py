@@ -41,3 +41,15 @@ def triton_module(name: str) -> ModuleType:
         raise RuntimeError(f"kernels.{name} was built with TRITON_INTERPRET={int(module.INTERPRETED)}; "
                            f"it cannot change within a process")
     return module
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between same-dtype float tensors (kernel-vs-twin checks)."""
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    low = torch.iinfo(bits).min
+
+    def ordered(t):
+        i = t.contiguous().view(bits).long()
+        return torch.where(i < 0, low - i, i)
+
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0

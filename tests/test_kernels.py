@@ -102,24 +102,12 @@ def interpreted(tmp_path_factory):
     return torch.load(out)
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in units in the last place between same-dtype tensors."""
-    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
-    low = torch.iinfo(bits).min
-
-    def ordered(t):
-        i = t.contiguous().view(bits).long()
-        return torch.where(i < 0, low - i, i)
-
-    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
-
-
 def assert_close(got, want):
     assert got.dtype == want.dtype and got.shape == want.shape
     if want.dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
     else:
-        assert ulps(got, want) <= 1
+        assert backend.ulps(got, want) <= 1
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
