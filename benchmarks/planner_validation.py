@@ -28,7 +28,7 @@ Steps, in one run:
    prefill of the mean prompt; TPOT: a batch-1 step at the mean context).
 5. Rates: by default 0.5x, 1x and 1.5x the rate at which `--knee-model` (default `shared`, below) predicts 90 %
    attainment (low, knee, overloaded); each run sends about `--duration` seconds of arrivals.
-6. Per rate, four predictions and the measurement (attainment, TTFT/TPOT p50/p90, difference in points):
+6. Per rate, six predictions and the measurement (attainment, TTFT/TPOT p50/p90, difference in points):
    `profile`: the profile alone, as `splitserve plan --profile` uses it (forwards only, no transfer time);
    `calibrated`: plus the serving overheads (a delay on TTFT, a hand-off before decode, a cost per step);
    `mixed`: calibrated, with the decode fit over the workload's context mix;
@@ -42,7 +42,13 @@ Steps, in one run:
    factors `calibrate_sharing` measures through the server: a decode batch alone, then beside back-to-back
    prompts), a request's reservation waits for the decode step in flight, and the prefill leader waits for its
    KV pushes (the hand-off) before its next batch. Its `band` is the 5th-95th percentile of the attainment
-   predicted with the two serving fits' bootstrap draws in their place; the rates come from its knee.
+   predicted with the two serving fits' bootstrap draws in their place.
+   `live`: shared, with its prefill and decode fits scaled by the factors that make it reproduce the TTFT p50
+   and TPOT p50 of one light open-loop run through the server (`--live-rate-factor` x the `shared` knee, its own
+   requests and arrival seed, sent before the rates and never compared): what the unloaded fits leave out under
+   staggered arrivals (the frontend, the client and Ray working beside the ranks, admissions between steps), as
+   an online planner's live fits would hold it. Its `band` comes from the fits' bootstrap draws scaled alike;
+   the rates come from its knee.
    Each run also records where the CPU went (ranks, frontend, client, the rest of Ray, other users) and samples
    the decode batch (GetServerInfo, every 0.25 s) to compare the client's mean ITL with the serving fit's step at
    the batches the rank actually ran. Before each phase the script waits (up to `--quiet-wait` s) until other
@@ -71,6 +77,13 @@ Where prediction and measurement part (numbers in benchmarks/results/planner_val
   shared; here two ranks, the frontend, the client and Ray share 2 cores (the ranks at Ray's niceness 15, so
   any other user of the machine takes their time first). Measured on the fits of one run: 5 % more decode step
   time at the knee takes the predicted attainment from 90 % to 64 %, 10 % to 42 %.
+- Light-load residue and machine drift. With the shared-core model, TTFT p50 and TPOT p50 still came out
+  above the `shared` prediction at light load (9-28 % over six runs); `live` takes that from a light run of its own
+  (prefill x1.06-1.21, decode x1.07-1.13 over three runs). What no fit made minutes earlier can hold is the
+  machine's speed at the time of the run: the same in-process decode forward (batch 12) timed every ten seconds on
+  the idle machine took 16.8-20.2 ms within one minute, and in one run the serving fit's batches of 12-20 ran
+  10-20 % slower than in the two others (steady over its three rounds) while the rate runs minutes later did not
+  (client ITL / serving fit 0.96 at 1.5x): `live` then predicted 19 % at 1.5x the knee against 52 % measured.
 - Reproducibility. A single measurement per serving-fit batch left the fit's per-sequence cost anywhere between
   -0.05 and 0.97 ms from run to run; medians of three rounds, a robust fit and its bootstrap intervals (printed,
   and the `band` of each prediction) replace it. What still moves between runs is the machine: other users'
@@ -131,8 +144,13 @@ MIXED_DRAWS = 2
 CALIBRATION_PROMPTS = (64, 128, 256, 512)
 CALIBRATION_OUTPUT = 32
 RATE_FACTORS = (0.5, 1.0, 1.5)
-MODELS = ("profile", "calibrated", "mixed", "serving", "shared")
-BAND_MODEL = "shared"  # the prediction compared in the table's columns, with the band its fits' intervals allow
+MODELS = ("profile", "calibrated", "mixed", "serving", "shared", "live")
+BAND_MODEL = "live"  # the prediction compared in the table's columns, with the band its fits' intervals allow
+# The light open-loop run that scales `shared` into `live`: its own requests (from this index of the workload, not
+# the ones the rates send) and its own arrival seed, at LIVE_RATE_FACTOR x the `shared` knee.
+LIVE_FIRST_REQUEST = 1000
+LIVE_SEED_OFFSET = 101
+LIVE_RATE_FACTOR = 0.35
 # How much the two ranks slow each other on the shared cores: a decode batch of SHARING_BATCH requests decodes
 # SHARING_OUTPUT tokens alone, then again while prompts of SHARING_PROMPT tokens are prefilled back to back.
 SHARING_BATCH = 8
@@ -271,11 +289,15 @@ class Model:
     decode: Coefficients
     overheads: Overheads = Overheads()
     host: SharedHost | None = None  # simulate both ranks together on shared cores (else each phase alone)
+    prefill_scale: float = 1.0  # the fits' times under open-loop load over their times when fitted (`live`)
+    decode_scale: float = 1.0
 
     def latency(self) -> ProfileLatency:
-        d = self.decode
-        decode = Coefficients(d.a + self.overheads.step_s, d.b, d.c)  # the step cost occupies the decode rank
-        return ProfileLatency(Profile("validation", "cpu", (ProfileEntry(ONE, self.prefill, decode),)))
+        p, d, ps, ds = self.prefill, self.decode, self.prefill_scale, self.decode_scale
+        prefill = Coefficients(p.a * ps, p.b * ps, p.c * ps)
+        # The step cost occupies the decode rank.
+        decode = Coefficients((d.a + self.overheads.step_s) * ds, d.b * ds, d.c * ds)
+        return ProfileLatency(Profile("validation", "cpu", (ProfileEntry(ONE, prefill, decode),)))
 
 
 def overheads_for(prefill: Coefficients, decode: Coefficients, rows: list) -> Overheads:
@@ -455,6 +477,66 @@ async def _sharing_round(target: str, batch, prompts) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- prediction
+
+def _p50s(model: Model, arrivals, prompts, outputs, kv_tokens: int, args, done: list[bool]) -> tuple[float, float]:
+    """The median TTFT and TPOT the model predicts over the requests marked `done` (TPOT: those with > 1 token)."""
+    ttft, tpot = simulate(model, arrivals, prompts, outputs, kv_tokens, args)
+    return (statistics.median(t for t, d in zip(ttft, done) if d),
+            statistics.median(t for t, o, d in zip(tpot, outputs, done) if d and o > 1))
+
+
+def _solve(f, target: float, low: float = 0.5, high: float = 2.5, steps: int = 24) -> float:
+    """x in [low, high] with f(x) = target for an increasing f (clamped to the ends)."""
+    if f(low) >= target:
+        return low
+    if f(high) <= target:
+        return high
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (mid, high) if f(mid) < target else (low, mid)
+    return (low + high) / 2
+
+
+def calibrate_live(model: Model, workload, slo: SLO, target: str, meter: CpuMeter, args,
+                   kv_tokens: int) -> tuple[Model, dict]:
+    """`shared` scaled to one light open-loop run through the server: the prefill and decode fits times the
+    factors that make its simulation of that run give the run's measured TTFT p50 and TPOT p50. The run uses its
+    own requests and arrival seed at `--live-rate-factor` x the `shared` knee, before and apart from the rates
+    validated; it holds what the unloaded fits leave out under staggered arrivals (the frontend, the client and
+    Ray working beside the ranks; admissions between steps), as an online planner's live fits would."""
+    rate = args.live_rate_factor * knee(model, workload, slo, args, kv_tokens)
+    n = requests_for(rate, args)
+    requests = workload[LIVE_FIRST_REQUEST:LIVE_FIRST_REQUEST + n]
+    seed = args.seed + LIVE_SEED_OFFSET
+    arrivals = bench.arrival_times(n, rate, 1.0, seed)
+    prompts, outputs = [q.prompt_len for q in requests], [q.output_len for q in requests]
+    quiet = wait_quiet(meter, args.max_other_cores, args.quiet_wait)
+    before = meter.snapshot()
+    report = asyncio.run(bench.run_benchmark(target, requests, rate, seed=seed, timeout=args.request_timeout,
+                                             keep_records=True))
+    cpu = meter.usage(before, meter.snapshot())
+    records = report["requests"]
+    done = [r["ok"] for r in records]
+    if sum(done) < n // 2:
+        raise RuntimeError(f"live calibration: {n - sum(done)} of {n} requests failed: {report['errors']}")
+    ttft_m = statistics.median(r["ttft_s"] for r in records if r["ok"])
+    tpot_m = statistics.median(r["tpot_s"] for r, o in zip(records, outputs) if r["ok"] and o > 1)
+    before_p50 = _p50s(model, arrivals, prompts, outputs, kv_tokens, args, done)
+    live = model
+    for _ in range(3):  # TPOT follows the decode scale; TTFT mostly the prefill scale (decode steps slow it too)
+        ds = _solve(lambda x: _p50s(dataclasses.replace(live, decode_scale=x), arrivals, prompts, outputs,
+                                    kv_tokens, args, done)[1], tpot_m)
+        live = dataclasses.replace(live, decode_scale=ds)
+        ps = _solve(lambda x: _p50s(dataclasses.replace(live, prefill_scale=x), arrivals, prompts, outputs,
+                                    kv_tokens, args, done)[0], ttft_m)
+        live = dataclasses.replace(live, prefill_scale=ps)
+    after = _p50s(live, arrivals, prompts, outputs, kv_tokens, args, done)
+    return live, {"rate": rate, "requests": n, "failed": n - sum(done), "quiet_check": quiet, "cpu_cores": cpu,
+                  "measured_ms": {"ttft_p50": ttft_m * 1e3, "tpot_p50": tpot_m * 1e3},
+                  "shared_ms": {"ttft_p50": before_p50[0] * 1e3, "tpot_p50": before_p50[1] * 1e3},
+                  "live_ms": {"ttft_p50": after[0] * 1e3, "tpot_p50": after[1] * 1e3},
+                  "prefill_scale": live.prefill_scale, "decode_scale": live.decode_scale}
+
 
 def simulate(model: Model, arrivals, prompts, outputs, kv_tokens: int, args) -> tuple[list[float], list[float]]:
     """Per-request (TTFT, TPOT) in seconds, as the client would see them under the model."""
@@ -654,6 +736,8 @@ def parse_args(argv=None):
     ap.add_argument("--band-draws", type=int, default=40,
                     help="bootstrap draws of the serving decode fit simulated per rate for the predicted band")
     ap.add_argument("--calibration-rounds", type=int, default=3)
+    ap.add_argument("--live-rate-factor", type=float, default=LIVE_RATE_FACTOR,
+                    help="rate of the light open-loop run that scales `shared` into `live`, x the `shared` knee")
     ap.add_argument("--sharing-rounds", type=int, default=5,
                     help="rounds of the shared-cores calibration (a decode batch alone, then beside prefills)")
     ap.add_argument("--kv-cache-mib", type=int, default=1024, help="per rank: large enough never to bind")
@@ -744,16 +828,21 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
           f"x{1 + sharing['prefill_slowdown']:.2f} while decode steps run", flush=True)
     models["shared"] = dataclasses.replace(models["serving"], host=SharedHost(
         sharing["decode_slowdown"], sharing["prefill_slowdown"], reserve_waits_for_step=True, push_holds_prefill=True))
-    draws = list(zip(serving_prefill_uncertainty.draws, serving_uncertainty.draws))
-    for name in ("calibrated", "mixed", "serving"):
-        o = models[name].overheads
-        print(f"serving overheads ({name}): TTFT +{o.ttft_s * 1e3:.1f} ms, hand-off {o.handoff_s * 1e3:.1f} ms, "
-              f"decode step {o.step_s * 1e3:+.2f} ms", flush=True)
     bare = models["profile"].latency()
     mean_prompt = statistics.mean(q.prompt_len for q in workload)
     mean_output = statistics.mean(q.output_len for q in workload)
     slo = SLO(ttft=args.ttft_slo_scale * bare.prefill_time([round(mean_prompt)], ONE),
               tpot=args.tpot_slo_scale * bare.decode_time(1, round(mean_prompt + mean_output / 2), ONE))
+    models["live"], live = calibrate_live(models["shared"], workload, slo, target, meter, args, kv_tokens)
+    print(f"live calibration at {live['rate']:.2f} req/s ({live['requests']} requests of their own): TTFT p50 "
+          f"{live['measured_ms']['ttft_p50']:.0f} ms measured vs {live['shared_ms']['ttft_p50']:.0f} shared, TPOT p50 "
+          f"{live['measured_ms']['tpot_p50']:.1f} vs {live['shared_ms']['tpot_p50']:.1f} ms: prefill "
+          f"x{live['prefill_scale']:.3f}, decode x{live['decode_scale']:.3f}", flush=True)
+    draws = list(zip(serving_prefill_uncertainty.draws, serving_uncertainty.draws))
+    for name in ("calibrated", "mixed", "serving"):
+        o = models[name].overheads
+        print(f"serving overheads ({name}): TTFT +{o.ttft_s * 1e3:.1f} ms, hand-off {o.handoff_s * 1e3:.1f} ms, "
+              f"decode step {o.step_s * 1e3:+.2f} ms", flush=True)
     knee_rate = knee(models[args.knee_model], workload, slo, args, kv_tokens)
     if args.rates == "auto" and knee_rate == 0:
         raise ValueError("rates: the prediction meets the SLOs at no rate; loosen --ttft-slo-scale/--tpot-slo-scale "
@@ -778,7 +867,7 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
             "mixed_decode_profile": mixed, "serving_decode_profile": serving,
             "serving_prefill_profile": {"prefill_ms": serving_prefill.to_ms(),
                                         "uncertainty": serving_prefill_uncertainty.to_dict()},
-            "calibration": calibration, "sharing": sharing,
+            "calibration": calibration, "sharing": sharing, "live_calibration": live,
             "overheads": {name: asdict(models[name].overheads) for name in MODELS},
             "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot, "ttft_scale": args.ttft_slo_scale,
                     "tpot_scale": args.tpot_slo_scale},
