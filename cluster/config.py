@@ -174,6 +174,10 @@ class OnlinePlanner:
     profile: str | None = None  # fitted latency profile JSON (`splitserve profile [--server]`)
     requests: int = 300  # simulated requests per evaluation
     seed: int = 0
+    # Scale the latency model per phase by the median of (timed step / modelled step) over the steps the instances
+    # ran within the window, once at least calibration_steps decode steps (a fifth as many prefill batches) are there.
+    live_calibration: bool = True
+    calibration_steps: int = 50
 
     def validate(self, path: str) -> None:
         for name in ("ttft_s", "tpot_s", "interval_s", "window_s", "cooldown_s"):
@@ -181,7 +185,9 @@ class OnlinePlanner:
         positive_float(f"{path}.attainment", self.attainment)
         if self.attainment > 1:
             raise ValueError(f"config: '{path}.attainment' must be <= 1, got {self.attainment}")
-        for name in ("down_intervals", "min_requests", "min_prefill", "min_decode", "requests"):
+        if not isinstance(self.live_calibration, bool):
+            raise ValueError(f"config: '{path}.live_calibration' must be true or false, got {self.live_calibration!r}")
+        for name in ("down_intervals", "min_requests", "min_prefill", "min_decode", "requests", "calibration_steps"):
             positive_int(f"{path}.{name}", getattr(self, name))
         positive_int(f"{path}.seed", self.seed, 0)
         for role in ("prefill", "decode"):

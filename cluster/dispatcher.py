@@ -239,6 +239,8 @@ class Dispatcher:
             self._count(name, result["stats"])
             self.router.report(name, result["stats"])
             self.router.cache_events(name, result.get("cache_events", ()))
+            if self.planner is not None and result.get("steps"):
+                self.planner.observed.stepped(time.monotonic(), handle.spec.role, result["steps"])
             for event in result["events"]:
                 try:
                     self._handle(name, handle, event)

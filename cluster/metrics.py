@@ -118,9 +118,15 @@ class _ClusterStateCollector:
                                       "candidate (prefill, decode) count", labels=("model_name", "candidate"))
         for candidate, value in sorted(planner["predicted"].items()):
             predicted.add_metric([self.model_name, candidate], value)
+        scale = GaugeMetricFamily("splitserve_planner_latency_scale", "The planner's latency model calibration: "
+                                  "timed over modelled step time (median over its window), by phase",
+                                  labels=("model_name", "phase"))
+        for phase, value in sorted(planner.get("latency_scale", {}).items()):
+            scale.add_metric([self.model_name, phase], value)
         yield rate
         yield target
         yield predicted
+        yield scale
 
 
 class ServerMetrics:

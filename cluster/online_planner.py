@@ -9,12 +9,13 @@ import asyncio
 import collections
 import logging
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 
 from splitserve.cluster.config import ClusterConfig, OnlinePlanner as PlannerConfig
 from splitserve.placement.hardware import ClusterSpec, get_hardware
-from splitserve.placement.latency import AnalyticLatency
+from splitserve.placement.latency import AnalyticLatency, ScaledLatency
 from splitserve.placement.metrics import SLO
 from splitserve.placement.parallel import Parallel
 from splitserve.placement.profile import Profile, ProfileLatency
@@ -33,16 +34,32 @@ class Decision:
     target: tuple[int, int]  # the cheapest count meeting the SLOs (or the largest allowed)
     predicted: dict[tuple[int, int], float] = field(default_factory=dict)  # attainment per candidate
     action: str = "hold"  # hold | scale | wait (down, not yet agreed) | cooldown
+    scales: tuple[float, float] = (1.0, 1.0)  # the latency model's (prefill, decode) calibration it used
 
 
 class Observations:
-    """Arrivals and finished requests' lengths over a sliding window."""
+    """Arrivals, finished requests' lengths and timed instance steps over a sliding window."""
+
+    MAX_STEPS = 20_000  # per role: the newest steps within the window
 
     def __init__(self, window_s: float):
         self.window_s = window_s
         self.started = time.monotonic()
         self.arrivals: collections.deque[float] = collections.deque()
         self.lengths: collections.deque[tuple[float, int, int]] = collections.deque()
+        self.steps = {role: collections.deque(maxlen=self.MAX_STEPS) for role in ("prefill", "decode")}
+
+    def stepped(self, now: float, role: str, samples) -> None:
+        """Steps an instance of `role` timed: decode (seconds, batch, total context), prefill (seconds, chunk
+        lengths, cached prefixes)."""
+        if role in self.steps:
+            self.steps[role].extend((now, s) for s in samples)
+
+    def recent_steps(self, role: str, now: float) -> list[tuple]:
+        steps = self.steps[role]
+        while steps and steps[0][0] < now - self.window_s:
+            steps.popleft()
+        return [s for _, s in steps]
 
     def arrived(self, now: float) -> None:
         self.arrivals.append(now)
@@ -70,7 +87,9 @@ class OnlinePlannerLoop:
         model = load_model(model_dir, config.dtype)
         hardware = opts.hardware or ("cpu" if config.device == "cpu" else "H100-80GB")
         latency = AnalyticLatency(model, ClusterSpec(1, max(1, cluster_devices), get_hardware(hardware)))
-        self.latency = ProfileLatency(Profile.load(opts.profile), fallback=latency) if opts.profile else latency
+        self.base_latency = ProfileLatency(Profile.load(opts.profile), fallback=latency) if opts.profile else latency
+        self.latency = self.base_latency  # with the live calibration's factors once steps have been timed
+        self.scales = (1.0, 1.0)  # (prefill, decode): timed / modelled step, medians over the window
         p = config.prefill
         self.prefill_par = Parallel(tp=p.tp, sp=p.sp, sp_algorithm=p.sp_algorithm if p.sp > 1 else "none")
         self.decode_par = Parallel(tp=config.decode.tp)
@@ -115,7 +134,27 @@ class OnlinePlannerLoop:
             return min(meeting, key=lambda c: (cost(c), -predicted[c], c)), predicted
         return (o.max_prefill, o.max_decode), predicted
 
+    def calibrate(self, now: float) -> tuple[float, float]:
+        """The latency model's factor per phase: the median of timed / modelled over the steps of the window, for a
+        phase with enough of them (else its last factor: an idle minute says nothing about the machine)."""
+        if not self.options.live_calibration:
+            return self.scales
+        base, need = self.base_latency, self.options.calibration_steps
+        decode = [t / base.decode_time(b, c, self.decode_par) for t, b, c in self.observed.recent_steps("decode", now)]
+        prefill = [t / base.prefill_time(list(q), self.prefill_par, list(p))
+                   for t, q, p in self.observed.recent_steps("prefill", now)]
+        ps, ds = self.scales
+        if len(prefill) >= max(1, need // 5):
+            ps = statistics.median(prefill)
+        if len(decode) >= need:
+            ds = statistics.median(decode)
+        if (ps, ds) != self.scales:
+            self.scales = (ps, ds)
+            self.latency = ScaledLatency(base, ps, ds)
+        return self.scales
+
     def decide(self, now: float, current: tuple[int, int], kv_tokens: int) -> Decision | None:
+        scales = self.calibrate(now)
         rate, lengths = self.observed.snapshot(now)
         if rate == 0:  # nothing arrived for a whole window: the fewest instances will do
             target, predicted = (self.options.min_prefill, self.options.min_decode), {}
@@ -123,7 +162,7 @@ class OnlinePlannerLoop:
             return None  # too little seen to simulate
         else:
             target, predicted = self.choose(rate, lengths, kv_tokens)
-        decision = Decision(now, rate, current, target, predicted)
+        decision = Decision(now, rate, current, target, predicted, scales=scales)
         # Only a change that removes instances and adds none waits for agreement; anything that adds acts at once.
         down = target[0] <= current[0] and target[1] <= current[1] and target != current
         self._down_votes = self._down_votes + 1 if down else 0
@@ -150,8 +189,9 @@ class OnlinePlannerLoop:
                 continue
             best = decision.predicted.get(decision.target, 0.0)
             log.info("planner: %.2f req/s observed; (prefill, decode) now %s predicted %.0f%%, target %s predicted "
-                     "%.0f%%: %s", decision.rate, current, 100 * decision.predicted.get(current, 0.0),
-                     decision.target, 100 * best, decision.action)
+                     "%.0f%%: %s (latency model x%.2f prefill, x%.2f decode)", decision.rate, current,
+                     100 * decision.predicted.get(current, 0.0), decision.target, 100 * best, decision.action,
+                     *decision.scales)
             if decision.action == "scale":
                 try:
                     await self.scaler.scale({"prefill": decision.target[0], "decode": decision.target[1]})
@@ -165,4 +205,5 @@ class OnlinePlannerLoop:
         return {"observed_rate": last.rate if last else 0.0,
                 "target": {"prefill": last.target[0], "decode": last.target[1]} if last else {},
                 "predicted": {f"p{n}d{m}": a for (n, m), a in last.predicted.items()} if last else {},
+                "latency_scale": {"prefill": self.scales[0], "decode": self.scales[1]},
                 "decisions": len(self.decisions)}

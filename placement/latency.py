@@ -32,6 +32,30 @@ class LatencyModel(Protocol):
 
 
 @dataclass(frozen=True)
+class ScaledLatency:
+    """Another model's forwards times a factor per phase: the online planner's calibration to the step times its
+    running instances report (the machine as it is now, with every per-step cost of the serving loop). Colocated
+    iterations and KV transfers are the base model's."""
+
+    base: LatencyModel
+    prefill_scale: float = 1.0
+    decode_scale: float = 1.0
+
+    def prefill_time(self, lengths: Sequence[int], par: Parallel, prefixes: Sequence[int] | None = None) -> float:
+        return self.prefill_scale * self.base.prefill_time(lengths, par, prefixes)
+
+    def decode_time(self, batch: int, total_context: int, par: Parallel) -> float:
+        return self.decode_scale * self.base.decode_time(batch, total_context, par)
+
+    def mixed_time(self, lengths: Sequence[int], prefixes: Sequence[int], batch: int, total_context: int,
+                   par: Parallel) -> float:
+        return self.base.mixed_time(lengths, prefixes, batch, total_context, par)
+
+    def kv_transfer_time(self, tokens: int, src: Parallel, dst: Parallel, same_node: bool) -> float:
+        return self.base.kv_transfer_time(tokens, src, dst, same_node)
+
+
+@dataclass(frozen=True)
 class Efficiency:
     """Fractions of peak actually reached, and fixed per-forward costs; calibrated by a profile, not by hand."""
 

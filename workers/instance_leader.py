@@ -8,6 +8,7 @@ messages. Decode: reservations and their arrival flags live in `comm.kv_reservat
 as soon as every link reports done, without a frontend round trip."""
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -25,6 +26,8 @@ from splitserve.workers.sequence import Sequence
 from splitserve.workers.stop import StopChecker
 
 log = logging.getLogger(__name__)
+
+STEP_SAMPLES = 1024  # step timings kept between two polls (the newest)
 
 
 class InstanceLeader:
@@ -57,6 +60,10 @@ class InstanceLeader:
         self._last_poll = 0.0
         self._cached_reported: set[str] = set()  # requests whose cached prompt tokens were reported
         self.kv_received_bytes = 0  # decode: KV bytes written into this instance's caches by transfers
+        # Timed steps for the online planner's calibration: decode (seconds, batch, total context), prefill
+        # (seconds, chunk lengths, cached prefixes); a step is timed whole (scheduling, forward, sampling, events).
+        self.step_samples: collections.deque = collections.deque(maxlen=STEP_SAMPLES)
+        self._forward: tuple | None = None  # the shape of the step's forward, set by _execute
         cache = rank.caches[0]  # [2, blocks, block_size, local heads, head_dim], one per layer
         heads = sum(local_kv_heads(cfg.num_kv_heads, self.spec.tp, q)[1] for q in range(self.spec.tp))
         self._block_bytes = 2 * cache.shape[2] * heads * cache.shape[-1] * cache.element_size() * cfg.num_layers
@@ -101,8 +108,10 @@ class InstanceLeader:
         with self.cond:
             events, self.events = self.events, []
             cache_events, self.cache_events = self.cache_events, []
+            steps = list(self.step_samples)
+            self.step_samples.clear()
         self._last_poll = time.monotonic()
-        return {"events": events, "stats": self.stats(), "cache_events": cache_events}
+        return {"events": events, "stats": self.stats(), "cache_events": cache_events, "steps": steps}
 
     def stats(self) -> dict:
         return {"free_blocks": self.blocks.num_free_blocks, "num_blocks": self.blocks.num_blocks,
@@ -199,6 +208,7 @@ class InstanceLeader:
 
     def _execute(self, batch, seqs: list[Sequence]):
         """One step: the batch and its transfer orders to every rank (metadata only), then this rank's shard."""
+        self._forward = (batch.query_lens, batch.context_lens)
         orders = [order for seq in seqs if seq.seq_id in self.targets
                   for order in transfer_orders(self.layout, seq.num_tokens, self.blocks.block_table(seq.seq_id),
                                                self.targets[seq.seq_id])]
@@ -211,6 +221,8 @@ class InstanceLeader:
         self.rank.launch(batch)
 
     def _step(self) -> None:
+        self._forward = None
+        started = time.perf_counter()
         outputs = self.engine.step() if self.engine.has_unfinished() else []
         self._report(outputs)  # first tokens go out while the last layers are still being pushed
         if self.spec.role == "prefill":
@@ -221,6 +233,20 @@ class InstanceLeader:
             if out.result.finished or self.spec.role == "prefill":
                 self.blocks.free(out.seq.seq_id)
                 self._forget(out.seq.seq_id)
+        if self._forward is not None:
+            self._time_step(time.perf_counter() - started, *self._forward)
+
+    def _time_step(self, seconds: float, queries: list[int], contexts: list[int]) -> None:
+        """Keeps the step's timing for the planner: one forward of a prefill or decode instance without pipeline
+        stages (with batches in flight, or SplitFuse's mixed batches, a step has no one shape)."""
+        if self.spec.pp != 1 or self.spec.role not in ("prefill", "decode"):
+            return
+        if self.spec.role == "decode":
+            sample = (seconds, len(queries), sum(contexts))
+        else:
+            sample = (seconds, tuple(queries), tuple(c - q for q, c in zip(queries, contexts)))
+        with self.cond:
+            self.step_samples.append(sample)
 
     def _report(self, outputs: list[EngineOutput]) -> None:
         items, failures, cached = [], [], []
