@@ -321,7 +321,8 @@ def run_all(args, config, entry: ProfileEntry, profile_path: str, vocab: int, se
         passes["online"]["decisions"] = [
             {"t_s": round(d.at - start, 2), "rate": round(d.rate, 2),
              "current": list(d.current), "target": list(d.target), "action": d.action,
-             "predicted": {f"{n}P{m}D": round(a, 3) for (n, m), a in d.predicted.items()}}
+             "predicted": {f"{n}P{m}D": round(a, 3) for (n, m), a in d.predicted.items()},
+             "latency_scale": {"prefill": round(d.scales[0], 3), "decode": round(d.scales[1], 3)}}
             for d in cluster.planner.decisions]
     reference = passes["fixed-min"].pop("_tokens")
     for p in passes.values():
