@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -74,6 +75,7 @@ class RankWorker:
         self.leader = None
         self._sending = False  # pushes started by the last forward and not yet finished
         self._shm_file: str | None = None
+        self._forward_delay = 0.0  # test hook: extra seconds per forward (`slow_forwards`)
 
     # ------------------------------------------------------------------------------------------- start-up
     def create_store(self, host: str) -> int:
@@ -221,6 +223,8 @@ class RankWorker:
         of the KV of `orders`. The pushes are finished by `finish_sends`, after the first tokens are out (TTFT
         does not wait for the last layer)."""
         self.finish_sends()  # earlier pushes read blocks that this forward may overwrite
+        if self._forward_delay:
+            time.sleep(self._forward_delay)
         mine = [o for o in orders if o.link.prefill_rank == self.rank]
         if not mine or self.sender is None:
             return self._forward_logits(batch)
@@ -276,6 +280,10 @@ class RankWorker:
         """Test hook: the next `count` transfers from this rank stall after the handshake."""
         if self.sender is not None:
             self.sender.faults = count
+
+    def slow_forwards(self, seconds: float) -> None:
+        """Test hook: every forward of this rank takes `seconds` longer (a long step on a slow device)."""
+        self._forward_delay = float(seconds)
 
     def pid(self) -> int:
         return os.getpid()

@@ -5,7 +5,11 @@ A request is named by its request id everywhere; `attempt` counts its dispatches
 earlier attempt never touch a later one. Prefill: a step's transfer orders are broadcast with its batch, every
 rank pushes its share of KV while the next layer computes, and the first tokens ride on the leader's done
 messages. Decode: reservations and their arrival flags live in `comm.kv_reservations`; a request is admitted
-as soon as every link reports done, without a frontend round trip."""
+as soon as every link reports done, without a frontend round trip.
+
+The loop thread owns the engine's state (blocks, reservations, attempts) and holds `state_lock` except while a
+forward runs; commands wait in a queue for the loop, but a reservation (on the path of every request's TTFT) is
+made at once under the lock, so it waits for no more than the bookkeeping between two forwards."""
 from __future__ import annotations
 
 import collections
@@ -41,7 +45,7 @@ class InstanceLeader:
                                     self.spec.engine.block_size, self.spec.pp, cfg.num_layers)
         runner = ModelRunner(rank.model, rank.caches, self.eos, rank.device, execute=self._execute)
         context_len = self.spec.engine.context_len(cfg.max_position_embeddings)
-        pipeline = (self._launch, rank.collect, self.spec.pp) if self.spec.pp > 1 else None
+        pipeline = (self._launch, self._collect, self.spec.pp) if self.spec.pp > 1 else None
         self.engine = build_engine(self.spec.role, runner, rank.num_blocks, self.spec.engine, context_len,
                                    sp=self.spec.sp, cache_salt=cache_salt(self.spec.model_dir, self.spec.dtype),
                                    pipeline=pipeline)
@@ -51,6 +55,10 @@ class InstanceLeader:
         self.targets: dict[str, DecodeTarget] = {}  # prefill: where each request's KV goes
         self.reservations = Reservations(rank.store)  # decode: KV on its way here
         self.commands: queue.Queue = queue.Queue()
+        self.state_lock = threading.Lock()
+        self._loop_holds_lock = False  # the loop thread holds state_lock (it lets go around each forward)
+        self._in_forward = False
+        self.reserved_during_forward = 0  # reservations made while a forward ran (the lock let them in)
         self.cond = threading.Condition()
         self.events: list[tuple] = []
         self.cache_events: list[tuple[bool, int]] = []  # prefix-cache blocks stored / evicted, for the router
@@ -91,8 +99,11 @@ class InstanceLeader:
 
     def reserve(self, request_id: str, attempt: int, prompt_ids: list[int], params: SamplingParams,
                 prefill_tp: int, resumed: int = 0) -> DecodeTarget | None:
-        """Blocks for a request's KV before its prefill starts; None when they are not free now."""
-        return self._call(self._reserve, request_id, attempt, prompt_ids, params, prefill_tp, resumed, wait=True)
+        """Blocks for a request's KV before its prefill starts; None when they are not free now. Made at once (in
+        the caller's thread), also while a forward runs."""
+        with self.state_lock:
+            self.reserved_during_forward += self._in_forward
+            return self._reserve(request_id, attempt, prompt_ids, params, prefill_tp, resumed)
 
     def abort(self, request_id: str, attempt: int) -> None:
         self._call(self._abort, request_id, attempt)
@@ -121,7 +132,8 @@ class InstanceLeader:
                 "prefix_hit_tokens": self.blocks.hit_tokens, "prefix_query_tokens": self.blocks.query_tokens,
                 "kv_received_bytes": self.kv_received_bytes,
                 "preemptions": getattr(self.engine, "num_preemptions", 0),
-                "max_batches_in_flight": getattr(getattr(self.engine, "decode", None), "max_in_flight", 0)}
+                "max_batches_in_flight": getattr(getattr(self.engine, "decode", None), "max_in_flight", 0),
+                "reserved_during_forward": self.reserved_during_forward}
 
     # ------------------------------------------------------------------------------ loop thread only
     def _emit(self, *events) -> None:
@@ -213,7 +225,24 @@ class InstanceLeader:
                   for order in transfer_orders(self.layout, seq.num_tokens, self.blocks.block_table(seq.seq_id),
                                                self.targets[seq.seq_id])]
         self.rank.broadcast(("step", batch, orders))
-        return self.rank.execute(batch, orders)
+        return self._unlocked(self.rank.execute, batch, orders)
+
+    def _collect(self, batch):
+        """The logits of the oldest batch in flight through the pipeline (a wait on the last stage)."""
+        return self._unlocked(self.rank.collect, batch)
+
+    def _unlocked(self, fn, *args):
+        """Runs a forward with the state lock let go, so reservations go on meanwhile (the forward reads only the
+        batch built before it, and writes KV only into blocks its sequences own)."""
+        if not self._loop_holds_lock:
+            return fn(*args)
+        self._loop_holds_lock, self._in_forward = False, True
+        self.state_lock.release()
+        try:
+            return fn(*args)
+        finally:
+            self.state_lock.acquire()
+            self._loop_holds_lock, self._in_forward = True, False
 
     def _launch(self, batch, seqs: list[Sequence]) -> None:
         """A decode batch into the pipeline; its logits are collected later (see PipelinedDecodeEngine)."""
@@ -272,7 +301,9 @@ class InstanceLeader:
         while item is not None:
             fn, args, future = item
             try:
-                future.set_result(fn(*args))
+                with self.state_lock:
+                    result = fn(*args)
+                future.set_result(result)
             except Exception as e:  # the caller gets it
                 future.set_exception(e)
             try:
@@ -286,11 +317,16 @@ class InstanceLeader:
             busy = self.engine.has_unfinished() and not self.paused
             self._drain_commands(0 if busy else (0.002 if waiting_on_transfers else 0.05))
             try:
-                if waiting_on_transfers:
-                    self._check_transfers()
-                if not self.paused:
-                    self._step()
-                self._emit()  # cache changes of commands and transfers (reservations, aborts)
+                with self.state_lock:
+                    self._loop_holds_lock = True
+                    try:
+                        if waiting_on_transfers:
+                            self._check_transfers()
+                        if not self.paused:
+                            self._step()
+                        self._emit()  # cache changes of commands and transfers (reservations, aborts)
+                    finally:
+                        self._loop_holds_lock = False
             except Exception as e:  # a broken instance reports, it does not hang its requests
                 log.exception("instance %s failed", self.spec.name)
                 self.error = f"{type(e).__name__}: {e}"
