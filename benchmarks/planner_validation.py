@@ -40,8 +40,8 @@ Steps, in one run:
    `shared`: serving, with both ranks simulated together on the shared cores (`placement/shared_host.py`):
    a decode step runs slower while a prefill batch computes and a prefill slower while decode steps run (by the
    factors `calibrate_sharing` measures through the server: a decode batch alone, then beside back-to-back
-   prompts), a request's reservation waits for the decode step in flight, and the prefill leader waits for its
-   KV pushes (the hand-off) before its next batch. Its `band` is the 5th-95th percentile of the attainment
+   prompts), and the prefill leader waits for its KV pushes (the hand-off) before its next batch (the decode
+   leader takes a reservation while a forward runs, so a reservation does not wait for the step in flight). Its `band` is the 5th-95th percentile of the attainment
    predicted with the two serving fits' bootstrap draws in their place.
    `live`: shared, with its prefill and decode fits scaled by the factors that make it reproduce the TTFT p50
    and TPOT p50 of one light open-loop run through the server (`--live-rate-factor` x the `shared` knee, its own
@@ -79,7 +79,7 @@ Where prediction and measurement part (numbers in benchmarks/results/planner_val
   time at the knee takes the predicted attainment from 90 % to 64 %, 10 % to 42 %.
 - Light-load residue and machine drift. With the shared-core model, TTFT p50 and TPOT p50 still came out
   above the `shared` prediction at light load (9-28 % over six runs); `live` takes that from a light run of its own
-  (prefill x1.06-1.21, decode x1.07-1.13 over three runs). What no fit made minutes earlier can hold is the
+  (prefill x1.06-1.21, decode x1.00-1.13 over six runs). What no fit made minutes earlier can hold is the
   machine's speed at the time of the run: the same in-process decode forward (batch 12) timed every ten seconds on
   the idle machine took 16.8-20.2 ms within one minute, and in one run the serving fit's batches of 12-20 ran
   10-20 % slower than in the two others (steady over its three rounds) while the rate runs minutes later did not
@@ -394,8 +394,8 @@ def calibrate_sharing(target: str, workload, vocab: int, prefill: Coefficients, 
     Per round, a batch of SHARING_BATCH requests decodes SHARING_OUTPUT tokens alone, and again while one client
     sends prompts back to back (each with one output token, so the prefill rank computes most of the time and the
     decode leader takes a reservation and a KV push per prompt, as under live load). decode_slowdown: the step
-    ratio less one, per unit of the window the prompts were in flight; prefill_slowdown: those prompts' TTFT (less
-    half a decode step, the wait for the decode leader's reservation) over the prefill fitted unloaded, less one.
+    ratio less one, per unit of the window the prompts were in flight; prefill_slowdown: those prompts' TTFT over
+    the prefill fitted unloaded, less one.
     Other users' load inflates both, so each round first waits for quiet (briefly) and records what they took;
     the medians are over the rounds they disturbed least."""
     rng = random.Random(args.seed + 13)
@@ -415,7 +415,7 @@ def calibrate_sharing(target: str, workload, vocab: int, prefill: Coefficients, 
                      "prefill_busy": shared["busy"], "prompts": len(ttfts),
                      "prompt_ttft_s": statistics.median(ttfts) if ttfts else None, "other_users_cores": other,
                      "decode_slowdown": (step / alone["step_s"] - 1) / max(shared["busy"], 1e-3),
-                     "prefill_slowdown": (statistics.median(ttfts) - step / 2) / fitted - 1 if ttfts else None})
+                     "prefill_slowdown": statistics.median(ttfts) / fitted - 1 if ttfts else None})
     quiet = [r for r in rows if r["other_users_cores"] <= args.max_other_cores and r["prompts"]]
     if len(quiet) < 2:
         quiet = sorted((r for r in rows if r["prompts"]), key=lambda r: r["other_users_cores"])[:max(1, len(rows) // 2)]
@@ -827,7 +827,7 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
     print(f"shared cores: decode steps x{1 + sharing['decode_slowdown']:.2f} while a prefill computes, prefill "
           f"x{1 + sharing['prefill_slowdown']:.2f} while decode steps run", flush=True)
     models["shared"] = dataclasses.replace(models["serving"], host=SharedHost(
-        sharing["decode_slowdown"], sharing["prefill_slowdown"], reserve_waits_for_step=True, push_holds_prefill=True))
+        sharing["decode_slowdown"], sharing["prefill_slowdown"], reserve_waits_for_step=False, push_holds_prefill=True))
     bare = models["profile"].latency()
     mean_prompt = statistics.mean(q.prompt_len for q in workload)
     mean_output = statistics.mean(q.output_len for q in workload)
