@@ -17,7 +17,6 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
 
 from splitserve.comm.kv_plan import DecodeTarget, PrefillLayout, links_needed_pp, local_kv_heads, transfer_orders
 from splitserve.comm.kv_reservations import Reservation, Reservations
@@ -87,10 +86,9 @@ class InstanceLeader:
         self.commands.put(None)
 
     # ---------------------------------------------------------------------------- commands (any thread)
-    def _call(self, fn, *args, wait: bool = False):
-        future: Future = Future()
-        self.commands.put((fn, args, future))
-        return future.result(timeout=60) if wait else None
+    def _call(self, fn, *args) -> None:
+        """Queues a command for the loop thread (it runs between steps, under the state lock)."""
+        self.commands.put((fn, args))
 
     def submit(self, request_id: str, attempt: int, prompt_ids: list[int], params: SamplingParams,
                target: DecodeTarget | None = None, resumed: int = 0) -> None:
@@ -299,13 +297,12 @@ class InstanceLeader:
         except queue.Empty:
             return
         while item is not None:
-            fn, args, future = item
+            fn, args = item
             try:
                 with self.state_lock:
-                    result = fn(*args)
-                future.set_result(result)
-            except Exception as e:  # the caller gets it
-                future.set_exception(e)
+                    fn(*args)
+            except Exception:  # one bad command must not stop the instance
+                log.exception("instance %s: command %s failed", self.spec.name, fn.__name__)
             try:
                 item = self.commands.get_nowait()
             except queue.Empty:
