@@ -118,6 +118,7 @@ import yaml
 
 from splitserve.cluster import bench, profiler
 from splitserve.placement.goodput import max_rate
+from splitserve.placement.latency import ScaledLatency
 from splitserve.placement.metrics import SLO
 from splitserve.placement.parallel import Parallel
 from splitserve.placement.percentiles import percentile
@@ -292,12 +293,11 @@ class Model:
     prefill_scale: float = 1.0  # the fits' times under open-loop load over their times when fitted (`live`)
     decode_scale: float = 1.0
 
-    def latency(self) -> ProfileLatency:
-        p, d, ps, ds = self.prefill, self.decode, self.prefill_scale, self.decode_scale
-        prefill = Coefficients(p.a * ps, p.b * ps, p.c * ps)
-        # The step cost occupies the decode rank.
-        decode = Coefficients((d.a + self.overheads.step_s) * ds, d.b * ds, d.c * ds)
-        return ProfileLatency(Profile("validation", "cpu", (ProfileEntry(ONE, prefill, decode),)))
+    def latency(self) -> ScaledLatency:
+        d = self.decode
+        decode = Coefficients(d.a + self.overheads.step_s, d.b, d.c)  # the step cost occupies the decode rank
+        fitted = ProfileLatency(Profile("validation", "cpu", (ProfileEntry(ONE, self.prefill, decode),)))
+        return ScaledLatency(fitted, self.prefill_scale, self.decode_scale)
 
 
 def overheads_for(prefill: Coefficients, decode: Coefficients, rows: list) -> Overheads:
