@@ -47,7 +47,7 @@ def _awaiting_dispatch(req: Request) -> bool:
 
 
 # Cumulative counters each instance reports; the frontend sums them per role over every incarnation.
-INSTANCE_COUNTERS = ("prefix_hit_tokens", "prefix_query_tokens", "kv_received_bytes")
+INSTANCE_COUNTERS = ("prefix_hit_tokens", "prefix_query_tokens", "kv_received_bytes", "busy_s", "steps")
 
 
 class Dispatcher:

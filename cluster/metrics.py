@@ -87,21 +87,27 @@ class _ClusterStateCollector:
         yield from self._planner(snap.get("planner") if snap else None)
 
     def _kv_counters(self, counters: dict):
-        """Prefix-cache lookups and hits by role, and KV bytes moved into decode caches (summed over every
-        incarnation of every instance by the frontend)."""
+        """Prefix-cache lookups and hits by role, KV bytes moved into decode caches, and the time instances spent
+        in steps (summed over every incarnation of every instance by the frontend)."""
         hits = CounterMetricFamily("splitserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
                                    labels=LABELS)
         queries = CounterMetricFamily("splitserve_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
                                       "prefix cache", labels=LABELS)
         moved = CounterMetricFamily("splitserve_kv_transfer_bytes", "KV cache bytes transferred from prefill into "
                                     "decode instances", labels=("model_name",))
-        for family, key in ((hits, "prefix_hit_tokens"), (queries, "prefix_query_tokens")):
+        busy = CounterMetricFamily("splitserve_instance_busy_seconds", "Seconds instances spent in steps that ran a "
+                                   "forward (scheduling, forward, sampling, KV pushes), by role", labels=LABELS)
+        steps = CounterMetricFamily("splitserve_instance_steps", "Steps that ran a forward, by role", labels=LABELS)
+        for family, key in ((hits, "prefix_hit_tokens"), (queries, "prefix_query_tokens"), (busy, "busy_s"),
+                            (steps, "steps")):
             for role, n in sorted(counters.get(key, {}).items()):
                 family.add_metric([self.model_name, role], n)
         moved.add_metric([self.model_name], sum(counters.get("kv_received_bytes", {}).values()))
         yield hits
         yield queries
         yield moved
+        yield busy
+        yield steps
 
     def _planner(self, planner: dict | None):
         """The online planner's last decision: observed rate, target counts, predicted attainment per candidate."""

@@ -163,7 +163,8 @@ class InferenceService:
                 free_blocks=s.get("free_blocks", 0), kv_usage=s.get("usage", 0.0), running=s.get("running", 0),
                 waiting=s.get("waiting", 0), state=s.get("state", ""), restarts=s.get("restarts", 0),
                 last_error=s.get("last_error") or "", prefix_cache_hit_tokens=s.get("prefix_hit_tokens", 0),
-                prefix_cache_query_tokens=s.get("prefix_query_tokens", 0)))
+                prefix_cache_query_tokens=s.get("prefix_query_tokens", 0), busy_seconds=s.get("busy_s", 0.0),
+                steps=s.get("steps", 0)))
             summary = roles.setdefault(s["role"], pb.RoleSummary(role=s["role"], tp=s["tp"], sp=s["sp"]))
             summary.instances += s.get("state", "serving") == "serving"
             if s["role"] in ("decode", "colocated"):

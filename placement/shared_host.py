@@ -57,13 +57,18 @@ class _Work:
 def simulate_shared_host(latency: LatencyModel, prefill_par: Parallel, decode_par: Parallel,
                          arrivals: Sequence[float], prompts: Sequence[int], outputs: Sequence[int],
                          host: SharedHost = SharedHost(), handoff_s: float = 0.0, kv_capacity: int = 1 << 40,
-                         max_batch: int = 256, token_budget: int = 4096) -> tuple[list[float], list[float]]:
+                         max_batch: int = 256, token_budget: int = 4096,
+                         usage: dict | None = None) -> tuple[list[float], list[float]]:
     """(first-token times, last-token times) of one prefill and one decode instance (no PP) on shared cores.
 
     Prefill: FCFS batches up to `token_budget` prompt tokens (a longer prompt runs alone). A request's KV is ready on
     the decode side `handoff_s` after its first token; with `push_holds_prefill` the prefill instance is busy until
     then. Decode: continuous batching of up to `max_batch` requests whose prompt + output fit `kv_capacity` (a
-    request that never fits gets INF), admitted before each step, `outputs - 1` steps each."""
+    request that never fits gets INF), admitted before each step, `outputs - 1` steps each.
+
+    `usage`, if given, receives each instance's busy time as its leader counts it (`InstanceInfo.busy_seconds`:
+    forwards at their shared-core speed, and the prefill leader's wait for its pushes) and its step count:
+    prefill_busy_s, prefill_batches, decode_busy_s, decode_steps."""
     if prefill_par.pp != 1 or decode_par.pp != 1:
         raise ValueError("parallel: the shared-host simulation models instances without pipeline parallelism")
     n = len(arrivals)
@@ -77,6 +82,8 @@ def simulate_shared_host(latency: LatencyModel, prefill_par: Parallel, decode_pa
     waiting: deque[int] = deque()
     running: list[tuple[int, int]] = []  # (step at which it finishes, request)
     state = {"steps": 0, "batch": 0, "context": 0, "reserved": 0}
+    busy = {"prefill_busy_s": 0.0, "prefill_batches": 0, "decode_busy_s": 0.0, "decode_steps": 0}
+    started = {"prefill": 0.0, "decode": 0.0}
     prefill, decode = _Work(), _Work()
 
     def set_speeds() -> None:
@@ -92,6 +99,7 @@ def simulate_shared_host(latency: LatencyModel, prefill_par: Parallel, decode_pa
             tokens += prompts[prefill_queue[0]]
             batch.append(prefill_queue.popleft())
         prefill.remaining = latency.prefill_time([prompts[r] for r in batch], prefill_par)
+        started["prefill"] = now
 
     def start_step() -> None:
         s = state
@@ -103,11 +111,14 @@ def simulate_shared_host(latency: LatencyModel, prefill_par: Parallel, decode_pa
             s["batch"] += 1
             heapq.heappush(running, (s["steps"] + outputs[r] - 1, r))
         decode.remaining = latency.decode_time(s["batch"], s["context"], decode_par) if s["batch"] else INF
+        started["decode"] = now
 
     def finish_step(now: float) -> None:
         s = state
         s["steps"] += 1
         s["context"] += s["batch"]
+        busy["decode_busy_s"] += now - started["decode"]
+        busy["decode_steps"] += 1
         while running and running[0][0] <= s["steps"]:
             _, r = heapq.heappop(running)
             finish[r] = now
@@ -125,6 +136,8 @@ def simulate_shared_host(latency: LatencyModel, prefill_par: Parallel, decode_pa
                 heapq.heappush(ready, (now + handoff_s, r))
         batch.clear()
         prefill.remaining = INF
+        busy["prefill_busy_s"] += now - started["prefill"] + (handoff_s if host.push_holds_prefill else 0.0)
+        busy["prefill_batches"] += 1
         if host.push_holds_prefill:
             hold_until = now + handoff_s
 
@@ -164,4 +177,6 @@ def simulate_shared_host(latency: LatencyModel, prefill_par: Parallel, decode_pa
                 reserving.clear()
                 start_prefill(now)
         set_speeds()
+    if usage is not None:
+        usage.update(busy)
     return first, finish

@@ -170,3 +170,18 @@ def test_reservation_waits_for_the_decode_step_and_prefill_for_its_push():
     assert _shared([0.0, 0.01], [2, 2], SharedHost(), handoff=0.03)[0] == pytest.approx([0.1, 0.2])
     with pytest.raises(ValueError, match="decode_slowdown"):
         SharedHost(decode_slowdown=-0.1)
+
+
+def test_shared_host_counts_busy_time_as_the_leaders_do():
+    # The timeline above with decode at half speed beside B's prefill: the decode instance computes without a break
+    # from 0.1 s to A's last step at 0.25 s (A's 10 steps; B's 2 ride in them), the prefill computes 2 x 0.1 s.
+    usage = {}
+    simulate_shared_host(CONSTANT, Parallel(), Parallel(), [0.0, 0.105], [16, 16], [11, 3],
+                         SharedHost(decode_slowdown=1.0), usage=usage)
+    assert usage == pytest.approx({"prefill_busy_s": 0.2, "prefill_batches": 2, "decode_busy_s": 0.15,
+                                   "decode_steps": 10})
+    # A prefill leader that waits for its pushes is busy for the hand-off too, as its timed step is.
+    simulate_shared_host(CONSTANT, Parallel(), Parallel(), [0.0, 0.01], [16, 16], [2, 2],
+                         SharedHost(push_holds_prefill=True), 0.03, usage=usage)
+    assert usage["prefill_busy_s"] == pytest.approx(0.26) and usage["prefill_batches"] == 2
+    assert usage["decode_busy_s"] == pytest.approx(0.02) and usage["decode_steps"] == 2

@@ -361,6 +361,17 @@ def test_metrics_endpoint(client, server):
     before = client.server_info()
     assert before.ready
     client.generate([3, 4, 5], max_tokens=5, temperature=0.0, ignore_eos=True)
+    # Each leader's step counters: the prefill computed the prompt at least once, the decode ran 4 steps (the last
+    # step's time is added after its token went out, so it reaches the frontend with a later poll).
+    was = {i.role: (i.steps, i.busy_seconds) for i in before.instances}
+    deadline = time.monotonic() + 10
+    while True:
+        now = {i.role: (i.steps, i.busy_seconds) for i in client.server_info().instances}
+        if now["prefill"][0] >= was["prefill"][0] + 1 and now["decode"][0] >= was["decode"][0] + 4:
+            break
+        assert time.monotonic() < deadline, f"step counters {was} -> {now}"
+        time.sleep(0.1)
+    assert all(now[r][1] > was[r][1] for r in ("prefill", "decode")), (was, now)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     model = server.server.model_name
 
@@ -380,6 +391,10 @@ def test_metrics_endpoint(client, server):
     assert 0 <= value(f'splitserve_kv_cache_usage_perc{{model_name="{model}",worker_type="decode"}}') <= 1
     assert value(f'splitserve_num_requests_waiting{{model_name="{model}",worker_type="frontend"}}') == 0
     assert value("splitserve_request_failure_total{code=\"INVALID_ARGUMENT\"") >= 1  # from the validation tests
+    for role in ("prefill", "decode"):  # summed over incarnations: at least what the live instance reports
+        assert value(f'splitserve_instance_steps_total{{model_name="{model}",worker_type="{role}"}}') >= now[role][0]
+        assert value(f'splitserve_instance_busy_seconds_total{{model_name="{model}",worker_type="{role}"}}') >= \
+            now[role][1] - 1e-9
 
 
 # ----------------------------------------------------------------------------------------- admission

@@ -71,6 +71,8 @@ class InstanceLeader:
         # (seconds, chunk lengths, cached prefixes); a step is timed whole (scheduling, forward, sampling, events).
         self.step_samples: collections.deque = collections.deque(maxlen=STEP_SAMPLES)
         self._forward: tuple | None = None  # the shape of the step's forward, set by _execute
+        self.busy_s = 0.0  # seconds in steps that ran a forward (each timed whole, as above); and their count
+        self.steps = 0
         cache = rank.caches[0]  # [2, blocks, block_size, local heads, head_dim], one per layer
         heads = sum(local_kv_heads(cfg.num_kv_heads, self.spec.tp, q)[1] for q in range(self.spec.tp))
         self._block_bytes = 2 * cache.shape[2] * heads * cache.shape[-1] * cache.element_size() * cfg.num_layers
@@ -131,7 +133,7 @@ class InstanceLeader:
                 "kv_received_bytes": self.kv_received_bytes,
                 "preemptions": getattr(self.engine, "num_preemptions", 0),
                 "max_batches_in_flight": getattr(getattr(self.engine, "decode", None), "max_in_flight", 0),
-                "reserved_during_forward": self.reserved_during_forward}
+                "reserved_during_forward": self.reserved_during_forward, "busy_s": self.busy_s, "steps": self.steps}
 
     # ------------------------------------------------------------------------------ loop thread only
     def _emit(self, *events) -> None:
@@ -261,7 +263,11 @@ class InstanceLeader:
                 self.blocks.free(out.seq.seq_id)
                 self._forget(out.seq.seq_id)
         if self._forward is not None:
-            self._time_step(time.perf_counter() - started, *self._forward)
+            seconds = time.perf_counter() - started
+            with self.cond:
+                self.busy_s += seconds
+                self.steps += 1
+            self._time_step(seconds, *self._forward)
 
     def _time_step(self, seconds: float, queries: list[int], contexts: list[int]) -> None:
         """Keeps the step's timing for the planner: one forward of a prefill or decode instance without pipeline

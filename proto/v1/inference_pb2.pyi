@@ -185,7 +185,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("name", "role", "tp", "sp", "num_blocks", "free_blocks", "kv_usage", "running", "waiting", "state", "restarts", "last_error", "prefix_cache_hit_tokens", "prefix_cache_query_tokens")
+    __slots__ = ("name", "role", "tp", "sp", "num_blocks", "free_blocks", "kv_usage", "running", "waiting", "state", "restarts", "last_error", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "busy_seconds", "steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,8 @@ class InstanceInfo(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     tp: int
@@ -214,7 +216,9 @@ class InstanceInfo(_message.Message):
     last_error: str
     prefix_cache_hit_tokens: int
     prefix_cache_query_tokens: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., sp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., last_error: _Optional[str] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ...) -> None: ...
+    busy_seconds: float
+    steps: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., sp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., last_error: _Optional[str] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class RoleSummary(_message.Message):
     __slots__ = ("role", "instances", "tp", "sp")
