@@ -20,35 +20,43 @@ Steps, in one run:
    N of one workload), and cached prompts would be neither computed nor moved (the simulator has no cache). Each
    row records the cached prompt tokens (0).
 3. Calibration: unloaded, one request at a time through the server: client-seen TTFT minus the fitted prefill,
-   the server's first-token-to-KV-ready time (hand-off), and client-seen TPOT minus the fitted decode step. These
-   fixed serving costs are measured apart from the validation runs.
+   the server's first-token-to-KV-ready time (hand-off), client-seen TPOT minus the fitted decode step, and the
+   time the prefill leader was busy with the prompt (`InstanceInfo.busy_seconds`). These fixed serving costs are
+   measured apart from the validation runs.
 4. Workload: `splitserve bench`'s synthetic HumanEval lengths (lognormal, means 171 / 98 tokens) as random token
    ids with ignore_eos, sent with its seeded Poisson arrivals. The simulator gets exactly those arrival times and
    (prompt, output) lengths: one trace, two consumers. SLOs are multiples of the fitted unloaded times (TTFT: the
    prefill of the mean prompt; TPOT: a batch-1 step at the mean context).
 5. Rates: by default 0.5x, 1x and 1.5x the rate at which `--knee-model` (default `shared`, below) predicts 90 %
    attainment (low, knee, overloaded); each run sends about `--duration` seconds of arrivals.
-6. Per rate, six predictions and the measurement (attainment, TTFT/TPOT p50/p90, difference in points):
+6. Per rate, seven predictions and the measurement (attainment, TTFT/TPOT p50/p90, difference in points):
    `profile`: the profile alone, as `splitserve plan --profile` uses it (forwards only, no transfer time);
    `calibrated`: plus the serving overheads (a delay on TTFT, a hand-off before decode, a cost per step);
    `mixed`: calibrated, with the decode fit over the workload's context mix;
-   `serving`: the prefill fitted to the calibration's unloaded TTFTs through the server (RPC costs in its
-   fixed term), the calibrated hand-off, and the decode step fitted through the server (B requests sent
+   `serving`: the prefill fitted to the prefill leader's busy time per calibration prompt (its step timed whole:
+   scheduling, forward, sampling, events, the wait for its KV pushes), the rest of the unloaded TTFT as a delay
+   that occupies no instance (client, frontend and leader RPCs, polling), the calibrated hand-off, and the decode
+   step fitted through the server (B requests sent
    at once and decoding together, B = 1..24, shorter and longer prompts, every batch sent `--serving-rounds`
    times with the rounds minutes apart, fitted robustly to the medians): every per-step cost of the rank
    (sampling, scheduling, events, RPCs, padding) at each batch size, with no prefill running meanwhile. Its
    `shared`: serving, with both ranks simulated together on the shared cores (`placement/shared_host.py`):
    a decode step runs slower while a prefill batch computes and a prefill slower while decode steps run (by the
    factors `calibrate_sharing` measures through the server: a decode batch alone, then beside back-to-back
-   prompts), and the prefill leader waits for its KV pushes (the hand-off) before its next batch (the decode
-   leader takes a reservation while a forward runs, so a reservation does not wait for the step in flight). Its `band` is the 5th-95th percentile of the attainment
-   predicted with the two serving fits' bootstrap draws in their place.
+   prompts); the prefill leader's wait for its KV pushes is in its busy-time fit, and the decode leader takes a
+   reservation while a forward runs, so a reservation does not wait for the step in flight.
    `live`: shared, with its prefill and decode fits scaled by the factors that make it reproduce the TTFT p50
    and TPOT p50 of one light open-loop run through the server (`--live-rate-factor` x the `shared` knee, its own
    requests and arrival seed, sent before the rates and never compared): what the unloaded fits leave out under
    staggered arrivals (the frontend, the client and Ray working beside the ranks, admissions between steps), as
-   an online planner's live fits would hold it. Its `band` comes from the fits' bootstrap draws scaled alike;
-   the rates come from its knee.
+   an online planner's live fits would hold it. Its `band` is the 5th-95th percentile of the attainment predicted
+   with the two serving fits' bootstrap draws in their place, scaled alike; the rates come from its knee.
+   `online`: `live` rescaled, per phase, so that its simulation of the rate's run keeps each instance exactly as
+   busy as the instance measured itself during that run (`InstanceInfo.busy_seconds`, read before and after;
+   fixed point of measured / simulated busy time). It uses the level of the step times while the run went on, as
+   the online planner's live calibration follows them, and nothing of the run's latencies: it tells the
+   simulator's queueing and batching apart from the machine's speed drifting between the fits and the run.
+   The first six are made before the rates run; `online` only after each.
    Each run also records where the CPU went (ranks, frontend, client, the rest of Ray, other users) and samples
    the decode batch (GetServerInfo, every 0.25 s) to compare the client's mean ITL with the serving fit's step at
    the batches the rank actually ran. Before each phase the script waits (up to `--quiet-wait` s) until other
@@ -145,7 +153,9 @@ MIXED_DRAWS = 2
 CALIBRATION_PROMPTS = (64, 128, 256, 512)
 CALIBRATION_OUTPUT = 32
 RATE_FACTORS = (0.5, 1.0, 1.5)
-MODELS = ("profile", "calibrated", "mixed", "serving", "shared", "live")
+MODELS = ("profile", "calibrated", "mixed", "serving", "shared", "live")  # made before the rates run
+ONLINE = "online"  # `live` rescaled to each rate run's own step times (the instances' busy seconds)
+PREDICTIONS = MODELS + (ONLINE,)
 BAND_MODEL = "live"  # the prediction compared in the table's columns, with the band its fits' intervals allow
 # The light open-loop run that scales `shared` into `live`: its own requests (from this index of the workload, not
 # the ones the rates send) and its own arrival seed, at LIVE_RATE_FACTOR x the `shared` knee.
@@ -374,28 +384,34 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def calibrate(client: Client, vocab: int, seed: int, rounds: int) -> list[dict]:
-    """One request at a time (after a warm-up round), so that nothing queues."""
+def calibrate(client: Client, target: str, vocab: int, seed: int, rounds: int) -> list[dict]:
+    """One request at a time (after a warm-up round), so that nothing queues; with the time the prefill leader
+    spent on each (its busy seconds: scheduling, forward, sampling, events, the wait for its KV pushes)."""
     rng = random.Random(seed + 7)
     rows = []
     for round_ in range(rounds + 1):
         for n in CALIBRATION_PROMPTS:
             ids = [rng.randrange(bench.LOW_TOKEN_ID, vocab) for _ in range(n)]
+            before = busy_counters(target)
             r = client.generate(ids, max_tokens=CALIBRATION_OUTPUT, temperature=0.0, ignore_eos=True)
+            after = busy_counters(target, settle=True)
             if round_ > 0:
                 rows.append({"prompt": n, "output": CALIBRATION_OUTPUT, "ttft_s": r.ttft_s,
                              "tpot_s": (r.e2e_s - r.ttft_s) / (CALIBRATION_OUTPUT - 1),
-                             "handoff_s": r.server_timing.get("kv_transfer_s") or 0.0})
+                             "handoff_s": r.server_timing.get("kv_transfer_s") or 0.0,
+                             "prefill_busy_s": after["prefill"][0] - before["prefill"][0],
+                             "prefill_steps": after["prefill"][1] - before["prefill"][1]})
     return rows
 
 
-def calibrate_sharing(target: str, workload, vocab: int, prefill: Coefficients, meter: CpuMeter, args) -> dict:
+def calibrate_sharing(target: str, workload, vocab: int, prefill: Coefficients, delay_s: float, meter: CpuMeter,
+                      args) -> dict:
     """How much the prefill and decode ranks slow each other on the shared cores, measured through the server.
     Per round, a batch of SHARING_BATCH requests decodes SHARING_OUTPUT tokens alone, and again while one client
     sends prompts back to back (each with one output token, so the prefill rank computes most of the time and the
     decode leader takes a reservation and a KV push per prompt, as under live load). decode_slowdown: the step
-    ratio less one, per unit of the window the prompts were in flight; prefill_slowdown: those prompts' TTFT over
-    the prefill fitted unloaded, less one.
+    ratio less one, per unit of the window the prompts were in flight; prefill_slowdown: those prompts' TTFT less
+    the fixed delay (`delay_s`) over the prefill forward fitted unloaded, less one.
     Other users' load inflates both, so each round first waits for quiet (briefly) and records what they took;
     the medians are over the rounds they disturbed least."""
     rng = random.Random(args.seed + 13)
@@ -415,7 +431,7 @@ def calibrate_sharing(target: str, workload, vocab: int, prefill: Coefficients, 
                      "prefill_busy": shared["busy"], "prompts": len(ttfts),
                      "prompt_ttft_s": statistics.median(ttfts) if ttfts else None, "other_users_cores": other,
                      "decode_slowdown": (step / alone["step_s"] - 1) / max(shared["busy"], 1e-3),
-                     "prefill_slowdown": statistics.median(ttfts) / fitted - 1 if ttfts else None})
+                     "prefill_slowdown": (statistics.median(ttfts) - delay_s) / fitted - 1 if ttfts else None})
     quiet = [r for r in rows if r["other_users_cores"] <= args.max_other_cores and r["prompts"]]
     if len(quiet) < 2:
         quiet = sorted((r for r in rows if r["prompts"]), key=lambda r: r["other_users_cores"])[:max(1, len(rows) // 2)]
@@ -499,11 +515,13 @@ def _solve(f, target: float, low: float = 0.5, high: float = 2.5, steps: int = 2
 
 def calibrate_live(model: Model, workload, slo: SLO, target: str, meter: CpuMeter, args,
                    kv_tokens: int) -> tuple[Model, dict]:
-    """`shared` scaled to one light open-loop run through the server: the prefill and decode fits times the
-    factors that make its simulation of that run give the run's measured TTFT p50 and TPOT p50. The run uses its
-    own requests and arrival seed at `--live-rate-factor` x the `shared` knee, before and apart from the rates
-    validated; it holds what the unloaded fits leave out under staggered arrivals (the frontend, the client and
-    Ray working beside the ranks; admissions between steps), as an online planner's live fits would."""
+    """`shared` fitted to one light open-loop run through the server: the prefill fit scaled so that the prefill
+    instance is as busy in its simulation of that run as it measured itself (`InstanceInfo.busy_seconds`), the
+    decode fit scaled so that the simulation gives the run's TPOT p50, and TTFT's delay moved so that it gives the
+    run's TTFT p50. The run uses its own requests and arrival seed at `--live-rate-factor` x the `shared` knee,
+    before and apart from the rates validated; it holds what the unloaded fits leave out under staggered arrivals
+    (the frontend, the client and Ray working beside the ranks; admissions between steps), as an online planner's
+    live fits would. (The decode leader's busy time leaves out its loop between steps, which its TPOT holds.)"""
     rate = args.live_rate_factor * knee(model, workload, slo, args, kv_tokens)
     n = requests_for(rate, args)
     requests = workload[LIVE_FIRST_REQUEST:LIVE_FIRST_REQUEST + n]
@@ -511,10 +529,12 @@ def calibrate_live(model: Model, workload, slo: SLO, target: str, meter: CpuMete
     arrivals = bench.arrival_times(n, rate, 1.0, seed)
     prompts, outputs = [q.prompt_len for q in requests], [q.output_len for q in requests]
     quiet = wait_quiet(meter, args.max_other_cores, args.quiet_wait)
+    busy_before = busy_counters(target)
     before = meter.snapshot()
     report = asyncio.run(bench.run_benchmark(target, requests, rate, seed=seed, timeout=args.request_timeout,
                                              keep_records=True))
     cpu = meter.usage(before, meter.snapshot())
+    measured = busy_delta(busy_before, busy_counters(target, settle=True))
     records = report["requests"]
     done = [r["ok"] for r in records]
     if sum(done) < n // 2:
@@ -523,27 +543,48 @@ def calibrate_live(model: Model, workload, slo: SLO, target: str, meter: CpuMete
     tpot_m = statistics.median(r["tpot_s"] for r, o in zip(records, outputs) if r["ok"] and o > 1)
     before_p50 = _p50s(model, arrivals, prompts, outputs, kv_tokens, args, done)
     live = model
-    for _ in range(3):  # TPOT follows the decode scale; TTFT mostly the prefill scale (decode steps slow it too)
+    for _ in range(3):  # the phases slow each other on the shared cores: a few rounds until the factors settle
+        usage: dict = {}
+        simulate(live, arrivals, prompts, outputs, kv_tokens, args, usage)
+        live = dataclasses.replace(live, prefill_scale=live.prefill_scale * measured["prefill"]["busy_s"]
+                                   / usage["prefill_busy_s"])
         ds = _solve(lambda x: _p50s(dataclasses.replace(live, decode_scale=x), arrivals, prompts, outputs,
                                     kv_tokens, args, done)[1], tpot_m)
         live = dataclasses.replace(live, decode_scale=ds)
-        ps = _solve(lambda x: _p50s(dataclasses.replace(live, prefill_scale=x), arrivals, prompts, outputs,
-                                    kv_tokens, args, done)[0], ttft_m)
-        live = dataclasses.replace(live, prefill_scale=ps)
+        ttft_p = _p50s(live, arrivals, prompts, outputs, kv_tokens, args, done)[0]
+        live = dataclasses.replace(live, overheads=dataclasses.replace(
+            live.overheads, ttft_s=live.overheads.ttft_s + ttft_m - ttft_p))
     after = _p50s(live, arrivals, prompts, outputs, kv_tokens, args, done)
     return live, {"rate": rate, "requests": n, "failed": n - sum(done), "quiet_check": quiet, "cpu_cores": cpu,
                   "measured_ms": {"ttft_p50": ttft_m * 1e3, "tpot_p50": tpot_m * 1e3},
                   "shared_ms": {"ttft_p50": before_p50[0] * 1e3, "tpot_p50": before_p50[1] * 1e3},
                   "live_ms": {"ttft_p50": after[0] * 1e3, "tpot_p50": after[1] * 1e3},
-                  "prefill_scale": live.prefill_scale, "decode_scale": live.decode_scale}
+                  "prefill_scale": live.prefill_scale, "decode_scale": live.decode_scale,
+                  "ttft_delay_ms": live.overheads.ttft_s * 1e3, "busy": measured,
+                  "busy_ratio": busy_ratio(live, measured, arrivals, prompts, outputs, kv_tokens, args)}
 
 
-def simulate(model: Model, arrivals, prompts, outputs, kv_tokens: int, args) -> tuple[list[float], list[float]]:
-    """Per-request (TTFT, TPOT) in seconds, as the client would see them under the model."""
+def busy_delta(before: dict, after: dict) -> dict:
+    return {role: {"busy_s": after[role][0] - before[role][0], "steps": after[role][1] - before[role][1]}
+            for role in ("prefill", "decode")}
+
+
+def busy_ratio(model: Model, measured: dict, arrivals, prompts, outputs, kv_tokens: int, args) -> dict:
+    """Per phase, the busy time its instance measured over the busy time the model's simulation of the run gives."""
+    usage: dict = {}
+    simulate(model, arrivals, prompts, outputs, kv_tokens, args, usage)
+    return {role: measured[role]["busy_s"] / usage[f"{role}_busy_s"] if usage[f"{role}_busy_s"] else 1.0
+            for role in ("prefill", "decode")} | {"simulated": usage}
+
+
+def simulate(model: Model, arrivals, prompts, outputs, kv_tokens: int, args,
+             usage: dict | None = None) -> tuple[list[float], list[float]]:
+    """Per-request (TTFT, TPOT) in seconds, as the client would see them under the model (`usage`: the shared-host
+    simulation's busy time per instance, see `simulate_shared_host`)."""
     latency, over = model.latency(), model.overheads
     if model.host is not None:
         first, finish = simulate_shared_host(latency, ONE, ONE, arrivals, prompts, outputs, model.host, over.handoff_s,
-                                             kv_tokens, args.max_num_seqs, args.max_batched_tokens)
+                                             kv_tokens, args.max_num_seqs, args.max_batched_tokens, usage)
         seen = [f + over.ttft_s for f in first]
     else:
         first = simulate_prefill(latency, ONE, arrivals, prompts, 1, args.max_batched_tokens)
@@ -591,7 +632,7 @@ def knee(model: Model, workload, slo: SLO, args, kv_tokens: int) -> float:
 # ---------------------------------------------------------------------------------------------- one rate
 
 def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: CpuMeter, args,
-             kv_tokens: int, draws=()) -> dict:
+             kv_tokens: int, light_ratio: dict, draws=()) -> dict:
     n = requests_for(rate, args)
     requests = workload[:n]
     # The bench derives its send times from (count, rate, seed) in just this way: the same arrivals as here.
@@ -601,11 +642,17 @@ def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: 
     predicted = {name: simulate(m, arrivals, prompts, outputs, kv_tokens, args) for name, m in models.items()}
     band = predicted_band(models[BAND_MODEL], draws, arrivals, prompts, outputs, kv_tokens, slo, args)
     quiet = wait_quiet(meter, args.max_other_cores, args.quiet_wait)
+    busy_before = busy_counters(target)
     before = meter.snapshot()
     with DecodeProbe(target) as probe:
         report = asyncio.run(bench.run_benchmark(target, requests, rate, slo_ttft_s=slo.ttft, slo_tpot_s=slo.tpot,
                                                  seed=args.seed, timeout=args.request_timeout, keep_records=True))
     cpu = meter.usage(before, meter.snapshot())
+    measured_busy = busy_delta(busy_before, busy_counters(target, settle=True))
+    models = dict(models)
+    models[ONLINE], online = calibrate_online(models["live"], light_ratio, measured_busy, arrivals, prompts, outputs,
+                                              kv_tokens, args)
+    predicted[ONLINE] = simulate(models[ONLINE], arrivals, prompts, outputs, kv_tokens, args)
     # The steps the decode rank ran under this load against the serving fit's steps for the sampled batches, both
     # averaged per token (the client's ITLs weight each step by its batch size). The sampled KV includes the
     # blocks reserved for requests still in prefill, so the fit's side is, if anything, too slow.
@@ -627,7 +674,7 @@ def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: 
            "prompt_mismatches": sum(r["ok"] and r["prompt_tokens"] != p for r, p in zip(records, prompts)),
            "cached_prompt_tokens": report["cached_input_tokens"],  # 0: every prompt was computed and moved
            "output_tokens_per_s": round(report["output_throughput"], 1), "quiet_check": quiet, "cpu_cores": cpu,
-           "decode_under_load": decode_load, "measured": measured}
+           "decode_under_load": decode_load, "busy": online, "measured": measured}
     for name, (ttft, tpot) in predicted.items():
         p = summary(ttft, tpot, outputs, slo)
         row[name] = p | {"diff_pp": 100 * (p["attainment"] - measured["attainment"]),
@@ -671,6 +718,39 @@ class DecodeProbe:
         return statistics.mean(k for _, k in self.samples) if self.samples else 0.0
 
 
+def busy_counters(target: str, settle: bool = False) -> dict[str, tuple[float, int]]:
+    """Per role, the (busy seconds, steps) its instance's leader has counted (GetServerInfo). With `settle`, read
+    until the step counts stop moving (a leader's last step is counted after its tokens went out and reaches the
+    frontend with its next poll, at most half a second later)."""
+    def read(client) -> dict[str, tuple[float, int]]:
+        return {i.role: (i.busy_seconds, i.steps) for i in client.server_info(timeout=5).instances}
+
+    with Client(target) as client:
+        now = read(client)
+        deadline = time.monotonic() + 5.0
+        while settle and time.monotonic() < deadline:
+            time.sleep(0.6)
+            later = read(client)
+            if all(later[r][1] == now[r][1] for r in now):
+                break
+            now = later
+    return now
+
+
+def calibrate_online(model: Model, light_ratio: dict, measured: dict, arrivals, prompts, outputs, kv_tokens: int,
+                     args) -> tuple[Model, dict]:
+    """`model` (`live`) with each phase's step times moved by how much busier its instance was in this run than in
+    the light run, each against the model's simulation of its own run: (measured / simulated busy time here) over
+    (the same in the light run). The level of the step times while the run went on, as the online planner's live
+    calibration follows them, and nothing of the run's latencies."""
+    ratio = busy_ratio(model, measured, arrivals, prompts, outputs, kv_tokens, args)
+    drift = {role: ratio[role] / light_ratio[role] for role in ("prefill", "decode")}
+    online = dataclasses.replace(model, prefill_scale=model.prefill_scale * drift["prefill"],
+                                 decode_scale=model.decode_scale * drift["decode"])
+    return online, {"measured": measured, "measured_over_simulated": ratio, "drift": drift,
+                    "prefill_scale": online.prefill_scale, "decode_scale": online.decode_scale}
+
+
 def _median_error(predicted, measured, outputs=None) -> float | None:
     """Median over completed requests of measured minus predicted (ms): positive = slower than predicted."""
     diffs = [(m - p) * 1e3 for i, (p, m) in enumerate(zip(predicted, measured))
@@ -679,18 +759,18 @@ def _median_error(predicted, measured, outputs=None) -> float | None:
 
 
 def run_rate_quietly(rate: float, workload, slo: SLO, models: dict, target: str, meter: CpuMeter, args,
-                     kv_tokens: int, draws=()) -> dict:
+                     kv_tokens: int, light_ratio: dict, draws=()) -> dict:
     """A run during which other users took CPU measured them as much as us: it is repeated, every attempt is
     kept, and the least disturbed attempt is the one compared."""
     attempts = []
     while len(attempts) < args.max_attempts:
-        attempts.append(run_rate(rate, workload, slo, models, target, meter, args, kv_tokens, draws))
+        attempts.append(run_rate(rate, workload, slo, models, target, meter, args, kv_tokens, light_ratio, draws))
         if attempts[-1]["cpu_cores"]["other_users"] <= args.max_other_cores:
             break
     row = min(attempts, key=lambda r: r["cpu_cores"]["other_users"])
     row["attempts"] = [{"other_users_cores": r["cpu_cores"]["other_users"], "compared": r is row,
                         "measured_attainment": r["measured"]["attainment"],
-                        **{f"{m}_diff_pp": r[m]["diff_pp"] for m in MODELS}, "run": None if r is row else r}
+                        **{f"{m}_diff_pp": r[m]["diff_pp"] for m in PREDICTIONS}, "run": None if r is row else r}
                        for r in attempts]
     return row
 
@@ -700,7 +780,7 @@ def run_rate_quietly(rate: float, workload, slo: SLO, models: dict, target: str,
 def print_table(rows: list, slo: SLO) -> None:
     print(f"\nSLO: TTFT <= {slo.ttft * 1e3:.0f} ms and TPOT <= {slo.tpot * 1e3:.1f} ms; attainment %, "
           f"prediction - measurement in points")
-    head = "".join(f"{m:>12}{'diff':>7}" for m in MODELS)
+    head = "".join(f"{m:>12}{'diff':>7}" for m in PREDICTIONS)
     print(f"{'rate':>6}{'reqs':>6}{'measured':>10}{head}{'band':>10}   {'TTFT p50/p90 ms meas|' + BAND_MODEL:<30}"
           f"{'TPOT p50/p90 ms meas|' + BAND_MODEL:<30}{'others':>7}{'runs':>5}")
 
@@ -710,7 +790,7 @@ def print_table(rows: list, slo: SLO) -> None:
 
     for r in rows:
         m, best = r["measured"], r[BAND_MODEL]
-        preds = "".join(f"{100 * r[k]['attainment']:>12.1f}{r[k]['diff_pp']:>+7.1f}" for k in MODELS)
+        preds = "".join(f"{100 * r[k]['attainment']:>12.1f}{r[k]['diff_pp']:>+7.1f}" for k in PREDICTIONS)
         print(f"{r['rate']:>6.2f}{r['requests']:>6}{100 * m['attainment']:>10.1f}{preds}{_band(best):>10}   "
               f"{pair(m, 'ttft_ms') + ' | ' + pair(best, 'ttft_ms'):<30}"
               f"{pair(m, 'tpot_ms') + ' | ' + pair(best, 'tpot_ms'):<30}"
@@ -801,7 +881,7 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
         mixed_decode, mixed = fit_mixed_decode(args, [(q.prompt_len, q.output_len) for q in workload])
         print(f"decode over the workload's context mix ({mixed['seconds']} s): ms {_fmt(mixed['decode_ms'])}",
               flush=True)
-        calibration = calibrate(client, info.vocab_size, args.seed, args.calibration_rounds)
+        calibration = calibrate(client, target, info.vocab_size, args.seed, args.calibration_rounds)
         # Asked after the calibration: the block counts arrive with the leaders' first polls.
         decode = next(i for i in client.server_info().instances if i.role == "decode")
     handoff = statistics.median(r["handoff_s"] for r in calibration)
@@ -813,21 +893,28 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
     models = {"profile": Model(entry.prefill, entry.decode),
               "calibrated": Model(entry.prefill, entry.decode, overheads_for(entry.prefill, entry.decode, calibration)),
               "mixed": Model(entry.prefill, mixed_decode, overheads_for(entry.prefill, mixed_decode, calibration))}
-    # Prefill through the server too: the calibration's unloaded TTFTs fitted robustly (`a` holds the RPC and
-    # polling costs), timed minutes before the runs like the serving decode fit, so both follow the machine as it
-    # is then; the in-process profile may have been timed under another load (its slope varied 2.5x between runs).
+    # Prefill through the server too, timed minutes before the runs like the serving decode fit, so both follow the
+    # machine as it is then (the in-process profile may have been timed under another load: its slope varied 2.5x
+    # between runs): the time the prefill leader was busy with each calibration prompt, its step timed whole
+    # (scheduling, forward, sampling, events, the wait for its KV pushes), fitted robustly. The rest of the unloaded
+    # TTFT (client, frontend and leader RPCs, polling) is a delay that occupies no instance: under load it does not
+    # queue, as the busy time does.
     serving_prefill, serving_prefill_uncertainty = fit_prefill_report(
-        [([r["prompt"]], r["ttft_s"]) for r in calibration])
-    print(profiler.uncertainty_line("prefill through the server (unloaded TTFT)", serving_prefill,
+        [([r["prompt"]], r["prefill_busy_s"]) for r in calibration])
+    print(profiler.uncertainty_line("prefill leader's busy time per prompt (unloaded)", serving_prefill,
                                     serving_prefill_uncertainty), flush=True)
-    # The serving fits hold the per-step costs and TTFT's; the hand-off comes from the calibration.
-    models["serving"] = Model(serving_prefill, serving_decode, Overheads(handoff_s=handoff))
+    forward = Model(serving_prefill, serving_decode).latency()
+    delay = statistics.median(r["ttft_s"] - forward.prefill_time([r["prompt"]], ONE) for r in calibration)
+    # The serving fits hold the per-step costs; TTFT's delay and the hand-off come from the calibration.
+    models["serving"] = Model(serving_prefill, serving_decode, Overheads(ttft_s=delay, handoff_s=handoff))
     # The serving fits time each phase with the other idle; under load both ranks compute at once on the same cores.
-    sharing = calibrate_sharing(target, workload, info.vocab_size, serving_prefill, meter, args)
+    sharing = calibrate_sharing(target, workload, info.vocab_size, serving_prefill, delay, meter, args)
     print(f"shared cores: decode steps x{1 + sharing['decode_slowdown']:.2f} while a prefill computes, prefill "
           f"x{1 + sharing['prefill_slowdown']:.2f} while decode steps run", flush=True)
+    # The prefill fit holds the leader's wait for its pushes: the next batch waits for it without a separate hold.
     models["shared"] = dataclasses.replace(models["serving"], host=SharedHost(
-        sharing["decode_slowdown"], sharing["prefill_slowdown"], reserve_waits_for_step=False, push_holds_prefill=True))
+        sharing["decode_slowdown"], sharing["prefill_slowdown"], reserve_waits_for_step=False,
+        push_holds_prefill=False))
     bare = models["profile"].latency()
     mean_prompt = statistics.mean(q.prompt_len for q in workload)
     mean_output = statistics.mean(q.output_len for q in workload)
@@ -837,7 +924,8 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
     print(f"live calibration at {live['rate']:.2f} req/s ({live['requests']} requests of their own): TTFT p50 "
           f"{live['measured_ms']['ttft_p50']:.0f} ms measured vs {live['shared_ms']['ttft_p50']:.0f} shared, TPOT p50 "
           f"{live['measured_ms']['tpot_p50']:.1f} vs {live['shared_ms']['tpot_p50']:.1f} ms: prefill "
-          f"x{live['prefill_scale']:.3f}, decode x{live['decode_scale']:.3f}", flush=True)
+          f"x{live['prefill_scale']:.3f} (busy time), decode x{live['decode_scale']:.3f}, TTFT delay "
+          f"{live['ttft_delay_ms']:+.1f} ms", flush=True)
     draws = list(zip(serving_prefill_uncertainty.draws, serving_uncertainty.draws))
     for name in ("calibrated", "mixed", "serving"):
         o = models[name].overheads
@@ -854,12 +942,14 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
           f"rates {rates}", flush=True)
     rows = []
     for rate in rates:
-        row = run_rate_quietly(rate, workload, slo, models, target, meter, args, kv_tokens, draws)
+        row = run_rate_quietly(rate, workload, slo, models, target, meter, args, kv_tokens, live["busy_ratio"], draws)
         rows.append(row)
         print(f"rate {rate:g}: measured {100 * row['measured']['attainment']:.1f} %, predicted "
-              + ", ".join(f"{m} {100 * row[m]['attainment']:.1f} %" for m in MODELS)
+              + ", ".join(f"{m} {100 * row[m]['attainment']:.1f} %" for m in PREDICTIONS)
               + f" (band {_band(row[BAND_MODEL])})"
               + f"; decode ITL / serving fit {row['decode_under_load']['itl_over_fit'] or math.nan:.2f}"
+              + f"; busy drift since the light run: prefill x{row['busy']['drift']['prefill']:.3f}, decode "
+              f"x{row['busy']['drift']['decode']:.3f}"
               + f" (other users {row['cpu_cores']['other_users']:.2f} cores, {len(row['attempts'])} run(s))",
               flush=True)
     return {"model": info.model, "max_context": info.max_context, "kv_tokens": kv_tokens,

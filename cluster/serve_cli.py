@@ -160,7 +160,8 @@ def run_info(args) -> int:
                 f"({inst.prefix_cache_hit_tokens / inst.prefix_cache_query_tokens:.0%})"
                 if inst.prefix_cache_query_tokens else "")
         print(f"    {inst.name} [{health}]: KV {inst.num_blocks - inst.free_blocks}/{inst.num_blocks} blocks "
-              f"({inst.kv_usage:.0%}), running {inst.running}, waiting {inst.waiting}{hits}")
+              f"({inst.kv_usage:.0%}), running {inst.running}, waiting {inst.waiting}, busy {inst.busy_seconds:.1f} s "
+              f"over {inst.steps} steps{hits}")
     print(f"  queue {server.queue_depth}/{server.max_queue_depth}, in flight {server.requests_in_flight}, "
           f"decode KV usage {server.kv_usage:.0%}, requests migrated {server.migrations}")
     return 0
