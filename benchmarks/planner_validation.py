@@ -51,11 +51,15 @@ Steps, in one run:
    staggered arrivals (the frontend, the client and Ray working beside the ranks, admissions between steps), as
    an online planner's live fits would hold it. Its `band` is the 5th-95th percentile of the attainment predicted
    with the two serving fits' bootstrap draws in their place, scaled alike; the rates come from its knee.
-   `online`: `live` rescaled, per phase, so that its simulation of the rate's run keeps each instance exactly as
-   busy as the instance measured itself during that run (`InstanceInfo.busy_seconds`, read before and after;
-   fixed point of measured / simulated busy time). It uses the level of the step times while the run went on, as
-   the online planner's live calibration follows them, and nothing of the run's latencies: it tells the
-   simulator's queueing and batching apart from the machine's speed drifting between the fits and the run.
+   `online`: `live` with each phase's step times moved by how much its instance's speed drifted since the light
+   run, as the instances measured themselves (`InstanceInfo.busy_seconds` and `steps`, read before and after each
+   run): prefill, (busy time during the rate's run / busy time `live` simulates for it) over the same ratio in the
+   light run; decode, (mean busy time per step / `live`'s step at the batches the probe saw it run) over the same
+   in the light run (a saturated decode instance is busy all the time whatever its speed). It uses the level of
+   the step times while the run went on, as the online planner's live calibration follows them, and nothing of
+   the run's latencies: it tells the simulator's queueing and batching apart from the machine's speed drifting
+   between the fits and the run. (Ratios of ratios: the decode leader's busy time leaves out its loop between
+   steps, which the TPOT-scaled decode fit holds.)
    The first six are made before the rates run; `online` only after each.
    Each run also records where the CPU went (ranks, frontend, client, the rest of Ray, other users) and samples
    the decode batch (GetServerInfo, every 0.25 s) to compare the client's mean ITL with the serving fit's step at
@@ -531,8 +535,9 @@ def calibrate_live(model: Model, workload, slo: SLO, target: str, meter: CpuMete
     quiet = wait_quiet(meter, args.max_other_cores, args.quiet_wait)
     busy_before = busy_counters(target)
     before = meter.snapshot()
-    report = asyncio.run(bench.run_benchmark(target, requests, rate, seed=seed, timeout=args.request_timeout,
-                                             keep_records=True))
+    with DecodeProbe(target) as probe:
+        report = asyncio.run(bench.run_benchmark(target, requests, rate, seed=seed, timeout=args.request_timeout,
+                                                 keep_records=True))
     cpu = meter.usage(before, meter.snapshot())
     measured = busy_delta(busy_before, busy_counters(target, settle=True))
     records = report["requests"]
@@ -561,12 +566,24 @@ def calibrate_live(model: Model, workload, slo: SLO, target: str, meter: CpuMete
                   "live_ms": {"ttft_p50": after[0] * 1e3, "tpot_p50": after[1] * 1e3},
                   "prefill_scale": live.prefill_scale, "decode_scale": live.decode_scale,
                   "ttft_delay_ms": live.overheads.ttft_s * 1e3, "busy": measured,
-                  "busy_ratio": busy_ratio(live, measured, arrivals, prompts, outputs, kv_tokens, args)}
+                  "busy_ratio": busy_ratio(live, measured, arrivals, prompts, outputs, kv_tokens, args),
+                  "decode_step_ratio": decode_step_ratio(live, measured, probe.samples)}
 
 
 def busy_delta(before: dict, after: dict) -> dict:
     return {role: {"busy_s": after[role][0] - before[role][0], "steps": after[role][1] - before[role][1]}
             for role in ("prefill", "decode")}
+
+
+def decode_step_ratio(model: Model, measured: dict, samples: list[tuple[int, int]]) -> float:
+    """The decode leader's mean busy time per step over the model's step at the batches the probe saw it run (the
+    mean of the modelled step over the samples; the shared-core slowdown is left out on both sides alike)."""
+    latency = model.latency()
+    modelled = [latency.decode_time(b, kv, ONE) for b, kv in samples]
+    steps = measured["decode"]["steps"]
+    if not steps or not modelled:
+        return 1.0
+    return (measured["decode"]["busy_s"] / steps) / statistics.mean(modelled)
 
 
 def busy_ratio(model: Model, measured: dict, arrivals, prompts, outputs, kv_tokens: int, args) -> dict:
@@ -632,7 +649,7 @@ def knee(model: Model, workload, slo: SLO, args, kv_tokens: int) -> float:
 # ---------------------------------------------------------------------------------------------- one rate
 
 def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: CpuMeter, args,
-             kv_tokens: int, light_ratio: dict, draws=()) -> dict:
+             kv_tokens: int, light: dict, draws=()) -> dict:
     n = requests_for(rate, args)
     requests = workload[:n]
     # The bench derives its send times from (count, rate, seed) in just this way: the same arrivals as here.
@@ -650,8 +667,8 @@ def run_rate(rate: float, workload, slo: SLO, models: dict, target: str, meter: 
     cpu = meter.usage(before, meter.snapshot())
     measured_busy = busy_delta(busy_before, busy_counters(target, settle=True))
     models = dict(models)
-    models[ONLINE], online = calibrate_online(models["live"], light_ratio, measured_busy, arrivals, prompts, outputs,
-                                              kv_tokens, args)
+    models[ONLINE], online = calibrate_online(models["live"], light, measured_busy, probe.samples, arrivals, prompts,
+                                              outputs, kv_tokens, args)
     predicted[ONLINE] = simulate(models[ONLINE], arrivals, prompts, outputs, kv_tokens, args)
     # The steps the decode rank ran under this load against the serving fit's steps for the sampled batches, both
     # averaged per token (the client's ITLs weight each step by its batch size). The sampled KV includes the
@@ -737,14 +754,18 @@ def busy_counters(target: str, settle: bool = False) -> dict[str, tuple[float, i
     return now
 
 
-def calibrate_online(model: Model, light_ratio: dict, measured: dict, arrivals, prompts, outputs, kv_tokens: int,
-                     args) -> tuple[Model, dict]:
-    """`model` (`live`) with each phase's step times moved by how much busier its instance was in this run than in
-    the light run, each against the model's simulation of its own run: (measured / simulated busy time here) over
-    (the same in the light run). The level of the step times while the run went on, as the online planner's live
-    calibration follows them, and nothing of the run's latencies."""
+def calibrate_online(model: Model, light: dict, measured: dict, samples, arrivals, prompts, outputs,
+                     kv_tokens: int, args) -> tuple[Model, dict]:
+    """`model` (`live`) with each phase's step times moved by how far its instance's speed drifted since the light
+    run, as each measured itself: prefill, (measured / simulated busy time in this run) over the same in the light
+    run; decode, (mean busy time per step / the model's step at the batches the probe saw) over the same in the
+    light run (busy time does not tell a saturated decode's speed: it is busy either way). The level of the step
+    times while the run went on, as the online planner's live calibration follows them, and nothing of the run's
+    latencies."""
     ratio = busy_ratio(model, measured, arrivals, prompts, outputs, kv_tokens, args)
-    drift = {role: ratio[role] / light_ratio[role] for role in ("prefill", "decode")}
+    ratio["decode_step"] = decode_step_ratio(model, measured, samples)
+    drift = {"prefill": ratio["prefill"] / light["busy_ratio"]["prefill"],
+             "decode": ratio["decode_step"] / light["decode_step_ratio"]}
     online = dataclasses.replace(model, prefill_scale=model.prefill_scale * drift["prefill"],
                                  decode_scale=model.decode_scale * drift["decode"])
     return online, {"measured": measured, "measured_over_simulated": ratio, "drift": drift,
@@ -759,12 +780,12 @@ def _median_error(predicted, measured, outputs=None) -> float | None:
 
 
 def run_rate_quietly(rate: float, workload, slo: SLO, models: dict, target: str, meter: CpuMeter, args,
-                     kv_tokens: int, light_ratio: dict, draws=()) -> dict:
+                     kv_tokens: int, light: dict, draws=()) -> dict:
     """A run during which other users took CPU measured them as much as us: it is repeated, every attempt is
     kept, and the least disturbed attempt is the one compared."""
     attempts = []
     while len(attempts) < args.max_attempts:
-        attempts.append(run_rate(rate, workload, slo, models, target, meter, args, kv_tokens, light_ratio, draws))
+        attempts.append(run_rate(rate, workload, slo, models, target, meter, args, kv_tokens, light, draws))
         if attempts[-1]["cpu_cores"]["other_users"] <= args.max_other_cores:
             break
     row = min(attempts, key=lambda r: r["cpu_cores"]["other_users"])
@@ -942,7 +963,7 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
           f"rates {rates}", flush=True)
     rows = []
     for rate in rates:
-        row = run_rate_quietly(rate, workload, slo, models, target, meter, args, kv_tokens, live["busy_ratio"], draws)
+        row = run_rate_quietly(rate, workload, slo, models, target, meter, args, kv_tokens, live, draws)
         rows.append(row)
         print(f"rate {rate:g}: measured {100 * row['measured']['attainment']:.1f} %, predicted "
               + ", ".join(f"{m} {100 * row[m]['attainment']:.1f} %" for m in PREDICTIONS)
