@@ -96,6 +96,12 @@ Where prediction and measurement part (numbers in benchmarks/results/planner_val
   the idle machine took 16.8-20.2 ms within one minute, and in one run the serving fit's batches of 12-20 ran
   10-20 % slower than in the two others (steady over its three rounds) while the rate runs minutes later did not
   (client ITL / serving fit 0.96 at 1.5x): `live` then predicted 19 % at 1.5x the knee against 52 % measured.
+- Prefill work vs TTFT. A prefill fit to unloaded TTFTs takes 5-8 ms of RPCs and polling per prompt as prefill
+  work, which under load queues as if it were compute: TTFT p50 at 1.5x the knee came out 15-25 % high in every
+  run. Fitted to the prefill leader's own busy time (`InstanceInfo.busy_seconds`), with the rest as a delay, TTFT p50
+  matches there; TPOT p50 at 1.5x the knee is still predicted 8-15 % slow, and the measured attainment there moved
+  from 19.5 % to 46.0 % between two quiet runs of the same requests at the same arrival times, with no comparable
+  change in the instances' step times (`online`).
 - Reproducibility. A single measurement per serving-fit batch left the fit's per-sequence cost anywhere between
   -0.05 and 0.97 ms from run to run; medians of three rounds, a robust fit and its bootstrap intervals (printed,
   and the `band` of each prediction) replace it. What still moves between runs is the machine: other users'
