@@ -856,6 +856,10 @@ def parse_args(argv=None):
     ap.add_argument("--quiet-wait", type=float, default=120.0, help="longest wait for that, seconds")
     ap.add_argument("--max-attempts", type=int, default=2,
                     help="runs per rate while other users took more than --max-other-cores during the run")
+    ap.add_argument("--replicates", type=int, default=1,
+                    help="times each rate is measured, on the very same requests and arrival times, in rounds over "
+                         "the rates (1, 2, 3, 1, 2, 3, ...): the measurement's own spread, and each prediction "
+                         "against the median")
     ap.add_argument("--rank-niceness", type=int, default=None,
                     help="niceness of Ray's workers (the rank actors); default: Ray's own (15)")
     ap.add_argument("--output", default=str(RESULTS))
@@ -889,6 +893,7 @@ def main(argv=None) -> int:
               "total_seconds": round(time.perf_counter() - started, 1), "quiet_before_profile": quiet_profile,
               "profile": profile, **result}
     print_table(result["rates"], SLO(result["slo"]["ttft_s"], result["slo"]["tpot_s"]))
+    print_spread(result["rates"])
     print(f"total {result['total_seconds']:.0f} s; load average at start {load_start}, at end "
           f"{result['load_avg_end']}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -967,18 +972,23 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
           f"{slo.ttft * 1e3:.0f} ms, TPOT {slo.tpot * 1e3:.1f} ms; knee ({args.knee_model}, 90 %) {knee_rate:.2f} "
           f"req/s; "
           f"rates {rates}", flush=True)
+    if args.replicates < 1:
+        raise ValueError(f"replicates: must be at least 1, got {args.replicates}")
     rows = []
     for rate in rates:
         row = run_rate_quietly(rate, workload, slo, models, target, meter, args, kv_tokens, live, draws)
         rows.append(row)
-        print(f"rate {rate:g}: measured {100 * row['measured']['attainment']:.1f} %, predicted "
-              + ", ".join(f"{m} {100 * row[m]['attainment']:.1f} %" for m in PREDICTIONS)
-              + f" (band {_band(row[BAND_MODEL])})"
-              + f"; decode ITL / serving fit {row['decode_under_load']['itl_over_fit'] or math.nan:.2f}"
-              + f"; busy drift since the light run: prefill x{row['busy']['drift']['prefill']:.3f}, decode "
-              f"x{row['busy']['drift']['decode']:.3f}"
-              + f" (other users {row['cpu_cores']['other_users']:.2f} cores, {len(row['attempts'])} run(s))",
-              flush=True)
+        _print_rate(row, "")
+    # Further rounds over every rate (the predictions are the same requests and arrivals, so only the measurement
+    # and `online`, which follows each run's step times, can move): the measurement's own run-to-run spread.
+    for replicate in range(2, args.replicates + 1):
+        for row in rows:
+            again = run_rate_quietly(row["rate"], workload, slo, models, target, meter, args, kv_tokens, live)
+            row.setdefault("replicates", [_replicate(row)]).append(_replicate(again))
+            _print_rate(again, f" (replicate {replicate})")
+    for row in rows:
+        if "replicates" in row:
+            row["spread"] = _spread(row)
     return {"model": info.model, "max_context": info.max_context, "kv_tokens": kv_tokens,
             "workload": {"dataset": args.dataset, "mean_prompt": mean_prompt, "mean_output": mean_output},
             "mixed_decode_profile": mixed, "serving_decode_profile": serving,
@@ -989,6 +999,53 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
             "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot, "ttft_scale": args.ttft_slo_scale,
                     "tpot_scale": args.tpot_slo_scale},
             "knee_rps": knee_rate, "rates": rows}
+
+
+def _print_rate(row: dict, label: str) -> None:
+    print(f"rate {row['rate']:g}{label}: measured {100 * row['measured']['attainment']:.1f} %, predicted "
+          + ", ".join(f"{m} {100 * row[m]['attainment']:.1f} %" for m in PREDICTIONS)
+          + (f" (band {_band(row[BAND_MODEL])})" if row[BAND_MODEL].get("band") else "")
+          + f"; decode ITL / serving fit {row['decode_under_load']['itl_over_fit'] or math.nan:.2f}"
+          + f"; busy drift since the light run: prefill x{row['busy']['drift']['prefill']:.3f}, decode "
+          f"x{row['busy']['drift']['decode']:.3f}"
+          + f" (other users {row['cpu_cores']['other_users']:.2f} cores, {len(row['attempts'])} run(s))",
+          flush=True)
+
+
+def _replicate(row: dict) -> dict:
+    """One measurement of a rate, in brief (the first is the row itself; later ones keep their full row)."""
+    m = row["measured"]
+    return {"attainment": m["attainment"], "ttft_attainment": m["ttft_attainment"],
+            "tpot_attainment": m["tpot_attainment"], "ttft_p50_ms": m["ttft_ms"]["p50"],
+            "tpot_p50_ms": m["tpot_ms"]["p50"], "other_users_cores": row["cpu_cores"]["other_users"],
+            "decode_mean_batch": row["decode_under_load"]["mean_batch"],
+            "decode_steps": row["busy"]["measured"]["decode"]["steps"],
+            "busy_drift": row["busy"]["drift"], "online_attainment": row[ONLINE]["attainment"]}
+
+
+def _spread(row: dict) -> dict:
+    """The rate's measured attainments over its replicates, and each prediction against their median (`online`:
+    the median of its own per-run predictions)."""
+    values = [r["attainment"] for r in row["replicates"]]
+    median = statistics.median(values)
+    predicted = {m: row[m]["attainment"] for m in MODELS}
+    predicted[ONLINE] = statistics.median(r["online_attainment"] for r in row["replicates"])
+    return {"attainments": values, "median": median, "min": min(values), "max": max(values),
+            "stdev_pp": 100 * statistics.stdev(values) if len(values) > 1 else 0.0,
+            "diff_from_median_pp": {m: 100 * (p - median) for m, p in predicted.items()},
+            "within_range": {m: min(values) <= p <= max(values) for m, p in predicted.items()}}
+
+
+def print_spread(rows: list) -> None:
+    if not any("spread" in r for r in rows):
+        return
+    print("\nrepeated measurements (same requests, same arrival times): attainment %, prediction - median in points")
+    print(f"{'rate':>6}  {'measured':<24}{'median':>7}{'stdev':>7}" + "".join(f"{m:>11}" for m in PREDICTIONS))
+    for r in rows:
+        s = r["spread"]
+        values = " ".join(f"{100 * v:.1f}" for v in s["attainments"])
+        print(f"{r['rate']:>6.2f}  {values:<24}{100 * s['median']:>7.1f}{s['stdev_pp']:>7.1f}"
+              + "".join(f"{s['diff_from_median_pp'][m]:>+11.1f}" for m in PREDICTIONS))
 
 
 def _band(prediction: dict) -> str:
