@@ -894,6 +894,7 @@ def main(argv=None) -> int:
               "profile": profile, **result}
     print_table(result["rates"], SLO(result["slo"]["ttft_s"], result["slo"]["tpot_s"]))
     print_spread(result["rates"])
+    print_verdict(result["rates"])
     print(f"total {result['total_seconds']:.0f} s; load average at start {load_start}, at end "
           f"{result['load_avg_end']}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -1034,6 +1035,26 @@ def _spread(row: dict) -> dict:
             "stdev_pp": 100 * statistics.stdev(values) if len(values) > 1 else 0.0,
             "diff_from_median_pp": {m: 100 * (p - median) for m, p in predicted.items()},
             "within_range": {m: min(values) <= p <= max(values) for m, p in predicted.items()}}
+
+
+TARGET_PP = 5.0  # the validation's target: every rate's prediction within this many points of the measurement
+
+
+def print_verdict(rows: list) -> None:
+    """Per prediction, at how many rates it lands within TARGET_PP of the measurement (and of the replicates'
+    median, when there are replicates), and its worst rate."""
+    print(f"\nwithin {TARGET_PP:g} pp of the measurement:")
+    for m in PREDICTIONS:
+        diffs = [(r[m]["diff_pp"], r["rate"]) for r in rows]
+        worst = max(diffs, key=lambda d: abs(d[0]))
+        line = (f"  {m:<11}{sum(abs(d) <= TARGET_PP for d, _ in diffs)} of {len(rows)} rates (worst {worst[0]:+.1f} "
+                f"at {worst[1]:g} req/s)")
+        if all("spread" in r for r in rows):
+            med = [(r["spread"]["diff_from_median_pp"][m], r["rate"]) for r in rows]
+            worst = max(med, key=lambda d: abs(d[0]))
+            line += (f"; of the replicates' median {sum(abs(d) <= TARGET_PP for d, _ in med)} of {len(rows)} "
+                     f"(worst {worst[0]:+.1f} at {worst[1]:g} req/s)")
+        print(line)
 
 
 def print_spread(rows: list) -> None:
