@@ -2,7 +2,7 @@
 cluster (`splitserve serve`: gRPC frontend, local Ray, one prefill and one decode rank on CPU) under the
 `splitserve bench` client, at three request rates, on the very same requests.
 
-    python benchmarks/planner_validation.py [--model small] [--rates auto|R1,R2,R3] [--duration 45]
+    python benchmarks/planner_validation.py [--model small] [--rates auto|R1,R2,R3] [--duration 45] [--replicates 3]
 
 Steps, in one run:
 1. Profile: `cluster.profiler.profile_model` times our engine's forwards in this process (one torch thread, the
@@ -61,6 +61,9 @@ Steps, in one run:
    between the fits and the run. (Ratios of ratios: the decode leader's busy time leaves out its loop between
    steps, which the TPOT-scaled decode fit holds.)
    The first six are made before the rates run; `online` only after each.
+   With `--replicates K` every rate is measured K times on the very same requests and arrival times (rounds over
+   the rates, so that a slow drift of the machine touches each rate alike); the table then also gives the
+   measurements' spread and each prediction against their median.
    Each run also records where the CPU went (ranks, frontend, client, the rest of Ray, other users) and samples
    the decode batch (GetServerInfo, every 0.25 s) to compare the client's mean ITL with the serving fit's step at
    the batches the rank actually ran. Before each phase the script waits (up to `--quiet-wait` s) until other
@@ -108,6 +111,11 @@ Where prediction and measurement part (numbers in benchmarks/results/planner_val
   load changed the in-process prefill slope 2.5x between two runs (0.45 vs 1.12 ms/token at load averages 2 and
   20), which once made the prefill the predicted bottleneck at the knee (-9.5 points); the `serving` prediction
   therefore takes its prefill from the server too, timed minutes before the runs.
+- The measurement past the knee. Measured three times on identical traffic (`--replicates 3`), attainment at 0.5x
+  and 1x the knee repeats within a few points; at 1.5x it gave 22 / 19 / 33, 54 / 24 / 18 and 29 / 28 / 32 % in
+  three quiet runs. There the decode instance is busy ~96 % of the time: a slower step lets its batch grow, which
+  slows the step again, so a few percent of machine speed moves TPOT by ~20 % (26.2 vs 31.8 ms p50 on the same
+  requests) and attainment by tens of points, beyond what any fit made minutes earlier can hold.
 """
 from __future__ import annotations
 

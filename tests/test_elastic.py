@@ -22,14 +22,19 @@ def load(ckpt):
     return streaming_load(ckpt, seed=6, prompt_step=9, output_step=4)
 
 
-def _while_streaming(cluster, prompts, params, action):
-    """Runs `action` once a few of the requests are decoding; returns (outputs, action's result)."""
+def _decoding(cluster) -> bool:
+    return cluster.stats()["requests"].get("decoding", 0) >= 3
+
+
+def _while_streaming(cluster, prompts, params, action, ready=_decoding):
+    """Runs `action` once `ready(cluster)` (default: a few of the requests are decoding); returns (outputs,
+    action's result)."""
     outputs, result = [], []
     worker = threading.Thread(target=lambda: outputs.extend(cluster.generate(prompts, params, timeout=300)))
     worker.start()
     deadline = time.monotonic() + 60
-    while cluster.stats()["requests"].get("decoding", 0) < 3:
-        assert time.monotonic() < deadline, "no request reached decode"
+    while not ready(cluster):
+        assert time.monotonic() < deadline, "the load did not reach the state the action needs"
         time.sleep(0.02)
     result.append(action())
     worker.join(300)
@@ -52,8 +57,10 @@ def test_decode_scaled_up_then_down_under_load(ray_runtime, ckpt, load):
         assert [o.token_ids for o in again] == expected
         assert "decode-1" in {o.metrics["decode_instance"] for o in again}
         # Down again with a drain shorter than the requests: what decode-1 still has moves to decode-0.
+        # Once decode-1 runs some of them (else the router may not have given it any yet, and nothing would move).
         outputs, down = _while_streaming(cluster, prompts, params,
-                                         lambda: cluster.scale(decode=1, drain_timeout_s=0.2))
+                                         lambda: cluster.scale(decode=1, drain_timeout_s=0.2),
+                                         ready=lambda c: c.stats()["instances"]["decode-1"].get("running", 0) >= 2)
         assert down.removed == ["decode-1"] and down.instances == {"prefill": 1, "decode": 1}
         assert [o.error for o in outputs] == [None] * len(prompts)
         assert [o.token_ids for o in outputs] == expected

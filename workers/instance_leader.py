@@ -264,22 +264,21 @@ class InstanceLeader:
                 self._forget(out.seq.seq_id)
         if self._forward is not None:
             seconds = time.perf_counter() - started
-            with self.cond:
+            sample = self._step_sample(seconds, *self._forward)
+            with self.cond:  # one acquisition per step: the frontend's stats poll reads these together
                 self.busy_s += seconds
                 self.steps += 1
-            self._time_step(seconds, *self._forward)
+                if sample is not None:
+                    self.step_samples.append(sample)
 
-    def _time_step(self, seconds: float, queries: list[int], contexts: list[int]) -> None:
-        """Keeps the step's timing for the planner: one forward of a prefill or decode instance without pipeline
-        stages (with batches in flight, or SplitFuse's mixed batches, a step has no one shape)."""
+    def _step_sample(self, seconds: float, queries: list[int], contexts: list[int]) -> tuple | None:
+        """The step's timing for the planner: one forward of a prefill or decode instance without pipeline stages
+        (with batches in flight, or SplitFuse's mixed batches, a step has no one shape); None for the others."""
         if self.spec.pp != 1 or self.spec.role not in ("prefill", "decode"):
-            return
+            return None
         if self.spec.role == "decode":
-            sample = (seconds, len(queries), sum(contexts))
-        else:
-            sample = (seconds, tuple(queries), tuple(c - q for q, c in zip(queries, contexts)))
-        with self.cond:
-            self.step_samples.append(sample)
+            return (seconds, len(queries), sum(contexts))
+        return (seconds, tuple(queries), tuple(c - q for q, c in zip(queries, contexts)))
 
     def _report(self, outputs: list[EngineOutput]) -> None:
         items, failures, cached = [], [], []
