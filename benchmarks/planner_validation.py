@@ -871,7 +871,10 @@ def parse_args(argv=None):
     ap.add_argument("--rank-niceness", type=int, default=None,
                     help="niceness of Ray's workers (the rank actors); default: Ray's own (15)")
     ap.add_argument("--output", default=str(RESULTS))
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.replicates < 1:  # before minutes of fits, not after
+        ap.error(f"--replicates: must be at least 1, got {args.replicates}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -981,8 +984,6 @@ def validate(args, entry: ProfileEntry, target: str, meter: CpuMeter) -> dict:
           f"{slo.ttft * 1e3:.0f} ms, TPOT {slo.tpot * 1e3:.1f} ms; knee ({args.knee_model}, 90 %) {knee_rate:.2f} "
           f"req/s; "
           f"rates {rates}", flush=True)
-    if args.replicates < 1:
-        raise ValueError(f"replicates: must be at least 1, got {args.replicates}")
     rows = []
     for rate in rates:
         row = run_rate_quietly(rate, workload, slo, models, target, meter, args, kv_tokens, live, draws)
@@ -1022,7 +1023,7 @@ def _print_rate(row: dict, label: str) -> None:
 
 
 def _replicate(row: dict) -> dict:
-    """One measurement of a rate, in brief (the first is the row itself; later ones keep their full row)."""
+    """One measurement of a rate, in brief (the first measurement is also the row itself)."""
     m = row["measured"]
     return {"attainment": m["attainment"], "ttft_attainment": m["ttft_attainment"],
             "tpot_attainment": m["tpot_attainment"], "ttft_p50_ms": m["ttft_ms"]["p50"],
